@@ -1,0 +1,319 @@
+"""The math of Bayesian Flow Networks (Graves et al., "Bayesian Flow Networks", arXiv:2308.07037).
+
+Pure functions of tensors, in the paper's order and symbols: continuous data (§4), discretised data (§5),
+discrete data (§6). No classes, no state, no I/O. The three experiment scripts import everything from here.
+
+Conventions
+    B batch, D data dimensions (any trailing shape "..."), K bins or classes.
+    x       (B, ...)     continuous / discretised data: floats in [-1, 1]; discrete data: class indices (long)
+    t       (B,)         time in [0, 1], broadcast over the data dimensions
+    i, n    (B,), int    step index i in 1..n of an n-step discrete-time process; t_{i-1} = (i - 1) / n
+    mu, rho              input mean (B, ...) and precision (a scalar or (B,), the same for every dimension)
+    theta   (B, ..., K)  input probabilities of discrete data
+    probs   (B, ..., K)  output probabilities p_O of discretised or discrete data
+    losses  (B,)         in nats, summed over the data dimensions (divide by D ln 2 for bits/dim)
+The stochastic losses are unbiased one-sample estimates of the paper's expectations. The math runs in float32
+(float64 if the inputs are float64), also when it is called inside torch.autocast. Every random draw takes an
+optional torch.Generator. The samplers call the network exactly n_steps + 1 times (n update steps, then the
+final output at t = 1) and, with return_trajectory=True, also return a list of dicts {t, input, output}:
+the input parameters each network call saw and the prediction it made, for figures.
+"""
+import math
+
+import torch
+
+
+def _f(x):
+    """float32 (or float64) copy of a tensor, so the math never runs in half precision."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _log(p):
+    """ln p with p clamped to the smallest positive float, so that an underflowed probability gives a finite log."""
+    return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
+def _per_example(t, x):
+    """(B,) -> (B, 1, ..., 1), to broadcast a per-example quantity over x's data dimensions."""
+    t = torch.as_tensor(t, device=x.device)
+    return t.reshape(t.shape + (1,) * (x.dim() - t.dim()))
+
+
+def _sum_dims(v):
+    """(B, ...) -> (B,): sum over the data dimensions."""
+    return v.flatten(1).sum(1)
+
+
+def _categorical(probs, generator=None):
+    """k ~ Categorical(probs) over the last axis by inversion of the CDF. (B, ..., K) -> (B, ...) long."""
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=probs.dtype)
+    cdf = probs.cumsum(-1)
+    return (cdf < u * cdf[..., -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)
+
+
+def _randn_like(x, generator=None):
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# §4 Continuous data (Algorithms 1-3). Input N(mu, 1/rho), sender N(x, 1/alpha), schedule from sigma_1.
+
+def continuous_gamma(t, sigma_1):
+    """§4.5: gamma(t) = beta(t) / (1 + beta(t)) = 1 - sigma_1^(2t), with beta(t) = sigma_1^(-2t) - 1."""
+    return 1 - sigma_1 ** (2 * _f(torch.as_tensor(t)))
+
+
+def continuous_alpha(i, n, sigma_1):
+    """§4.7: the accuracy of step i of n, alpha_i = beta(t_i) - beta(t_{i-1}) = sigma_1^(-2i/n) (1 - sigma_1^(2/n))."""
+    i = _f(torch.as_tensor(i))
+    return sigma_1 ** (-2 * i / n) * (1 - sigma_1 ** (2 / n))
+
+
+def continuous_update(mu, rho, y, alpha):
+    """§4.2, Bayesian update: rho' = rho + alpha, mu' = (rho mu + alpha y) / rho'. Returns (mu', rho')."""
+    alpha = _per_example(alpha, mu) if torch.is_tensor(alpha) else alpha
+    rho = _per_example(rho, mu) if torch.is_tensor(rho) else rho
+    rho_new = rho + alpha
+    return (rho * mu + alpha * y) / rho_new, rho_new
+
+
+def continuous_flow(x, t, sigma_1, generator=None):
+    """§4.5, Bayesian flow distribution: mu ~ p_F(mu | x; t) = N(gamma x, gamma (1 - gamma)). x (B, ...) -> mu (B, ...)."""
+    x = _f(x)
+    gamma = _per_example(continuous_gamma(t, sigma_1), x)
+    return gamma * x + (gamma * (1 - gamma)).sqrt() * _randn_like(x, generator)
+
+
+def continuous_x_hat(mu, t, eps_hat, sigma_1, t_min=1e-6):
+    """§4.6, output: x_hat = mu / gamma - sqrt((1 - gamma) / gamma) eps_hat, clipped to [-1, 1]; x_hat = 0 for t < t_min.
+
+    The network predicts the noise eps_hat (B, ...). gamma is taken at max(t, t_min), so that the branch which
+    torch.where discards is finite and back-propagates zeros rather than NaNs.
+    """
+    mu, eps_hat = _f(mu), _f(eps_hat)
+    t = _per_example(_f(torch.as_tensor(t)), mu)
+    gamma = continuous_gamma(t.clamp_min(t_min), sigma_1)
+    x_hat = mu / gamma - ((1 - gamma) / gamma).sqrt() * eps_hat
+    return torch.where(t < t_min, torch.zeros_like(x_hat), x_hat.clamp(-1, 1))
+
+
+def continuous_loss_n(x, x_hat, i, n, sigma_1):
+    """§4.10, discrete-time loss: L^n(x) = (n / 2) alpha_i ||x - x_hat(theta_{i-1}, t_{i-1})||^2. Returns (B,).
+
+    The caller draws i ~ U{1..n}, mu ~ p_F(. | x; t_{i-1}) and evaluates x_hat at t_{i-1} = (i - 1) / n.
+    """
+    alpha = continuous_alpha(i, n, sigma_1)
+    return n / 2 * alpha * _sum_dims((_f(x) - _f(x_hat)) ** 2)
+
+
+def continuous_loss_inf(x, x_hat, t, sigma_1):
+    """§4.12, continuous-time loss: L^inf(x) = -ln(sigma_1) sigma_1^(-2t) ||x - x_hat(theta, t)||^2, t ~ U(0, 1). (B,)."""
+    t = _f(torch.as_tensor(t))
+    return -math.log(sigma_1) * sigma_1 ** (-2 * t) * _sum_dims((_f(x) - _f(x_hat)) ** 2)
+
+
+def continuous_recon_loss(x, x_hat, std, num_bins):
+    """§4.13 with a discretised Gaussian (BFN_MATH §2): the delta output p_O cannot score data, so for data in
+    num_bins bins x is scored under N(x_hat, std^2) discretised to those bins (clipped tails, §5.1). Returns (B,).
+    """
+    x, x_hat = _f(x), _f(x_hat)
+    k = bin_index(x, num_bins).to(x.dtype)
+    left, right = 2 * k / num_bins - 1, 2 * (k + 1) / num_bins - 1  # the edges of x's bin
+    p = _clipped_cdf(right, x_hat, std) - _clipped_cdf(left, x_hat, std)
+    return -_sum_dims(_log(p.clamp_min(0)))
+
+
+def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None, return_trajectory=False):
+    """§4, Algorithm 3: mu = 0, rho = 1; for i = 1..n: x_hat = OUTPUT(mu, t_{i-1}); y ~ N(x_hat, 1/alpha_i);
+    update (mu, rho). Returns x_hat = OUTPUT(mu, 1).  x_hat_fn(mu (B, ...), t (B,)) -> x_hat (B, ...).
+    """
+    mu, rho, trajectory = torch.zeros(shape, device=device), 1.0, []
+    ones = torch.ones(shape[0], device=device)
+    for i in range(1, n_steps + 1):
+        t = (i - 1) / n_steps * ones
+        x_hat = _f(x_hat_fn(mu, t))
+        trajectory.append({"t": (i - 1) / n_steps, "input": mu, "output": x_hat})
+        alpha = continuous_alpha(i, n_steps, sigma_1).item()
+        y = x_hat + _randn_like(x_hat, generator) / math.sqrt(alpha)
+        mu, rho = continuous_update(mu, rho, y, alpha)
+    x_hat = _f(x_hat_fn(mu, ones))
+    trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
+    return (x_hat, trajectory) if return_trajectory else x_hat
+
+
+# ----------------------------------------------------------------------------------------------------
+# §5 Discretised data (Algorithms 4-6). K bins of width 2/K on [-1, 1]; input, sender, update and flow as §4.
+
+def bin_centres(num_bins, device=None):
+    """§5.1: k_c = (2k - 1) / K - 1 for k = 1..K. Returns (K,)."""
+    k = torch.arange(1, num_bins + 1, device=device, dtype=torch.float32)
+    return (2 * k - 1) / num_bins - 1
+
+
+def bin_index(x, num_bins):
+    """The 0-based bin of each x in [-1, 1] (the k - 1 of §5.1). (B, ...) -> (B, ...) long."""
+    return ((_f(x) + 1) * num_bins / 2).floor().long().clamp(0, num_bins - 1)
+
+
+def _clipped_cdf(z, mu_x, sigma_x):
+    """§5.2: the Normal(mu_x, sigma_x) CDF clipped to 0 below -1 and 1 above 1."""
+    g = 0.5 * (1 + torch.erf((z - mu_x) / (sigma_x * math.sqrt(2))))
+    return torch.where(z <= -1, torch.zeros_like(g), torch.where(z >= 1, torch.ones_like(g), g))
+
+
+def discretised_probs(mu_x, sigma_x, num_bins):
+    """§5.2, eq. (108) of arXiv v2: p_O(k) = G(k_r) - G(k_l) with G the clipped Normal(mu_x, sigma_x) CDF, so the
+    first and last bins absorb the tails and the K probabilities sum to 1. (B, ...) -> (B, ..., K).
+    """
+    mu_x, sigma_x = _f(mu_x)[..., None], _f(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
+    edges = torch.linspace(-1, 1, num_bins + 1, device=mu_x.device, dtype=mu_x.dtype)
+    cdf = _clipped_cdf(edges, mu_x, sigma_x)  # (B, ..., K + 1)
+    return (cdf[..., 1:] - cdf[..., :-1]).clamp_min(0)
+
+
+def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, num_bins, t_min=1e-6):
+    """§5.3: mu_x = mu / gamma - sqrt((1 - gamma) / gamma) mu_eps, sigma_x = sqrt((1 - gamma) / gamma) exp(ln sigma_eps);
+    mu_x = 0, sigma_x = 1 for t < t_min. Returns p_O (B, ..., K).
+    """
+    mu, mu_eps, log_sigma_eps = _f(mu), _f(mu_eps), _f(log_sigma_eps)
+    t = _per_example(_f(torch.as_tensor(t)), mu)
+    gamma = continuous_gamma(t.clamp_min(t_min), sigma_1)
+    scale = ((1 - gamma) / gamma).sqrt()
+    small = t < t_min
+    mu_x = torch.where(small, torch.zeros_like(mu), mu / gamma - scale * mu_eps)
+    sigma_x = torch.where(small, torch.ones_like(mu), scale * log_sigma_eps.exp())
+    return discretised_probs(mu_x, sigma_x, num_bins)
+
+
+def discretised_loss_n(x, probs, i, n, sigma_1, generator=None):
+    """§5.4, discrete-time loss, by Monte Carlo over one sender sample y ~ N(x, 1/alpha_i):
+    L^n(x) = n [ln N(y | x, 1/alpha_i) - ln sum_k p_O(k | theta_{i-1}, t_{i-1}) N(y | k_c, 1/alpha_i)]. Returns (B,).
+    """
+    x, probs = _f(x), _f(probs)
+    alpha = _per_example(continuous_alpha(i, n, sigma_1), x)
+    y = x + _randn_like(x, generator) / alpha.sqrt()
+    centres = bin_centres(probs.shape[-1], device=x.device).to(x.dtype)
+    # ln N(y | m, 1/alpha) up to the constant ln sqrt(alpha / 2 pi), which cancels between sender and receiver
+    log_sender = -alpha / 2 * (y - x) ** 2
+    log_receiver = torch.logsumexp(_log(probs) - alpha[..., None] / 2 * (y[..., None] - centres) ** 2, -1)
+    return n * _sum_dims(log_sender - log_receiver)
+
+
+def discretised_loss_inf(x, probs, t, sigma_1):
+    """§5.5, continuous-time loss: L^inf(x) = -ln(sigma_1) sigma_1^(-2t) ||x - k_hat(theta, t)||^2,
+    with k_hat = sum_k p_O(k | theta, t) k_c. Returns (B,).
+    """
+    k_hat = (_f(probs) * bin_centres(probs.shape[-1], device=probs.device)).sum(-1)
+    return continuous_loss_inf(x, k_hat, t, sigma_1)
+
+
+def discretised_recon_loss(x, probs):
+    """§5.6, reconstruction loss: L^r(x) = -ln p_O(x | theta, 1), summed over dimensions. probs (B, ..., K) -> (B,)."""
+    k = bin_index(x, probs.shape[-1])
+    return -_sum_dims(_log(_f(probs)).gather(-1, k[..., None]).squeeze(-1))
+
+
+def discretised_sample(probs_fn, shape, n_steps, sigma_1, num_bins, generator=None, device=None,
+                       return_trajectory=False, final_mode=False):
+    """§5, Algorithm 6: as Algorithm 3, but each step draws a bin k ~ p_O(. | theta, t_{i-1}) and sends
+    y ~ N(k_c, 1/alpha_i). Returns the centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode).
+    probs_fn(mu (B, ...), t (B,)) -> probs (B, ..., K).
+    """
+    centres = bin_centres(num_bins, device=device)
+    mu, rho, trajectory = torch.zeros(shape, device=device), 1.0, []
+    ones = torch.ones(shape[0], device=device)
+    for i in range(1, n_steps + 1):
+        t = (i - 1) / n_steps * ones
+        probs = _f(probs_fn(mu, t))
+        trajectory.append({"t": (i - 1) / n_steps, "input": mu, "output": (probs * centres).sum(-1)})
+        alpha = continuous_alpha(i, n_steps, sigma_1).item()
+        y = centres[_categorical(probs, generator)] + _randn_like(mu, generator) / math.sqrt(alpha)
+        mu, rho = continuous_update(mu, rho, y, alpha)
+    probs = _f(probs_fn(mu, ones))
+    trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
+    x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
+    return (x, trajectory) if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------------------------------
+# §6 Discrete data (Algorithms 7-9). Input: categorical theta; sender N(alpha (K e_x - 1), alpha K I).
+
+def discrete_beta(t, beta_1):
+    """§6.8: beta(t) = beta(1) t^2."""
+    return beta_1 * _f(torch.as_tensor(t)) ** 2
+
+
+def discrete_alpha(i, n, beta_1):
+    """§6.8: alpha_i = beta(t_i) - beta(t_{i-1}) = beta(1) (2i - 1) / n^2."""
+    return beta_1 * (2 * _f(torch.as_tensor(i)) - 1) / n ** 2
+
+
+def discrete_update(theta, y):
+    """§6.2, Bayesian update: theta' = e^y theta / sum_k e^{y_k} theta_k (add y to the log-probabilities). (B, ..., K)."""
+    theta = _f(theta)
+    return torch.softmax(_log(theta) + y, -1)
+
+
+def discrete_flow(x, t, beta_1, K, generator=None):
+    """§6.3, Bayesian flow distribution: theta = softmax(y), y ~ N(beta(t) (K e_x - 1), beta(t) K I).
+    x (B, ...) long -> theta (B, ..., K).
+    """
+    e_x = torch.nn.functional.one_hot(x, K).float()
+    beta = _per_example(discrete_beta(t, beta_1), e_x)
+    y = beta * (K * e_x - 1) + (beta * K).sqrt() * _randn_like(e_x, generator)
+    return torch.softmax(y, -1)
+
+
+def discrete_loss_n(x, probs, i, n, beta_1, generator=None):
+    """§6.6, discrete-time loss with the exact K-dimensional receiver mixture, by Monte Carlo over y ~ p_S(. | x; alpha_i):
+    L^n(x) = n [ln p_S(y | x; alpha_i) - ln sum_k p_O(k | theta_{i-1}, t_{i-1}) p_S(y | k; alpha_i)]. Returns (B,).
+
+    With p_S(y | k) = N(y | alpha (K e_k - 1), alpha K I), expanding the squares gives
+    ln p_S(y | k) = c(y) + y_k + alpha - alpha K / 2, where c(y) does not depend on k; so the difference of logs is
+    exactly y_x - logsumexp_k (ln p_O(k) + y_k). (The tests check this against the mixture density term by term.)
+    """
+    probs = _f(probs)
+    K = probs.shape[-1]
+    e_x = torch.nn.functional.one_hot(x, K).to(probs.dtype)
+    alpha = _per_example(discrete_alpha(i, n, beta_1), e_x)
+    y = alpha * (K * e_x - 1) + (alpha * K).sqrt() * _randn_like(e_x, generator)  # (B, ..., K)
+    y_x = (y * e_x).sum(-1)
+    return n * _sum_dims(y_x - torch.logsumexp(_log(probs) + y, -1))
+
+
+def discrete_loss_inf(x, probs, t, beta_1):
+    """§6.7, continuous-time loss: L^inf(x) = K beta(1) t ||e_x - e_hat(theta, t)||^2, e_hat = sum_k p_O(k) e_k = probs.
+    Summed over the K classes and the data dimensions. Returns (B,).
+    """
+    probs = _f(probs)
+    K = probs.shape[-1]
+    e_x = torch.nn.functional.one_hot(x, K).to(probs.dtype)
+    t = _f(torch.as_tensor(t, device=probs.device))
+    return K * beta_1 * t * _sum_dims((e_x - probs) ** 2)
+
+
+def discrete_recon_loss(x, probs):
+    """§6.9, reconstruction loss: L^r(x) = -ln p_O(x | theta, 1), summed over dimensions. Returns (B,)."""
+    return -_sum_dims(_log(_f(probs)).gather(-1, x[..., None]).squeeze(-1))
+
+
+def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None,
+                    return_trajectory=False, final_mode=False):
+    """§6, Algorithm 9: theta = 1/K; for i = 1..n: k ~ p_O(. | theta, t_{i-1}); y ~ N(alpha_i (K e_k - 1), alpha_i K I);
+    theta <- e^y theta / sum_k e^{y_k} theta_k. Returns k ~ p_O(. | theta, 1) (its mode if final_mode), (B, ...) long.
+    probs_fn(theta (B, ..., K), t (B,)) -> probs (B, ..., K).
+    """
+    theta, trajectory = torch.full(tuple(shape) + (K,), 1 / K, device=device), []
+    ones = torch.ones(shape[0], device=device)
+    for i in range(1, n_steps + 1):
+        t = (i - 1) / n_steps * ones
+        probs = _f(probs_fn(theta, t))
+        trajectory.append({"t": (i - 1) / n_steps, "input": theta, "output": probs})
+        alpha = discrete_alpha(i, n_steps, beta_1).item()
+        e_k = torch.nn.functional.one_hot(_categorical(probs, generator), K).float()
+        y = alpha * (K * e_k - 1) + math.sqrt(alpha * K) * _randn_like(e_k, generator)
+        theta = discrete_update(theta, y)
+    probs = _f(probs_fn(theta, ones))
+    trajectory.append({"t": 1.0, "input": theta, "output": probs})
+    x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
+    return (x, trajectory) if return_trajectory else x
