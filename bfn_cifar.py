@@ -1,0 +1,501 @@
+"""Bayesian Flow Network on CIFAR-10 (§4 and §5 of Graves et al., arXiv:2308.07037): continuous or discretised data.
+
+Trains the paper's VDM-style U-Net with the continuous-time loss L^inf (Algorithms 2 and 5), evaluates the test
+bound L^inf + L^r and L^n + L^r in bits/dim, and samples with Algorithms 3 and 6.
+`--output continuous`: the network predicts the noise and p_O is a delta at x_hat (§4).
+`--output discretised`: the network predicts (mu_eps, ln sigma_eps) and p_O is a clipped discretised Gaussian (§5).
+`--bins 256|16`: the data are 8-bit pixels, or quantised to 16 levels, as the centres of K bins on [-1, 1] (§5.1).
+
+    python bfn_cifar.py --output discretised --bins 256     # the paper's model (≈31M parameters), sigma_1 = 0.001
+    python bfn_cifar.py --output discretised --bins 16      # sigma_1 = sqrt(0.001)
+    python bfn_cifar.py --output continuous --bins 256      # the same data treated as continuous
+    torchrun --nproc_per_node=8 bfn_cifar.py --batch-size 4 # the paper's global batch of 32 on 8 GPUs
+    python bfn_cifar.py --channels 32 --res-blocks 2 --dropout 0 --batch-size 16 --lr 1e-3 --steps 1200 \
+        --eval-every 0 --sample-every 0 --eval-examples 500 --sample-steps 100     # ≈10 minutes on a 2-core CPU
+
+Paper: 2.66 bits/dim with 256 bins (discretised, L^inf + L^r, test set); a uniform model scores 8 (256 bins) or 4 (16).
+Measured with this script: see README.md (figures, command and machine for each).
+
+Outputs in --out-dir (default runs/bfn_cifar): log.txt, ckpt.pt, eval.json, samples.png (8x8 final samples) and
+evolution.png (for each of 4 samples, two rows: the input mean mu, then the prediction x_hat (continuous) or the
+mean bin k_hat (discretised), at t = 0, 0.1, ..., 1 left to right).
+Shapes: B batch, C = 3 colour channels, H = W = 32, K bins.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import pickle
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (bin_centres, continuous_flow, continuous_loss_inf, continuous_loss_n, continuous_recon_loss,
+                    continuous_sample, continuous_x_hat, discretised_loss_inf, discretised_loss_n, discretised_output,
+                    discretised_recon_loss, discretised_sample)
+
+SCRIPT, UNIT = "bfn_cifar.py", "bits/dim"
+D = 3 * 32 * 32  # dimensions of an image
+LOSS_SCALE = 1.0  # nats per image -> UNIT
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config: every field is a command-line flag (--batch-size for batch_size); defaults are the paper's.
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data
+    data_dir: str = opt("data", "where CIFAR-10 is downloaded / found (torchvision's layout: DIR/cifar-10-batches-py)")
+    bins: int = opt(256, "K: 256 (8-bit pixels) or 16 (pixels quantised to 4 bits)")
+    output: str = opt("discretised", "the output distribution: continuous (§4) or discretised (§5)")
+    # BFN
+    sigma_1: float = opt(0.0, "final standard deviation sigma_1 of the input (§4.5); 0: 0.001 for 256 bins, sqrt(0.001) for 16")
+    # network
+    channels: int = opt(128, "U-Net channels")
+    res_blocks: int = opt(32, "residual blocks (all at full resolution)")
+    dropout: float = opt(0.1, "dropout in the residual blocks")
+    # optimisation
+    steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
+    batch_size: int = opt(32, "examples per process per micro-batch (global batch: batch size x grad accum x processes)")
+    grad_accum: int = opt(1, "micro-batches per optimiser step")
+    lr: float = opt(2e-4, "AdamW learning rate (constant)")
+    betas: tuple = opt((0.9, 0.99), "AdamW betas")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    grad_clip: float = opt(5.0, "clip the gradient norm to this")
+    ema_decay: float = opt(0.9999, "EMA decay of the weights used to evaluate and sample (warmed up)")
+    # evaluation and sampling
+    eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test losses L^n + L^r ('inf': continuous time)")
+    eval_examples: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
+    eval_batch_size: int = opt(100, "examples per evaluation batch")
+    sample_steps: int = opt(1000, "generation steps n of Algorithms 3 and 6")
+    num_samples: int = opt(64, "images in samples.png")
+    # run
+    out_dir: str = opt("runs/bfn_cifar", "run directory: log.txt, ckpt.pt, eval.json, samples.png, evolution.png")
+    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt")
+    eval_only: bool = opt(False, "load <out-dir>/ckpt.pt, evaluate on the test set, exit")
+    sample_only: bool = opt(False, "load <out-dir>/ckpt.pt, sample, exit")
+    seed: int = opt(0, "everything random derives from it")
+    device: str = opt("auto", "auto (cuda, mps, cpu), or a torch device such as cuda:0")
+    dtype: str = opt("auto", "autocast dtype around the network: auto (bfloat16 on cuda), float32, bfloat16, float16")
+    compile: bool = opt(False, "torch.compile the network for training")
+    log_every: int = opt(100, "steps between log lines")
+    eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end, on test)")
+    sample_every: int = opt(5000, "steps between samples (0: only at the end)")
+    ckpt_every: int = opt(1000, "steps between checkpoints")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.type is tuple:
+            p.add_argument(flag, nargs="+", type=type(f.default[0]), default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
+    for bad, message in [
+        (cfg.bins not in (256, 16), f"--bins must be 256 or 16, got {cfg.bins}"),
+        (cfg.output not in ("continuous", "discretised"), f"--output must be continuous or discretised, got {cfg.output}"),
+        (not 0 <= cfg.sigma_1 < 1, f"--sigma-1 must be in (0, 1), or 0 for the default, got {cfg.sigma_1}"),
+        (cfg.steps < 0, f"--steps must be >= 0, got {cfg.steps}"),
+        (cfg.batch_size < 1 or cfg.grad_accum < 1, "--batch-size and --grad-accum must be >= 1"),
+        (cfg.channels < 8 or cfg.channels % 8 != 0, f"--channels must be a positive multiple of 8, got {cfg.channels}"),
+        (cfg.res_blocks < 1, f"--res-blocks must be >= 1, got {cfg.res_blocks}"),
+        (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+        (cfg.lr <= 0 or cfg.grad_clip <= 0, "--lr and --grad-clip must be > 0"),
+        (not 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+        (len(cfg.betas) != 2, "--betas takes two numbers"),
+        (any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n),
+         f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
+        (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
+        (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
+        (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
+         "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
+        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
+        (cfg.eval_only and cfg.sample_only, "--eval-only and --sample-only exclude each other"),
+    ]:
+        if bad:
+            p.error(message)
+    if cfg.sigma_1 == 0:  # the paper's: sigma_1 = 0.001 for 256 bins, sqrt(0.001) for 16
+        cfg.sigma_1 = 0.001 if cfg.bins == 256 else math.sqrt(0.001)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: CIFAR-10 as uint8 tensors on the device; a batch is quantised to the centres of --bins bins.
+
+CIFAR_FILES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
+
+
+def read_cifar_batch(path):
+    """One python-pickled CIFAR-10 batch -> (N, 3, 32, 32) uint8."""
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")["data"]
+    except Exception as e:  # a truncated or foreign file fails in many ways inside pickle
+        raise SystemExit(f"{SCRIPT}: error: {path} is corrupt or not a CIFAR-10 batch ({type(e).__name__}: {e}). "
+                         f"Delete the folder and run again to re-download.")
+    data = torch.as_tensor(data)
+    if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != 3072:
+        raise SystemExit(f"{SCRIPT}: error: {path} holds {tuple(data.shape)} {data.dtype} data, expected (N, 3072) uint8. "
+                         f"Delete the folder and run again to re-download.")
+    return data.reshape(-1, 3, 32, 32)
+
+
+def load_cifar(data_dir):
+    """{train, test}: (N, 3, 32, 32) uint8. Downloads with torchvision (MD5-checked) if the files are missing."""
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    if not all(os.path.exists(os.path.join(folder, f)) for f in CIFAR_FILES["train"] + CIFAR_FILES["test"]):
+        import torchvision
+        try:
+            torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+        except Exception as e:
+            raise SystemExit(f"{SCRIPT}: error: downloading CIFAR-10 into {folder} failed ({e}). Check the network, or put "
+                             f"the extracted cifar-10-batches-py folder there by hand.")
+    return {split: torch.cat([read_cifar_batch(os.path.join(folder, f)) for f in files]) for split, files in CIFAR_FILES.items()}
+
+
+def load_data(cfg, device):
+    """{train, val, test}: uint8 pixels (N, 3, 32, 32) on the device; train/val is a fixed 99% / 1% split."""
+    cifar = load_cifar(cfg.data_dir)
+    perm = torch.randperm(len(cifar["train"]), generator=torch.Generator().manual_seed(0))
+    n_val = len(perm) // 100  # 500 of 50,000
+    return {"train": cifar["train"][perm[n_val:]].to(device), "val": cifar["train"][perm[:n_val]].to(device),
+            "test": cifar["test"].to(device)}
+
+
+def quantise(pixels, num_bins):
+    """8-bit pixels v -> the centre of bin floor(v K / 256) on [-1, 1] (§5.1). (B, 3, 32, 32) uint8 -> float32."""
+    return bin_centres(num_bins, device=pixels.device)[pixels.long() * num_bins // 256]
+
+
+def get_batch(data, cfg):
+    """A random training batch (B, 3, 32, 32) of bin centres; the global RNG is seeded per step."""
+    idx = torch.randint(len(data), (cfg.batch_size,), device=data.device)
+    return quantise(data[idx], cfg.bins)
+
+
+def eval_examples(images, cfg):
+    """The evaluation set: the first --eval-examples images of a split (all if 0)."""
+    return images[:cfg.eval_examples or None]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Network: the VDM-style U-Net of the paper's CIFAR-10 experiment: every block at full resolution, attention in the
+# middle, Fourier features of the input.
+
+def group_norm(c):
+    return nn.GroupNorm(math.gcd(32, c), c)
+
+
+def time_embedding(t, dim):
+    """Sinusoidal features of 1000 t. (B,) -> (B, dim)."""
+    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    args = 1000 * t.float()[:, None] * freqs
+    return torch.cat([args.cos(), args.sin()], -1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, c_emb, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(c_emb, c_out)
+        self.norm2, self.drop, self.conv2 = group_norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):  # (B, c_in, H, W), (B, c_emb) -> (B, c_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]
+        return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+
+
+class Attention(nn.Module):
+    def __init__(self, c, heads=4):
+        super().__init__()
+        self.heads, self.norm = heads, group_norm(c)
+        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x, emb=None):  # (B, C, H, W) -> (B, C, H, W)
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(rearrange(h, "b h (y x) d -> b (h d) y x", y=x.shape[2]))
+
+
+def fourier_features(x, exponents=(6, 7)):
+    """VDM's input features sin(2^n pi x), cos(2^n pi x): fine detail of the input mean. (B, C, H, W) -> (B, 4C, H, W)."""
+    f = torch.cat([2 ** n * math.pi * x for n in exponents], 1)
+    return torch.cat([f.sin(), f.cos()], 1)
+
+
+class UNet(nn.Module):
+    """Psi(mu, t): input mean mu (B, 3, 32, 32) and t (B,); output (B, c_out, 32, 32): the noise eps_hat (c_out = 3,
+    continuous) or (mu_eps, ln sigma_eps) (c_out = 6, discretised)."""
+
+    def __init__(self, channels=128, res_blocks=32, dropout=0.1, c_in=3, c_out=3):
+        super().__init__()
+        c_emb, ch = 4 * channels, channels
+        self.channels = channels
+        self.emb = nn.Sequential(nn.Linear(channels, c_emb), nn.SiLU(), nn.Linear(c_emb, c_emb))
+        self.conv_in = nn.Conv2d(c_in * 5, ch, 3, padding=1)  # the input and its 4 Fourier features per channel
+        self.down = nn.ModuleList([ResBlock(ch, ch, c_emb, dropout) for _ in range(res_blocks)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, c_emb, dropout), Attention(ch), ResBlock(ch, ch, c_emb, dropout)])
+        self.up = nn.ModuleList([ResBlock(2 * ch, ch, c_emb, dropout) for _ in range(res_blocks + 1)])
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, c_out, 3, padding=1))
+        # initialisation: every residual branch and the output start at zero, so the untrained network outputs 0
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight), nn.init.zeros_(m.conv2.bias)
+            if isinstance(m, Attention):
+                nn.init.zeros_(m.proj.weight), nn.init.zeros_(m.proj.bias)
+        nn.init.zeros_(self.out[-1].weight), nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t):  # (B, 3, H, W), (B,) -> (B, c_out, H, W)
+        emb = self.emb(time_embedding(t, self.channels))
+        h = self.conv_in(torch.cat([x, fourier_features(x)], 1))
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], 1), emb)
+        return self.out(h)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BFN glue: the network as the output distribution of continuous (§4.6) or discretised (§5.3) data, and the losses.
+
+def network_output(net, mu, t, cfg, autocast):
+    """x_hat (B, 3, 32, 32) for --output continuous; probs p_O (B, 3, 32, 32, K) for discretised. In float32."""
+    with autocast:
+        out = net(mu, t)
+    out = out.float()
+    if cfg.output == "continuous":
+        return continuous_x_hat(mu, t, out, cfg.sigma_1)
+    return discretised_output(mu, t, out[:, :3], out[:, 3:], cfg.sigma_1, cfg.bins)
+
+
+def loss_inf(x, out, t, cfg):
+    """L^inf (§4.12 or §5.5), (B,) nats/image."""
+    if cfg.output == "continuous":
+        return continuous_loss_inf(x, out, t, cfg.sigma_1)
+    return discretised_loss_inf(x, out, t, cfg.sigma_1)
+
+
+def train_loss(net, x, cfg, autocast):
+    """L^inf (Algorithms 2 and 5) of a batch x (B, 3, 32, 32): t ~ U(0, 1), mu ~ p_F(. | x; t). Returns (B,) nats/image."""
+    t = torch.rand(len(x), device=x.device)
+    return loss_inf(x, network_output(net, continuous_flow(x, t, cfg.sigma_1), t, cfg, autocast), t, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation and sampling (with the EMA network)
+
+@torch.no_grad()
+def evaluate(net, images, cfg, autocast, seed):
+    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in bits/dim (nats per image / (D ln 2)).
+
+    L^r of the continuous output scores x under N(x_hat, s^2) discretised to the bins (BFN_MATH §2), with s = sigma_1
+    for 256 bins and 0.7 sigma_1 for 16 bins, as in the reference configurations."""
+    g = torch.Generator(images.device).manual_seed(seed)
+    losses, recon = {n: [] for n in cfg.eval_n}, []
+    std = cfg.sigma_1 if cfg.bins == 256 else 0.7 * cfg.sigma_1
+    for batch in images.split(cfg.eval_batch_size):
+        x, B = quantise(batch, cfg.bins), len(batch)
+        ones = torch.ones(B, device=x.device)
+        out = network_output(net, continuous_flow(x, ones, cfg.sigma_1, g), ones, cfg, autocast)
+        recon.append(continuous_recon_loss(x, out, std, cfg.bins) if cfg.output == "continuous" else discretised_recon_loss(x, out))
+        for n in cfg.eval_n:
+            if n == "inf":
+                t = torch.rand(B, generator=g, device=x.device)
+                losses[n].append(loss_inf(x, network_output(net, continuous_flow(x, t, cfg.sigma_1, g), t, cfg, autocast), t, cfg))
+            else:
+                i = torch.randint(1, int(n) + 1, (B,), generator=g, device=x.device)
+                t = (i - 1) / int(n)
+                out = network_output(net, continuous_flow(x, t, cfg.sigma_1, g), t, cfg, autocast)
+                losses[n].append(continuous_loss_n(x, out, i, int(n), cfg.sigma_1) if cfg.output == "continuous"
+                                 else discretised_loss_n(x, out, i, int(n), cfg.sigma_1, g))
+    scale = 1 / (D * math.log(2))
+    recon = torch.cat(recon).double() * scale
+    result = {}
+    for n, v in losses.items():
+        total = torch.cat(v).double() * scale + recon
+        result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
+                     "stderr": (total.std() / math.sqrt(len(total))).item() if len(total) > 1 else float("nan")}
+    return result
+
+
+@torch.no_grad()
+def sample(net, cfg, autocast, device, out_dir):
+    """Algorithm 3 or 6: samples.png (a grid of final samples) and evolution.png (mu and the prediction at t = 0, ..., 1)."""
+    from torchvision.utils import save_image
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    shape = (cfg.num_samples, 3, 32, 32)
+    if cfg.output == "continuous":
+        x, trajectory = continuous_sample(lambda mu, t: network_output(net, mu, t, cfg, autocast), shape, cfg.sample_steps,
+                                          cfg.sigma_1, g, device, return_trajectory=True)
+    else:
+        x, trajectory = discretised_sample(lambda mu, t: network_output(net, mu, t, cfg, autocast), shape, cfg.sample_steps,
+                                           cfg.sigma_1, cfg.bins, g, device, return_trajectory=True)
+    show = lambda v: (v.clamp(-1, 1) + 1) / 2  # noqa: E731  [-1, 1] -> [0, 1]
+    nrow = max(1, round(math.sqrt(cfg.num_samples)))
+    save_image(show(x), os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=1)
+    times = [k / 10 for k in range(11)]
+    steps = [min(trajectory, key=lambda s: abs(s["t"] - tt)) for tt in times]
+    rows = []
+    for b in range(min(4, cfg.num_samples)):
+        rows += [s["input"][b] for s in steps] + [s["output"][b] for s in steps]
+    save_image(show(torch.stack(rows)), os.path.join(out_dir, "evolution.png"), nrow=len(times), pad_value=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: one plain loop. DDP when launched by torchrun; rank 0 logs, evaluates, samples and writes files.
+
+def save_checkpoint(path, **state):
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (Linux: KiB)
+
+
+def train(cfg):
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo")
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if cfg.device == "auto":
+        cfg.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = getattr(torch, cfg.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    master = rank == 0
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    def log(line):
+        if master:
+            print(line, flush=True)
+            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+
+    data = load_data(cfg, device)
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = UNet(cfg.channels, cfg.res_blocks, cfg.dropout, c_out=3 if cfg.output == "continuous" else 6).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, embeddings
+    no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=cfg.betas)
+    step = 0
+    if cfg.resume or cfg.eval_only or cfg.sample_only:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"{SCRIPT}: error: no checkpoint at {ckpt_path} to resume, evaluate or sample from")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | device {device} | processes {world} | "
+        f"data {tuple(data['train'].shape)} train, {tuple(data['val'].shape)} val, {tuple(data['test'].shape)} test | step {step}")
+
+    def run_eval(split, step):
+        examples = eval_examples(data[split], cfg)
+        result = evaluate(ema, examples, cfg, autocast, seed=hash((cfg.seed, -1, step)) % 2 ** 62)
+        log(f"eval {split} step {step} | " + " | ".join(
+            f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()) + f" {UNIT}")
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+            json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "n": result}, f, indent=1)
+
+    if cfg.eval_only or cfg.sample_only:
+        if master:
+            run_eval("test", step) if cfg.eval_only else sample(ema, cfg, autocast, device, cfg.out_dir)
+        return
+
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    net = torch.compile(net) if cfg.compile else net
+    loss_sum, t0, last_step = torch.zeros((), device=device), time.time(), step
+    while step < cfg.steps:
+        torch.manual_seed(hash((cfg.seed, rank, step)) % 2 ** 62)  # the batch, t and noise depend only on seed, rank, step
+        model.train()
+        step_loss = torch.zeros((), device=device)
+        for k in range(cfg.grad_accum):
+            x = get_batch(data["train"], cfg)
+            sync = not ddp or k == cfg.grad_accum - 1
+            with (net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext()):
+                loss = train_loss(net, x, cfg, autocast).mean() / cfg.grad_accum
+                loss.backward()
+            step_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).float()  # NaN guard, agreed by all processes
+        if ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            log(f"non-finite loss or gradient at step {step + 1} (loss {step_loss.item()}, grad norm {grad_norm.item()}): "
+                f"stopping; the last good checkpoint {ckpt_path} is untouched")
+            raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step + 1}")
+        loss_sum += step_loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        with torch.no_grad():  # EMA with warm-up: the effective decay grows towards --ema-decay
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = time.time() - t0
+            n = step - last_step
+            log(f"step {step} | loss {loss_sum.item() / n / (D * math.log(2)):.3f} {UNIT} | {n * cfg.batch_size * cfg.grad_accum * world / dt:.1f} examples/s | "
+                f"{1000 * dt / n:.0f} ms/step | peak mem {peak_memory_mb(device):.0f} MB | ETA {(cfg.steps - step) * dt / n / 60:.1f} min")
+            loss_sum.zero_()
+            t0, last_step = time.time(), step
+        if master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            save_checkpoint(ckpt_path, model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                            step=step, config=dataclasses.asdict(cfg),
+                            rng={"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
+        t_side = time.time()  # evaluation and sampling time is left out of examples/s
+        if master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            run_eval("val", step)
+        if master and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+            sample(ema, cfg, autocast, device, cfg.out_dir)
+        t0 += time.time() - t_side
+    if master:
+        run_eval("test", step)
+        sample(ema, cfg, autocast, device, cfg.out_dir)
+        log(f"done: {cfg.out_dir}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

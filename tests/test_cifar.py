@@ -1,0 +1,97 @@
+"""bfn_cifar.py end to end on tiny synthetic CIFAR-10 pickles: both output types at 256 and 16 bins, exact resume,
+errors, torchrun."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bfn_cifar
+from common import bin_centres
+from conftest import ROOT
+
+TINY = ["--channels", "8", "--res-blocks", "1", "--batch-size", "4", "--eval-examples", "6", "--eval-batch-size", "4",
+        "--eval-n", "inf", "3", "--sample-steps", "3", "--num-samples", "4", "--log-every", "1"]
+
+
+def run(data, out, *extra):
+    bfn_cifar.main(["--data-dir", data, "--out-dir", out, *TINY, *extra])
+
+
+@pytest.mark.parametrize("output", ["continuous", "discretised"])
+@pytest.mark.parametrize("bins", ["256", "16"])
+def test_three_steps_end_to_end(cifar_dir, tmp_path, output, bins):
+    out = str(tmp_path / "run")
+    run(cifar_dir, out, "--steps", "3", "--output", output, "--bins", bins)
+    for name in ["ckpt.pt", "log.txt", "eval.json", "samples.png", "evolution.png"]:
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert ev["step"] == 3 and ev["unit"] == "bits/dim" and ev["examples"] == 6
+    for r in ev["n"].values():
+        assert all(math.isfinite(r[k]) for k in ["loss", "recon", "total", "stderr"])
+    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["config"]
+    assert cfg["sigma_1"] == pytest.approx(0.001 if bins == "256" else math.sqrt(0.001))
+
+
+def test_untrained_discretised_model_is_near_uniform(cifar_dir, tmp_path):
+    """The zero-initialised network predicts mu_x = mu / gamma, sigma_x = sqrt((1 - gamma) / gamma): a sanity check that
+    the bits/dim are in the right units (a uniform model over 16 bins scores 4 bits/dim)."""
+    out = str(tmp_path / "run")
+    run(cifar_dir, out, "--steps", "0", "--bins", "16", "--eval-n", "inf", "--eval-examples", "20")
+    total = json.load(open(os.path.join(out, "eval.json")))["n"]["inf"]["total"]
+    assert 1 < total < 12
+
+
+def test_data_quantisation(cifar_dir):
+    cfg = bfn_cifar.parse_args(["--data-dir", cifar_dir])
+    data = bfn_cifar.load_data(cfg, torch.device("cpu"))
+    assert data["train"].shape == (99, 3, 32, 32) and data["val"].shape == (1, 3, 32, 32)
+    assert data["test"].shape == (20, 3, 32, 32) and data["train"].dtype == torch.uint8
+    v = torch.arange(256, dtype=torch.uint8)
+    torch.testing.assert_close(bfn_cifar.quantise(v, 256), (2 * v.float() + 1) / 256 - 1)
+    assert torch.equal(bfn_cifar.quantise(v, 16), bin_centres(16)[v.long() // 16])
+
+
+def test_resume_gives_the_same_weights(cifar_dir, tmp_path):
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    run(cifar_dir, straight, "--steps", "3")
+    run(cifar_dir, resumed, "--steps", "2")
+    run(cifar_dir, resumed, "--steps", "3", "--resume")
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    b = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=False)
+    for key in ["model", "ema"]:
+        for name, v in a[key].items():
+            assert torch.equal(v, b[key][name]), f"{key}.{name}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bins", "7"], "--bins must be 256 or 16, got 7"),
+    (["--output", "gaussian"], "--output must be continuous or discretised"),
+    (["--sigma-1", "2"], "--sigma-1 must be in (0, 1)"),
+    (["--channels", "12"], "--channels must be a positive multiple of 8"),
+])
+def test_bad_flags_fail_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bfn_cifar.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_corrupt_batch_fails_clearly(cifar_dir, tmp_path):
+    path = os.path.join(cifar_dir, "cifar-10-batches-py", "data_batch_3")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 3])
+    with pytest.raises(SystemExit, match="data_batch_3 is corrupt"):
+        run(cifar_dir, str(tmp_path / "run"), "--steps", "1")
+
+
+def test_torchrun_two_cpu_processes(cifar_dir, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "bfn_cifar.py"),
+           "--data-dir", cifar_dir, "--out-dir", out, *TINY, "--steps", "2", "--device", "cpu"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "processes 2" in log and "step 2 | loss" in log

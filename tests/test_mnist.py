@@ -1,0 +1,122 @@
+"""bfn_mnist.py end to end on tiny synthetic MNIST files: outputs, exact resume, two digits, errors, torchrun."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bfn_mnist
+from conftest import ROOT
+
+TINY = ["--channels", "8", "--res-blocks", "1", "--batch-size", "4", "--eval-examples", "6", "--eval-batch-size", "4",
+        "--eval-n", "inf", "3", "--sample-steps", "3", "--num-samples", "4", "--log-every", "1"]
+
+
+def run(data, out, *extra):
+    bfn_mnist.main(["--data-dir", data, "--out-dir", out, *TINY, *extra])
+
+
+def test_three_steps_end_to_end(mnist_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run(mnist_dir, out, "--steps", "3")
+    for name in ["ckpt.pt", "log.txt", "eval.json", "samples.png", "evolution.png"]:
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert ev["step"] == 3 and ev["split"] == "test" and ev["unit"] == "nats/image" and ev["examples"] == 6
+    for n in ["inf", "3"]:
+        r = ev["n"][n]
+        assert all(math.isfinite(r[k]) for k in ["loss", "recon", "total", "stderr"])
+        assert r["total"] == pytest.approx(r["loss"] + r["recon"])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 3 and set(ckpt) >= {"model", "ema", "optimizer", "config", "rng"}
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "step 3 | loss" in log and "examples/s" in log and "config:" in log
+    # --eval-only and --sample-only reuse the checkpoint
+    os.remove(os.path.join(out, "samples.png"))
+    run(mnist_dir, out, "--sample-only")
+    assert os.path.exists(os.path.join(out, "samples.png"))
+    run(mnist_dir, out, "--eval-only", "--eval-n", "inf", "2", "5")
+    assert set(json.load(open(os.path.join(out, "eval.json")))["n"]) == {"inf", "2", "5"}
+
+
+def test_resume_gives_the_same_weights(mnist_dir, tmp_path):
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    run(mnist_dir, straight, "--steps", "3")
+    run(mnist_dir, resumed, "--steps", "2")
+    run(mnist_dir, resumed, "--steps", "3", "--resume")
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    b = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=False)
+    for key in ["model", "ema"]:
+        for name, v in a[key].items():
+            assert torch.equal(v, b[key][name]), f"{key}.{name}"
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 3
+
+
+def test_two_digits_are_64x64(mnist_dir, tmp_path):
+    cfg = bfn_mnist.parse_args(["--data-dir", mnist_dir, "--digits", "2"])
+    data = bfn_mnist.load_data(cfg, torch.device("cpu"))
+    assert data["train"].shape == (59_400, 64, 64) and data["val"].shape == (600, 64, 64)
+    assert data["test"].shape == (10_000, 64, 64) and data["train"].dtype == torch.uint8
+    again = bfn_mnist.load_data(cfg, torch.device("cpu"))
+    assert torch.equal(data["test"], again["test"])  # deterministic given the seed
+    ink_left, ink_right = data["test"][:, :, :32].float().sum((1, 2)), data["test"][:, :, 32:].float().sum((1, 2))
+    assert (ink_left > 0).all() and (ink_right > 0).all()  # a digit in each half
+    x = bfn_mnist.binarise(data["test"][:8])
+    assert set(x.unique().tolist()) <= {0, 1}
+    out = str(tmp_path / "two")
+    run(mnist_dir, out, "--digits", "2", "--steps", "1", "--eval-examples", "2", "--num-samples", "2")
+    assert os.path.exists(os.path.join(out, "samples.png"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--digits", "3"], "--digits must be 1 or 2"),
+    (["--batch-size", "0"], "--batch-size and --grad-accum must be >= 1"),
+    (["--steps", "-5"], "--steps must be >= 0"),
+    (["--eval-n", "inf", "ten"], "--eval-n takes 'inf' or positive integers"),
+    (["--dtype", "float8"], "--dtype must be"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_fail_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bfn_mnist.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_corrupt_data_file_fails_clearly(mnist_dir, tmp_path):
+    path = os.path.join(mnist_dir, "MNIST", "raw", "train-images-idx3-ubyte.gz")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 2])  # a truncated download
+    with pytest.raises(SystemExit, match="corrupt or truncated"):
+        run(mnist_dir, str(tmp_path / "run"), "--steps", "1")
+
+
+def test_missing_checkpoint_fails_clearly(mnist_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        run(mnist_dir, str(tmp_path / "empty"), "--eval-only")
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(mnist_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    run(mnist_dir, out, "--steps", "2")
+    before = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    real_loss = bfn_mnist.train_loss
+    monkeypatch.setattr(bfn_mnist, "train_loss", lambda *a: real_loss(*a) * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite loss at step 3"):
+        run(mnist_dir, out, "--steps", "4", "--resume")
+    after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert after["step"] == 2 and all(torch.equal(v, after["model"][k]) for k, v in before["model"].items())
+
+
+def test_torchrun_two_cpu_processes(mnist_dir, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "bfn_mnist.py"), "--data-dir", mnist_dir, "--out-dir", out, *TINY, "--steps", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "processes 2" in log and "step 2 | loss" in log
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 2

@@ -1,0 +1,135 @@
+"""bfn_text8.py end to end on a tiny synthetic text8.zip: outputs, exact resume, --text-file, bad data, torchrun."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bfn_text8
+from conftest import ROOT, write_text8
+
+TINY = ["--layers", "2", "--heads", "2", "--width", "16", "--seq-len", "32", "--batch-size", "4", "--eval-examples", "6",
+        "--eval-batch-size", "4", "--eval-n", "inf", "3", "--sample-steps", "3", "--num-samples", "2", "--log-every", "1"]
+
+
+@pytest.fixture
+def text8_dir(tmp_path, monkeypatch):
+    """A synthetic text8.zip; the module's expected sizes and CRC-32 are set to this file's, so the real checks run on it."""
+    root = str(tmp_path / "data")
+    _, zip_bytes, text_bytes, crc = write_text8(root)
+    monkeypatch.setattr(bfn_text8, "TEXT8_ZIP_BYTES", zip_bytes)
+    monkeypatch.setattr(bfn_text8, "TEXT8_BYTES", text_bytes)
+    monkeypatch.setattr(bfn_text8, "TEXT8_CRC32", crc)
+    return root
+
+
+def run(data, out, *extra):
+    bfn_text8.main(["--data-dir", data, "--out-dir", out, *TINY, *extra])
+
+
+def test_three_steps_end_to_end(text8_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run(text8_dir, out, "--steps", "3")
+    for name in ["ckpt.pt", "log.txt", "eval.json", "samples.txt", "evolution.txt"]:
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert ev["step"] == 3 and ev["split"] == "test" and ev["unit"] == "bits/char" and ev["examples"] == 6
+    for r in ev["n"].values():
+        assert all(math.isfinite(r[k]) for k in ["loss", "recon", "total", "stderr"])
+    samples = open(os.path.join(out, "samples.txt")).read().split("\n")
+    lines = [s for s in samples if s and not s.startswith("---")]
+    assert len(lines) == 2 and all(len(s) == 32 and set(s) <= set(bfn_text8.ALPHABET) for s in lines)
+    assert open(os.path.join(out, "evolution.txt")).read().count("output |") == 11
+
+
+def test_data_split_and_windows(text8_dir):
+    cfg = bfn_text8.parse_args(["--data-dir", text8_dir, "--seq-len", "32"])
+    data = bfn_text8.load_data(cfg, torch.device("cpu"))
+    n = sum(len(v) for v in data.values())
+    assert n == 40_000 and len(data["train"]) == 36_000 and len(data["val"]) == len(data["test"]) == 2_000
+    assert data["train"].dtype == torch.uint8 and data["train"].max() < 27
+    assert bfn_text8.decode(data["train"][:4]) == " " + open_text(text8_dir)[1:4]
+    windows = bfn_text8.eval_examples(data["test"], cfg)
+    assert windows.shape == (62, 32)
+    cfg.eval_examples = 10
+    some = bfn_text8.eval_examples(data["test"], cfg)
+    assert some.shape == (10, 32) and torch.equal(some, bfn_text8.eval_examples(data["test"], cfg))
+    torch.manual_seed(0)
+    assert bfn_text8.get_batch(data["train"], cfg).shape == (256, 32)
+
+
+def open_text(root):
+    import zipfile
+    return zipfile.ZipFile(os.path.join(root, "text8.zip")).read("text8").decode()
+
+
+def test_resume_gives_the_same_weights(text8_dir, tmp_path):
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    run(text8_dir, straight, "--steps", "3")
+    run(text8_dir, resumed, "--steps", "2")
+    run(text8_dir, resumed, "--steps", "3", "--resume")
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    b = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=False)
+    for key in ["model", "ema"]:
+        for name, v in a[key].items():
+            assert torch.equal(v, b[key][name]), f"{key}.{name}"
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("hello world " * 400 + "\n")
+    out = str(tmp_path / "run")
+    bfn_text8.main(["--text-file", str(path), "--out-dir", out, *TINY, "--steps", "1"])
+    assert "data (4320,) train" in open(os.path.join(out, "log.txt")).read()
+
+
+def test_text_file_with_a_bad_character(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("hello world " * 10 + "Hello")
+    with pytest.raises(SystemExit, match=r"character 'H' \(byte 72\) at position 120"):
+        bfn_text8.main(["--text-file", str(path), "--out-dir", str(tmp_path / "run"), *TINY])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[: len(b) // 2], "truncated or corrupt"),
+    (lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:], "not a valid text8 archive"),
+])
+def test_corrupt_zip_fails_clearly(text8_dir, tmp_path, damage, message):
+    path = os.path.join(text8_dir, "text8.zip")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(damage(blob))
+    with pytest.raises(SystemExit, match=message):
+        run(text8_dir, str(tmp_path / "run"), "--steps", "1")
+
+
+def test_a_different_text8_fails_the_checksum(text8_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(bfn_text8, "TEXT8_CRC32", 0x7D6BE66F)  # the real text8's CRC-32
+    with pytest.raises(SystemExit, match="expected .* bytes with CRC-32 0x7d6be66f"):
+        run(text8_dir, str(tmp_path / "run"), "--steps", "1")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--width", "30", "--heads", "4"], "--width must be a multiple of 2 x --heads"),
+    (["--seq-len", "0"], "--seq-len must be >= 1"),
+    (["--grad-accum", "0"], "--batch-size and --grad-accum must be >= 1"),
+    (["--eval-n", "0"], "--eval-n takes 'inf' or positive integers"),
+])
+def test_bad_flags_fail_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bfn_text8.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_torchrun_two_cpu_processes(text8_dir, tmp_path):
+    path = tmp_path / "words.txt"  # the zip's checksums are patched in this process only, so torchrun gets a text file
+    path.write_text(open_text(text8_dir))
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "bfn_text8.py"),
+           "--text-file", str(path), "--out-dir", out, *TINY, "--steps", "2", "--grad-accum", "2", "--device", "cpu"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "processes 2" in log and "step 2 | loss" in log
