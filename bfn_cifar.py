@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -42,8 +43,8 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (bin_centres, continuous_flow, continuous_loss_inf, continuous_loss_n, continuous_recon_loss,
-                    continuous_sample, continuous_x_hat, discretised_loss_inf, discretised_loss_n, discretised_output,
-                    discretised_recon_loss, discretised_sample)
+                    continuous_sample, continuous_sample_ode, continuous_x_hat, discretised_loss_inf, discretised_loss_n,
+                    discretised_output, discretised_recon_loss, discretised_sample, discretised_sample_ode)
 
 SCRIPT, UNIT = "bfn_cifar.py", "bits/dim"
 D = 3 * 32 * 32  # dimensions of an image
@@ -84,6 +85,7 @@ class Config:
     eval_batch_size: int = opt(100, "examples per evaluation batch")
     sample_steps: int = opt(1000, "generation steps n of Algorithms 3 and 6")
     num_samples: int = opt(64, "images in samples.png")
+    sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
     # run
     out_dir: str = opt("runs/bfn_cifar", "run directory: log.txt, ckpt.pt, eval.json, samples.png, evolution.png")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt")
@@ -126,6 +128,7 @@ def parse_args(argv=None):
          f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
+        (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
@@ -232,8 +235,8 @@ class Attention(nn.Module):
         self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x, emb=None):  # (B, C, H, W) -> (B, C, H, W)
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
-        h = F.scaled_dot_product_attention(q, k, v)
+        qkv = rearrange(self.qkv(self.norm(x)), "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
+        h = F.scaled_dot_product_attention(*qkv.contiguous())  # contiguous: the fast CPU kernel needs it
         return x + self.proj(rearrange(h, "b h (y x) d -> b (h d) y x", y=x.shape[2]))
 
 
@@ -344,16 +347,18 @@ def evaluate(net, images, cfg, autocast, seed):
 
 @torch.no_grad()
 def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 3 or 6: samples.png (a grid of final samples) and evolution.png (mu and the prediction at t = 0, ..., 1)."""
+    """Algorithm 3 or 6 (or the ODE solver): samples.png (a grid of final samples) and evolution.png (mu and the prediction at t = 0, ..., 1)."""
     from torchvision.utils import save_image
     g = torch.Generator(device).manual_seed(cfg.seed)
     shape = (cfg.num_samples, 3, 32, 32)
+    fn = lambda mu, t: network_output(net, mu, t, cfg, autocast)  # noqa: E731
     if cfg.output == "continuous":
-        x, trajectory = continuous_sample(lambda mu, t: network_output(net, mu, t, cfg, autocast), shape, cfg.sample_steps,
-                                          cfg.sigma_1, g, device, return_trajectory=True)
+        sampler = continuous_sample if cfg.sampler == "paper" else continuous_sample_ode
+        x, trajectory = sampler(fn, shape, cfg.sample_steps, cfg.sigma_1, generator=g, device=device, return_trajectory=True)
     else:
-        x, trajectory = discretised_sample(lambda mu, t: network_output(net, mu, t, cfg, autocast), shape, cfg.sample_steps,
-                                           cfg.sigma_1, cfg.bins, g, device, return_trajectory=True)
+        sampler = discretised_sample if cfg.sampler == "paper" else discretised_sample_ode
+        x, trajectory = sampler(fn, shape, cfg.sample_steps, cfg.sigma_1, cfg.bins, generator=g, device=device,
+                                return_trajectory=True)
     show = lambda v: (v.clamp(-1, 1) + 1) / 2  # noqa: E731  [-1, 1] -> [0, 1]
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
     save_image(show(x), os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=1)
@@ -384,7 +389,8 @@ def train(cfg):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, local_rank, world = 0, 0, 1
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo")
+        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
         rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
     if cfg.device == "auto":
         cfg.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import gzip
 import json
 import math
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample
+from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, discrete_sample_ode
 
 SCRIPT, UNIT = "bfn_mnist.py", "nats/image"
 
@@ -77,6 +78,7 @@ class Config:
     eval_batch_size: int = opt(500, "examples per evaluation batch")
     sample_steps: int = opt(100, "generation steps n of Algorithm 9")
     num_samples: int = opt(64, "images in samples.png")
+    sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
     # run
     out_dir: str = opt("runs/bfn_mnist", "run directory: log.txt, ckpt.pt, eval.json, samples.png, evolution.png")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt")
@@ -118,6 +120,7 @@ def parse_args(argv=None):
          f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
+        (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
@@ -241,8 +244,8 @@ class Attention(nn.Module):
         self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x, emb=None):  # (B, C, H, W) -> (B, C, H, W)
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
-        h = F.scaled_dot_product_attention(q, k, v)
+        qkv = rearrange(self.qkv(self.norm(x)), "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
+        h = F.scaled_dot_product_attention(*qkv.contiguous())  # contiguous: the fast CPU kernel needs it
         return x + self.proj(rearrange(h, "b h (y x) d -> b (h d) y x", y=x.shape[2]))
 
 
@@ -362,12 +365,13 @@ def evaluate(net, images, cfg, autocast, seed):
 
 @torch.no_grad()
 def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 9: samples.png (a grid of final samples) and evolution.png (theta and p_O at t = 0, 0.1, ..., 1)."""
+    """Algorithm 9 (or the ODE solver): samples.png (a grid of final samples) and evolution.png (theta and p_O at t = 0, 0.1, ..., 1)."""
     from torchvision.utils import save_image
     size = 28 if cfg.digits == 1 else 64
     g = torch.Generator(device).manual_seed(cfg.seed)
-    x, trajectory = discrete_sample(lambda theta, t: output_probs(net, theta, t, autocast), (cfg.num_samples, size, size),
-                                    cfg.sample_steps, cfg.beta_1, 2, g, device, return_trajectory=True)
+    sampler = discrete_sample if cfg.sampler == "paper" else discrete_sample_ode
+    x, trajectory = sampler(lambda theta, t: output_probs(net, theta, t, autocast), (cfg.num_samples, size, size),
+                            cfg.sample_steps, cfg.beta_1, 2, generator=g, device=device, return_trajectory=True)
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
     save_image(1 - x[:, None].float(), os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=0.5)
     times = [k / 10 for k in range(11)]
@@ -397,7 +401,8 @@ def train(cfg):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, local_rank, world = 0, 0, 1
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo")
+        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
         rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
     if cfg.device == "auto":
         cfg.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

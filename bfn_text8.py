@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample
+from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, discrete_sample_ode
 
 SCRIPT, UNIT = "bfn_text8.py", "bits/char"
 K = 27  # space and a-z
@@ -81,6 +82,7 @@ class Config:
     eval_batch_size: int = opt(256, "windows per evaluation batch")
     sample_steps: int = opt(1000, "generation steps n of Algorithm 9")
     num_samples: int = opt(8, "samples in samples.txt")
+    sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
     # run
     out_dir: str = opt("runs/bfn_text8", "run directory: log.txt, ckpt.pt, eval.json, samples.txt, evolution.txt")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt")
@@ -122,6 +124,7 @@ def parse_args(argv=None):
          f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
+        (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
@@ -249,8 +252,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x):  # (B, L, W) -> (B, L, W)
-        q, k, v = rearrange(self.qkv(self.ln1(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        x = x + self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)"))
+        qkv = rearrange(self.qkv(self.ln1(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        x = x + self.proj(rearrange(F.scaled_dot_product_attention(*qkv.contiguous()), "b h l d -> b l (h d)"))
         return x + self.mlp(self.ln2(x))
 
 
@@ -333,12 +336,13 @@ def evaluate(net, windows, cfg, autocast, seed):
 
 @torch.no_grad()
 def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 9: samples.txt and evolution.txt (the most likely characters of theta and p_O at t = 0, 0.1, ..., 1)."""
+    """Algorithm 9 (or the ODE solver): samples.txt and evolution.txt (the most likely characters of theta and p_O at t = 0, 0.1, ..., 1)."""
     g = torch.Generator(device).manual_seed(cfg.seed)
-    x, trajectory = discrete_sample(lambda theta, t: output_probs(net, theta, t, autocast), (cfg.num_samples, cfg.seq_len),
-                                    cfg.sample_steps, cfg.beta_1, K, g, device, return_trajectory=True)
+    sampler = discrete_sample if cfg.sampler == "paper" else discrete_sample_ode
+    x, trajectory = sampler(lambda theta, t: output_probs(net, theta, t, autocast), (cfg.num_samples, cfg.seq_len),
+                            cfg.sample_steps, cfg.beta_1, K, generator=g, device=device, return_trajectory=True)
     with open(os.path.join(out_dir, "samples.txt"), "w") as f:
-        f.write("".join(f"--- sample {b} ({cfg.sample_steps} steps)\n{decode(x[b])}\n" for b in range(len(x))))
+        f.write("".join(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{decode(x[b])}\n" for b in range(len(x))))
     times = [k / 10 for k in range(11)]
     with open(os.path.join(out_dir, "evolution.txt"), "w") as f:
         f.write(f"sample 0 over {cfg.sample_steps} steps: the most likely character under the input theta and under the "
@@ -369,7 +373,8 @@ def train(cfg):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, local_rank, world = 0, 0, 1
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo")
+        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
         rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
     if cfg.device == "auto":
         cfg.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

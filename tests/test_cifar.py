@@ -34,6 +34,9 @@ def test_three_steps_end_to_end(cifar_dir, tmp_path, output, bins):
         assert all(math.isfinite(r[k]) for k in ["loss", "recon", "total", "stderr"])
     cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["config"]
     assert cfg["sigma_1"] == pytest.approx(0.001 if bins == "256" else math.sqrt(0.001))
+    os.remove(os.path.join(out, "samples.png"))
+    run(cifar_dir, out, "--sample-only", "--sampler", "ode", "--output", output, "--bins", bins)
+    assert os.path.exists(os.path.join(out, "samples.png"))
 
 
 def test_untrained_discretised_model_is_near_uniform(cifar_dir, tmp_path):

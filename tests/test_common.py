@@ -515,3 +515,56 @@ def test_losses_run_in_float32_under_autocast():
                   C.discrete_recon_loss(xs, probs)]
     for v in losses:
         assert v.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------- ODE samplers
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_ode_samplers_call_the_network_n_plus_one_times(n):
+    """n + 1 calls at increasing times: the first inside the first step (where the input is informative), then
+    t_1, ..., t_{n-1}, then t = 1."""
+    K = 3
+    cont = Counter(lambda mu, t: torch.zeros_like(mu))
+    disc = Counter(lambda mu, t: torch.full(mu.shape + (K,), 1 / K))
+    cat = Counter(lambda theta, t: theta)
+    x, traj = C.continuous_sample_ode(cont, (2, 3), n, 0.01, generator=gen(), return_trajectory=True)
+    C.discretised_sample_ode(disc, (2, 3), n, 0.01, K, generator=gen())
+    k = C.discrete_sample_ode(cat, (2, 3), n, 2.0, K, generator=gen())
+    for c in (cont, disc, cat):
+        assert c.calls == n + 1
+        assert 0 < c.ts[0] < 1 / n and c.ts[1:] == pytest.approx([i / n for i in range(1, n)] + [1.0])
+    assert cat.ts[0] == pytest.approx(1 / (2 * n))
+    assert [s["t"] for s in traj] == pytest.approx(cont.ts) and x.shape == k.shape == (2, 3)
+
+
+def test_continuous_ode_is_exact_for_gaussian_data():
+    """x ~ N(0, s^2) with the exact posterior mean: the ODE maps z linearly onto mu_1, whose exact law is
+    N(0, gamma_1^2 s^2 + gamma_1 (1 - gamma_1)). The output is x_hat(mu_1, 1) = c_1 mu_1, so the output / z ratio
+    (one sample; the first draw of the generator is z) measures the solver's error."""
+    sigma_1, s = 0.05, 0.5
+    fn = lambda mu, t: gaussian_posterior_mean(mu, t, s, sigma_1)  # noqa: E731
+    gamma_1 = 1 - sigma_1 ** 2
+    c_1 = s ** 2 / ((1 - gamma_1) + gamma_1 * s ** 2)
+    exact = c_1 * math.sqrt(gamma_1 ** 2 * s ** 2 + gamma_1 * (1 - gamma_1))
+    z = torch.randn((1,), generator=gen(60)).item()
+    error = {(order, n): abs(C.continuous_sample_ode(fn, (1,), n, sigma_1, order, gen(60)).item() / z - exact)
+             for order in (1, 2) for n in (5, 20, 200)}
+    assert error[(2, 20)] < 0.005 * exact and error[(2, 200)] < 0.001 * exact  # second order: few steps suffice
+    assert error[(2, 5)] < error[(1, 5)] / 2 and error[(2, 20)] < error[(1, 20)] / 10
+    assert error[(1, 200)] < error[(1, 20)] < error[(1, 5)]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_discrete_ode_with_the_exact_posterior_reproduces_the_data(order):
+    pi = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    fn = lambda theta, t: pi * theta / (pi * theta).sum(-1, keepdim=True)  # noqa: E731
+    k = C.discrete_sample_ode(fn, (20_000,), 100, 4.0, len(pi), order, gen(61 + order))
+    assert_frequencies(k, pi)
+
+
+def test_discretised_ode_with_the_exact_posterior_reproduces_the_data():
+    sigma_1, K = 0.05, 5
+    pi = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.15])
+    fn = lambda mu, t: exact_bin_posterior(mu, t, sigma_1, K, pi.log().double()).float()  # noqa: E731
+    x = C.discretised_sample_ode(fn, (40_000, 1), 100, sigma_1, K, generator=gen(63))
+    assert_frequencies(C.bin_index(x, K), pi)

@@ -38,6 +38,9 @@ def test_three_steps_end_to_end(mnist_dir, tmp_path):
     os.remove(os.path.join(out, "samples.png"))
     run(mnist_dir, out, "--sample-only")
     assert os.path.exists(os.path.join(out, "samples.png"))
+    os.remove(os.path.join(out, "samples.png"))
+    run(mnist_dir, out, "--sample-only", "--sampler", "ode")
+    assert os.path.exists(os.path.join(out, "samples.png"))
     run(mnist_dir, out, "--eval-only", "--eval-n", "inf", "2", "5")
     assert set(json.load(open(os.path.join(out, "eval.json")))["n"]) == {"inf", "2", "5"}
 
@@ -77,6 +80,7 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     (["--steps", "-5"], "--steps must be >= 0"),
     (["--eval-n", "inf", "ten"], "--eval-n takes 'inf' or positive integers"),
     (["--dtype", "float8"], "--dtype must be"),
+    (["--sampler", "ddpm"], "--sampler must be paper or ode"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):

@@ -43,6 +43,8 @@ def test_three_steps_end_to_end(text8_dir, tmp_path):
     lines = [s for s in samples if s and not s.startswith("---")]
     assert len(lines) == 2 and all(len(s) == 32 and set(s) <= set(bfn_text8.ALPHABET) for s in lines)
     assert open(os.path.join(out, "evolution.txt")).read().count("output |") == 11
+    run(text8_dir, out, "--sample-only", "--sampler", "ode")
+    assert "ode sampler" in open(os.path.join(out, "samples.txt")).read()
 
 
 def test_data_split_and_windows(text8_dir):
