@@ -4,14 +4,15 @@ Trains the paper's non-causal transformer with the continuous-time loss L^inf (A
 bound L^inf + L^r and L^n + L^r in bits/char, and samples text with Algorithm 9. `--text-file PATH` trains on any
 text made of spaces and the letters a-z instead of text8.
 
-    python bfn_text8.py                               # the paper's model (≈170M parameters), 256 windows per step
-    python bfn_text8.py --grad-accum 13               # the paper's batch, 3328 windows of 256 characters, on one GPU
-    torchrun --nproc_per_node=8 bfn_text8.py --batch-size 416     # the paper's batch on 8 GPUs
-    python bfn_text8.py --layers 4 --heads 4 --width 128 --seq-len 64 --batch-size 32 --lr 1e-3 --steps 2000 \
-        --eval-every 0 --sample-every 0 --eval-examples 1000 --num-samples 4 --sample-steps 100    # ≈10 min on a 2-core CPU
+    python bfn_text8.py                               # the paper's model (171.5M parameters), 128 windows per step
+    python bfn_text8.py --grad-accum 26               # the paper's batch, 3328 windows of 256 characters, on one GPU
+    torchrun --nproc_per_node=8 bfn_text8.py --batch-size 104 --grad-accum 4     # the paper's batch on 8 GPUs
+    python bfn_text8.py --layers 4 --heads 4 --width 128 --seq-len 128 --batch-size 32 --lr 1e-3 --steps 3000 \\
+        --eval-every 0 --sample-every 0 --eval-examples 1000 --num-samples 4 --sample-steps 100   # 9 min on 2 CPU cores
 
 Paper: 1.41 bits/char (L^inf + L^r, test set); a uniform model scores log2(27) = 4.75 bits/char.
-Measured with this script: see README.md (figures, command and machine for each).
+Measured with this script (README.md has the details): the small command above on the first 12.5M characters of text8
+(--text-file), 0.85M parameters, 2 Xeon CPU cores: 195 windows/s, test L^inf + L^r = 4.20 ± 0.06 bits/char.
 
 Data: text8.zip (downloaded into --data-dir and verified: 31,344,016 bytes, inner file 100,000,000 bytes with CRC-32
 0x7d6be66f), symbols space = 0, a-z = 1..26, split first 90% / next 5% / last 5% (the standard 90M / 5M / 5M).
@@ -69,7 +70,7 @@ class Config:
     width: int = opt(768, "transformer width")
     # optimisation
     steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
-    batch_size: int = opt(256, "windows per process per micro-batch (global batch: batch size x grad accum x processes)")
+    batch_size: int = opt(128, "windows per process per micro-batch (global batch: batch size x grad accum x processes)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     lr: float = opt(1e-4, "AdamW learning rate (constant)")
     betas: tuple = opt((0.9, 0.98), "AdamW betas")
