@@ -14,7 +14,9 @@ bound L^inf + L^r and L^n + L^r in bits/dim, and samples with Algorithms 3 and 6
         --eval-every 0 --sample-every 0 --eval-examples 500 --sample-steps 100     # ≈11 minutes on 2 CPU cores
 
 Paper: 2.66 bits/dim with 256 bins (discretised, L^inf + L^r, test set); a uniform model scores 8 (256 bins) or 4 (16).
-Measured with this script: see README.md (figures, command and machine for each).
+Measured with this script (README.md has the details), on real MNIST digits written in CIFAR-10's format (CIFAR-10
+cannot be downloaded on the development machine), the small command above, 0.22M parameters, 2 Xeon CPU cores:
+≈62 images/s (discretised) and ≈72 (continuous); test L^inf + L^r = 0.179 and 0.240 bits/dim at 16 bins.
 
 Outputs in --out-dir (default runs/bfn_cifar): log.txt, ckpt.pt, eval.json, samples.png (8x8 final samples) and
 evolution.png (for each of 4 samples, two rows: the input mean mu, then the prediction x_hat (continuous) or the

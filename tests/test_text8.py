@@ -60,7 +60,7 @@ def test_data_split_and_windows(text8_dir):
     some = bfn_text8.eval_examples(data["test"], cfg)
     assert some.shape == (10, 32) and torch.equal(some, bfn_text8.eval_examples(data["test"], cfg))
     torch.manual_seed(0)
-    assert bfn_text8.get_batch(data["train"], cfg).shape == (256, 32)
+    assert bfn_text8.get_batch(data["train"], cfg).shape == (cfg.batch_size, 32)
 
 
 def open_text(root):
