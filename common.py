@@ -1,7 +1,8 @@
 """The math of Bayesian Flow Networks (Graves et al., "Bayesian Flow Networks", arXiv:2308.07037).
 
 Pure functions of tensors, in the paper's order and symbols: continuous data (§4), discretised data (§5),
-discrete data (§6). No classes, no state, no I/O. The three experiment scripts import everything from here.
+discrete data (§6); then, beyond the paper, probability-flow ODE samplers for fast generation. No classes, no state,
+no I/O. The three experiment scripts import everything from here.
 
 Conventions
     B batch, D data dimensions (any trailing shape "..."), K bins or classes.
