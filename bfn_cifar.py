@@ -50,7 +50,6 @@ from common import (bin_centres, continuous_flow, continuous_loss_inf, continuou
 
 SCRIPT, UNIT = "bfn_cifar.py", "bits/dim"
 D = 3 * 32 * 32  # dimensions of an image
-LOSS_SCALE = 1.0  # nats per image -> UNIT
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config: every field is a command-line flag (--batch-size for batch_size); defaults are the paper's.
