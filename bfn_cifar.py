@@ -6,21 +6,19 @@ bound L^inf + L^r and L^n + L^r in bits/dim, and samples with Algorithms 3 and 6
 `--output discretised`: the network predicts (mu_eps, ln sigma_eps) and p_O is a clipped discretised Gaussian (§5).
 `--bins 256|16`: the data are 8-bit pixels, or quantised to 16 levels, as the centres of K bins on [-1, 1] (§5.1).
 
-    python bfn_cifar.py --output discretised --bins 256     # the paper's model (≈31M parameters), sigma_1 = 0.001
+    python bfn_cifar.py --preset quick                      # a 0.22M-parameter U-Net, 16 bins, minutes on a CPU
+    python bfn_cifar.py --output discretised --bins 256     # the paper's model (30.6M parameters), sigma_1 = 0.001
     python bfn_cifar.py --output discretised --bins 16      # sigma_1 = sqrt(0.001)
     python bfn_cifar.py --output continuous --bins 256      # the same data treated as continuous
     torchrun --nproc_per_node=8 bfn_cifar.py --batch-size 4 # the paper's global batch of 32 on 8 GPUs
-    python bfn_cifar.py --bins 16 --channels 32 --res-blocks 2 --dropout 0 --batch-size 16 --lr 1e-3 --steps 2400 \\
-        --eval-every 0 --sample-every 0 --eval-examples 500 --sample-steps 100     # ≈11 minutes on 2 CPU cores
 
 Paper: 2.66 bits/dim with 256 bins (discretised, L^inf + L^r, test set); a uniform model scores 8 (256 bins) or 4 (16).
-Measured with this script (README.md has the details), on real MNIST digits written in CIFAR-10's format (CIFAR-10
-cannot be downloaded on the development machine), the small command above, 0.22M parameters, 2 Xeon CPU cores:
-≈62 images/s (discretised) and ≈72 (continuous); test L^inf + L^r = 0.179 and 0.240 bits/dim at 16 bins.
+Measured: --preset quick on MNIST digits in CIFAR-10's format, 0.179 ± 0.003 bits/dim (16 bins, discretised, 500 test
+images); 2 Xeon CPU cores, torch 2.14.1, 2026-11-23.
 
-Outputs in --out-dir (default runs/bfn_cifar): log.txt, ckpt.pt, eval.json, samples.png (8x8 final samples) and
-evolution.png (for each of 4 samples, two rows: the input mean mu, then the prediction x_hat (continuous) or the
-mean bin k_hat (discretised), at t = 0, 0.1, ..., 1 left to right).
+Outputs in --out-dir (default runs/bfn_cifar): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.png (8x8
+final samples) and evolution.png (for each of 4 samples, two rows: the input mean mu, then the prediction x_hat
+(continuous) or the mean bin k_hat (discretised), at t = 0, 0.1, ..., 1 left to right).
 Shapes: B batch, C = 3 colour channels, H = W = 32, K bins.
 """
 import argparse
@@ -48,8 +46,9 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (bin_centres, continuous_flow, continuous_loss_inf, continuous_loss_n, continuous_recon_loss,
-                    continuous_sample, continuous_sample_ode, continuous_x_hat, discretised_loss_inf, discretised_loss_n,
-                    discretised_output, discretised_recon_loss, discretised_sample, discretised_sample_ode)
+                    continuous_sample, continuous_sample_ode, continuous_x_hat, discretised_loss_inf,
+                    discretised_loss_n, discretised_output, discretised_recon_loss, discretised_sample,
+                    discretised_sample_ode)
 
 SCRIPT, UNIT = "bfn_cifar.py", "bits/dim"
 D = 3 * 32 * 32  # dimensions of an image
@@ -65,21 +64,21 @@ def opt(default, help, fixed=False):
 
 @dataclass
 class Config:
+    """Every setting of a run; parse_args makes each a flag, and the checkpoint stores them."""
     preset: str = opt("", "paper: the authors' model and optimiser (the defaults); quick: the README's CPU recipe")
     # data
     data_dir: str = opt("data", "where CIFAR-10 is downloaded / found (torchvision's layout: DIR/cifar-10-batches-py)")
     bins: int = opt(256, "K: 256 (8-bit pixels) or 16 (pixels quantised to 4 bits)", fixed=True)
     output: str = opt("discretised", "the output distribution: continuous (§4) or discretised (§5)", fixed=True)
     # BFN
-    sigma_1: float = opt(0.0, "final input standard deviation sigma_1 (§4.5); 0: 0.001 for 256 bins, sqrt(0.001) for 16",
-                         fixed=True)
+    sigma_1: float = opt(0.0, "final input std sigma_1 (§4.5); 0: 0.001 for 256 bins, sqrt(0.001) for 16", fixed=True)
     # network
     channels: int = opt(128, "U-Net channels", fixed=True)
     res_blocks: int = opt(32, "residual blocks (all at full resolution)", fixed=True)
     dropout: float = opt(0.1, "dropout in the residual blocks")
     # optimisation
     steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
-    batch_size: int = opt(32, "examples per process per micro-batch (global batch: batch size x grad accum x processes)")
+    batch_size: int = opt(32, "examples per process and micro-batch (global: batch size x grad accum x processes)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     lr: float = opt(2e-4, "AdamW learning rate (constant)")
     betas: tuple = opt((0.9, 0.99), "AdamW betas")
@@ -109,13 +108,14 @@ class Config:
 
 
 # --preset quick: the measured CPU recipe of the README (≈10 minutes on 2 CPU cores); paper: the defaults above.
-PRESETS = {"paper": {}, "quick": dict(bins=16, channels=32, res_blocks=2, dropout=0.0, batch_size=16, lr=1e-3, steps=2400,
-                                      eval_every=0, sample_every=0, eval_examples=500, sample_steps=100)}
+PRESETS = {"paper": {}, "quick": dict(bins=16, channels=32, res_blocks=2, dropout=0.0, batch_size=16, lr=1e-3,
+                                      steps=2400, eval_every=0, sample_every=0, eval_examples=500, sample_steps=100)}
 
 
 def parse_args(argv=None):
     """Command line -> Config: the preset's values, then the flags given; a bad value stops with one line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -161,8 +161,9 @@ def parse_args(argv=None):
 
 
 def as_flag(name, value):
-    """A config field and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
-    return f"--{name.replace('_', '-')} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
+    """A setting as the command line writes it: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
+    text = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    return f"--{name.replace('_', '-')} {text}"
 
 
 def preset_overrides(cfg):
@@ -187,8 +188,8 @@ def read_cifar_batch(path):
                          f"Delete the folder and run again to re-download.")
     data = torch.as_tensor(data)
     if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != 3072:
-        raise SystemExit(f"{SCRIPT}: error: {path} holds {tuple(data.shape)} {data.dtype} data, expected (N, 3072) uint8. "
-                         f"Delete the folder and run again to re-download.")
+        raise SystemExit(f"{SCRIPT}: error: {path} holds {tuple(data.shape)} {data.dtype} data, expected (N, 3072) "
+                         f"uint8. Delete the folder and run again to re-download.")
     return data.reshape(-1, 3, 32, 32)
 
 
@@ -200,9 +201,10 @@ def load_cifar(data_dir):
         try:
             torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
         except Exception as e:
-            raise SystemExit(f"{SCRIPT}: error: downloading CIFAR-10 into {folder} failed ({e}). Check the network, or put "
-                             f"the extracted cifar-10-batches-py folder there by hand.")
-    return {split: torch.cat([read_cifar_batch(os.path.join(folder, f)) for f in files]) for split, files in CIFAR_FILES.items()}
+            raise SystemExit(f"{SCRIPT}: error: downloading CIFAR-10 into {folder} failed ({e}). Check the network, "
+                             f"or put the extracted cifar-10-batches-py folder there by hand.")
+    return {split: torch.cat([read_cifar_batch(os.path.join(folder, f)) for f in files])
+            for split, files in CIFAR_FILES.items()}
 
 
 def load_data(cfg, device):
@@ -240,30 +242,36 @@ def to_unit(nats, cfg):
 # middle, Fourier features of the input.
 
 def group_norm(c):
+    """GroupNorm with 32 groups, or fewer when c is not a multiple of 32."""
     return nn.GroupNorm(math.gcd(32, c), c)
 
 
 def time_embedding(t, dim):
     """Sinusoidal features of 1000 t. (B,) -> (B, dim)."""
     freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    args = 1000 * t.float()[:, None] * freqs
+    args = 1000 * t.float()[:, None] * freqs  # (B, dim / 2)
     return torch.cat([args.cos(), args.sin()], -1)
 
 
 class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv; plus the time embedding; GroupNorm, SiLU, dropout, conv; plus the (projected) input."""
+
     def __init__(self, c_in, c_out, c_emb, dropout):
         super().__init__()
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(c_emb, c_out)
-        self.norm2, self.drop, self.conv2 = group_norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.drop = group_norm(c_out), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):  # (B, c_in, H, W), (B, c_emb) -> (B, c_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]  # (B, c_out, H, W)
         return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention over the H x W positions, with a residual connection."""
+
     def __init__(self, c, heads=4):
         super().__init__()
         self.heads, self.norm = heads, group_norm(c)
@@ -271,13 +279,14 @@ class Attention(nn.Module):
 
     def forward(self, x, emb=None):  # (B, C, H, W) -> (B, C, H, W)
         qkv = rearrange(self.qkv(self.norm(x)), "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
-        h = F.scaled_dot_product_attention(*qkv.contiguous())  # contiguous: the fast CPU kernel needs it
+        h = F.scaled_dot_product_attention(*qkv.contiguous())  # (B, heads, H W, C / heads); contiguous: fast on CPU
         return x + self.proj(rearrange(h, "b h (y x) d -> b (h d) y x", y=x.shape[2]))
 
 
 def fourier_features(x, exponents=(6, 7)):
-    """VDM's input features sin(2^n pi x), cos(2^n pi x): fine detail of the input mean. (B, C, H, W) -> (B, 4C, H, W)."""
-    f = torch.cat([2 ** n * math.pi * x for n in exponents], 1)
+    """VDM's input features sin(2^n pi x), cos(2^n pi x): fine detail of the input mean.
+    (B, C, H, W) -> (B, 4C, H, W)."""
+    f = torch.cat([2 ** n * math.pi * x for n in exponents], 1)  # (B, 2C, H, W)
     return torch.cat([f.sin(), f.cos()], 1)
 
 
@@ -296,16 +305,15 @@ class UNet(nn.Module):
         self.up = nn.ModuleList([ResBlock(2 * ch, ch, c_emb, dropout) for _ in range(res_blocks + 1)])
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, c_out, 3, padding=1))
         # initialisation: every residual branch and the output start at zero, so the untrained network outputs 0
-        for m in self.modules():
-            if isinstance(m, ResBlock):
-                nn.init.zeros_(m.conv2.weight), nn.init.zeros_(m.conv2.bias)
-            if isinstance(m, Attention):
-                nn.init.zeros_(m.proj.weight), nn.init.zeros_(m.proj.bias)
-        nn.init.zeros_(self.out[-1].weight), nn.init.zeros_(self.out[-1].bias)
+        zero = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
+        zero += [m.proj for m in self.modules() if isinstance(m, Attention)] + [self.out[-1]]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x, t):  # (B, 3, H, W), (B,) -> (B, c_out, H, W)
-        emb = self.emb(time_embedding(t, self.channels))
-        h = self.conv_in(torch.cat([x, fourier_features(x)], 1))
+        emb = self.emb(time_embedding(t, self.channels))  # (B, 4 channels)
+        h = self.conv_in(torch.cat([x, fourier_features(x)], 1))  # (B, 15, H, W) -> (B, channels, H, W)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb)
@@ -313,7 +321,8 @@ class UNet(nn.Module):
         for layer in self.mid:
             h = layer(h, emb)
         for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], 1), emb)
+            h = torch.cat([h, hs.pop()], 1)  # (B, 2 channels, H, W): the skip connection
+            h = layer(h, emb)
         return self.out(h)
 
 
@@ -354,7 +363,7 @@ def recon_loss(x, out, cfg):
 
 
 def train_loss(net, x, cfg, autocast):
-    """L^inf (Algorithms 2 and 5) of a batch x (B, 3, 32, 32): t ~ U(0, 1), mu ~ p_F(. | x; t). Returns (B,) nats/image."""
+    """L^inf (Algorithms 2 and 5) of a batch x (B, 3, 32, 32): t ~ U(0, 1), mu ~ p_F(. | x; t). (B,) nats/image."""
     t = torch.rand(len(x), device=x.device)
     return loss_inf(x, network_output(net, continuous_flow(x, t, cfg.sigma_1), t, cfg, autocast), t, cfg)
 
@@ -406,9 +415,9 @@ def sample(net, cfg, autocast, device, out_dir):
     samplers = {("continuous", "paper"): continuous_sample, ("continuous", "ode"): continuous_sample_ode,
                 ("discretised", "paper"): discretised_sample, ("discretised", "ode"): discretised_sample_ode}
     bins = () if cfg.output == "continuous" else (cfg.bins,)  # the discretised samplers also take K
-    x, trajectory = samplers[cfg.output, cfg.sampler](lambda mu, t: network_output(net, mu, t, cfg, autocast),
-                                                      (cfg.num_samples, 3, 32, 32), cfg.sample_steps, cfg.sigma_1, *bins,
-                                                      generator=g, device=device, return_trajectory=True)
+    sampler = samplers[cfg.output, cfg.sampler]
+    x, trajectory = sampler(lambda mu, t: network_output(net, mu, t, cfg, autocast), (cfg.num_samples, 3, 32, 32),
+                            cfg.sample_steps, cfg.sigma_1, *bins, generator=g, device=device, return_trajectory=True)
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
     save_image((x.clamp(-1, 1) + 1) / 2, os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=1)
     times = [k / 10 for k in range(11)]
@@ -439,10 +448,12 @@ class Context:
 
     @property
     def ddp(self):
+        """Launched by torchrun with more than one process."""
         return self.world > 1
 
     @property
     def master(self):
+        """Rank 0: the process that logs, evaluates, samples and writes files."""
         return self.rank == 0
 
     def log(self, line):
@@ -462,7 +473,8 @@ def setup(cfg):
         rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
     device = cfg.device
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = "mps" if torch.backends.mps.is_available() else "cpu"
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else device
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -477,14 +489,14 @@ def build(cfg, device):
     torch.manual_seed(cfg.seed)  # the initial weights
     model = UNet(cfg.channels, cfg.res_blocks, cfg.dropout, c_out=3 if cfg.output == "continuous" else 6).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, embeddings
+    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, positions
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return model, ema, torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def fingerprint(data):
-    """The identity of a dataset: the shape of each split and a CRC-32 of all its bytes, e.g. 'train 59400x28x28, ...'."""
+    """The identity of a dataset: each split's shape and a CRC-32 of all its bytes ('test 10000x28x28, ...')."""
     crc = 0
     for split in sorted(data):
         crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
@@ -537,8 +549,8 @@ def check_config(cfg, saved, ctx):
     if any(k in fixed for k in differ):
         changes = [f"{as_flag(k, saved[k])} in the checkpoint, {as_flag(k, now[k]).split(' ', 1)[1]} now"
                    for k in differ if k in fixed]
-        raise SystemExit(f"{SCRIPT}: error: the checkpoint in {ctx.out_dir} was made with other model or data settings: "
-                         + "; ".join(changes) + ". Give the checkpoint's values, or another --out-dir")
+        raise SystemExit(f"{SCRIPT}: error: the checkpoint in {ctx.out_dir} was made with other model or data "
+                         f"settings: {'; '.join(changes)}. Give the checkpoint's values, or another --out-dir")
     if differ:
         changes = [f"{as_flag(k, saved[k])} -> {as_flag(k, now[k]).split(' ', 1)[1]}" for k in differ]
         ctx.log("changed since the checkpoint: " + ", ".join(changes))
@@ -618,7 +630,7 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
     t_start = t_last = time.time()
     with preemption_signals() as received:
         while step < cfg.steps:
-            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: a function of seed, rank, step
+            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: from seed, rank, step
             model.train()
             step_loss = torch.zeros((), device=ctx.device)
             for micro in range(cfg.grad_accum):
@@ -713,9 +725,9 @@ def main(argv=None):
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples
     except torch.cuda.OutOfMemoryError as e:
         in_use = torch.cuda.memory_allocated(ctx.device) / 2 ** 30 if ctx.device.type == "cuda" else float("nan")
-        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; {str(e).splitlines()[0]}). " \
-                f"Lower --batch-size {cfg.batch_size} (raise --grad-accum {cfg.grad_accum} to keep the global batch) " \
-                f"or --eval-batch-size {cfg.eval_batch_size}"
+        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; " \
+                f"{str(e).splitlines()[0]}). Lower --batch-size {cfg.batch_size} (raise --grad-accum " \
+                f"{cfg.grad_accum} to keep the global batch) or --eval-batch-size {cfg.eval_batch_size}"
         ctx.log(cause)
         raise SystemExit(cause)
     except BaseException as e:  # under torchrun: say which process failed and why, in the run's log, then end

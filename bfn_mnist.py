@@ -9,7 +9,8 @@ log-likelihood bound L^inf + L^r and L^n + L^r in nats/image, and samples with A
     torchrun --nproc_per_node=8 bfn_mnist.py --batch-size 64      # the same global batch on 8 GPUs
     python bfn_mnist.py --eval-only --eval-n inf 10 25 50 100 784  # the paper's table, from runs/bfn_mnist/ckpt.pt
 
-Paper: 77.87 nats/image (L^inf + L^r, test set); by steps n: 10 ≈ 95.2, 25 ≈ 84.4, 50 ≈ 81.1, 100 ≈ 79.5, 784 ≈ 78.0.
+Paper: 77.87 nats/image (L^inf + L^r, test set); by steps n: 10 ≈ 95.2, 25 ≈ 84.4, 50 ≈ 81.1, 100 ≈ 79.5,
+784 ≈ 78.0.
 Measured: --preset quick, 90.4 ± 0.7 nats/image on all 10,000 test images; 2 Xeon CPU cores, torch 2.14.1, 2026-11-23.
 
 Outputs in --out-dir (default runs/bfn_mnist): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.png (8x8
@@ -59,19 +60,20 @@ def opt(default, help, fixed=False):
 
 @dataclass
 class Config:
+    """Every setting of a run; parse_args makes each a flag, and the checkpoint stores them."""
     preset: str = opt("", "paper: the authors' model and optimiser (the defaults); quick: the README's CPU recipe")
     # data
     data_dir: str = opt("data", "where MNIST is downloaded / found (torchvision's layout: DIR/MNIST/raw/*.gz)")
     digits: int = opt(1, "1: 28x28 MNIST; 2: 64x64 images of two digits side by side", fixed=True)
     # BFN
-    beta_1: float = opt(9.0, "final accuracy beta(1) of the discrete schedule beta(t) = beta(1) t^2 (§6.8)", fixed=True)
+    beta_1: float = opt(9.0, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8)", fixed=True)
     # network
     channels: int = opt(128, "U-Net base channels", fixed=True)
     res_blocks: int = opt(2, "residual blocks per U-Net level", fixed=True)
     dropout: float = opt(0.5, "dropout in the residual blocks")
     # optimisation
     steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
-    batch_size: int = opt(512, "examples per process per micro-batch (global batch: batch size x grad accum x processes)")
+    batch_size: int = opt(512, "examples per process and micro-batch (global: batch size x grad accum x processes)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     lr: float = opt(1e-4, "AdamW learning rate (constant)")
     betas: tuple = opt((0.9, 0.98), "AdamW betas")
@@ -107,7 +109,8 @@ PRESETS = {"paper": {}, "quick": dict(channels=32, res_blocks=1, dropout=0.0, lr
 
 def parse_args(argv=None):
     """Command line -> Config: the preset's values, then the flags given; a bad value stops with one line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -149,8 +152,9 @@ def parse_args(argv=None):
 
 
 def as_flag(name, value):
-    """A config field and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
-    return f"--{name.replace('_', '-')} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
+    """A setting as the command line writes it: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
+    text = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    return f"--{name.replace('_', '-')} {text}"
 
 
 def preset_overrides(cfg):
@@ -266,7 +270,8 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(c_emb, c_out)
-        self.norm2, self.drop, self.conv2 = group_norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.drop = group_norm(c_out), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):  # (B, c_in, H, W), (B, c_emb) -> (B, c_out, H, W)
@@ -370,7 +375,7 @@ def output_probs(net, theta, t, autocast):
 
 
 def train_loss(net, x, cfg, autocast):
-    """L^inf (§6.7, Algorithm 8) of a batch x (B, H, W): t ~ U(0, 1), theta ~ p_F(. | x; t). Returns (B,) nats/image."""
+    """L^inf (§6.7, Algorithm 8) of a batch x (B, H, W): t ~ U(0, 1), theta ~ p_F(. | x; t). (B,) nats/image."""
     t = torch.rand(len(x), device=x.device)
     theta = discrete_flow(x, t, cfg.beta_1, K)
     return discrete_loss_inf(x, output_probs(net, theta, t, autocast), t, cfg.beta_1)
@@ -454,10 +459,12 @@ class Context:
 
     @property
     def ddp(self):
+        """Launched by torchrun with more than one process."""
         return self.world > 1
 
     @property
     def master(self):
+        """Rank 0: the process that logs, evaluates, samples and writes files."""
         return self.rank == 0
 
     def log(self, line):
@@ -477,7 +484,8 @@ def setup(cfg):
         rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
     device = cfg.device
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = "mps" if torch.backends.mps.is_available() else "cpu"
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else device
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -492,14 +500,14 @@ def build(cfg, device):
     torch.manual_seed(cfg.seed)  # the initial weights
     model = UNet(cfg.channels, (1, 2, 2), cfg.res_blocks, cfg.dropout).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, embeddings
+    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, positions
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return model, ema, torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def fingerprint(data):
-    """The identity of a dataset: the shape of each split and a CRC-32 of all its bytes, e.g. 'train 59400x28x28, ...'."""
+    """The identity of a dataset: each split's shape and a CRC-32 of all its bytes ('test 10000x28x28, ...')."""
     crc = 0
     for split in sorted(data):
         crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
@@ -552,8 +560,8 @@ def check_config(cfg, saved, ctx):
     if any(k in fixed for k in differ):
         changes = [f"{as_flag(k, saved[k])} in the checkpoint, {as_flag(k, now[k]).split(' ', 1)[1]} now"
                    for k in differ if k in fixed]
-        raise SystemExit(f"{SCRIPT}: error: the checkpoint in {ctx.out_dir} was made with other model or data settings: "
-                         + "; ".join(changes) + ". Give the checkpoint's values, or another --out-dir")
+        raise SystemExit(f"{SCRIPT}: error: the checkpoint in {ctx.out_dir} was made with other model or data "
+                         f"settings: {'; '.join(changes)}. Give the checkpoint's values, or another --out-dir")
     if differ:
         changes = [f"{as_flag(k, saved[k])} -> {as_flag(k, now[k]).split(' ', 1)[1]}" for k in differ]
         ctx.log("changed since the checkpoint: " + ", ".join(changes))
@@ -633,7 +641,7 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
     t_start = t_last = time.time()
     with preemption_signals() as received:
         while step < cfg.steps:
-            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: a function of seed, rank, step
+            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: from seed, rank, step
             model.train()
             step_loss = torch.zeros((), device=ctx.device)
             for micro in range(cfg.grad_accum):
@@ -728,9 +736,9 @@ def main(argv=None):
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples
     except torch.cuda.OutOfMemoryError as e:
         in_use = torch.cuda.memory_allocated(ctx.device) / 2 ** 30 if ctx.device.type == "cuda" else float("nan")
-        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; {str(e).splitlines()[0]}). " \
-                f"Lower --batch-size {cfg.batch_size} (raise --grad-accum {cfg.grad_accum} to keep the global batch) " \
-                f"or --eval-batch-size {cfg.eval_batch_size}"
+        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; " \
+                f"{str(e).splitlines()[0]}). Lower --batch-size {cfg.batch_size} (raise --grad-accum " \
+                f"{cfg.grad_accum} to keep the global batch) or --eval-batch-size {cfg.eval_batch_size}"
         ctx.log(cause)
         raise SystemExit(cause)
     except BaseException as e:  # under torchrun: say which process failed and why, in the run's log, then end

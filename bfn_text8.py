@@ -4,21 +4,20 @@ Trains the paper's non-causal transformer with the continuous-time loss L^inf (A
 bound L^inf + L^r and L^n + L^r in bits/char, and samples text with Algorithm 9. `--text-file PATH` trains on any
 text made of spaces and the letters a-z instead of text8.
 
+    python bfn_text8.py --preset quick                # a 0.85M-parameter transformer, minutes on a CPU
     python bfn_text8.py                               # the paper's model (171.5M parameters), 128 windows per step
     python bfn_text8.py --grad-accum 26               # the paper's batch, 3328 windows of 256 characters, on one GPU
     torchrun --nproc_per_node=8 bfn_text8.py --batch-size 104 --grad-accum 4     # the paper's batch on 8 GPUs
-    python bfn_text8.py --layers 4 --heads 4 --width 128 --seq-len 128 --batch-size 32 --lr 1e-3 --steps 3000 \\
-        --eval-every 0 --sample-every 0 --eval-examples 1000 --num-samples 4 --sample-steps 100   # 9 min on 2 CPU cores
 
 Paper: 1.41 bits/char (L^inf + L^r, test set); a uniform model scores log2(27) = 4.75 bits/char.
-Measured with this script (README.md has the details): the small command above on the first 12.5M characters of text8
-(--text-file), 0.85M parameters, 2 Xeon CPU cores: 195 windows/s, test L^inf + L^r = 4.20 ± 0.06 bits/char.
+Measured: --preset quick on the first 12.5M characters of text8, 4.20 ± 0.06 bits/char (1,000 test windows);
+2 Xeon CPU cores, torch 2.14.1, 2026-11-23.
 
 Data: text8.zip (downloaded into --data-dir and verified: 31,344,016 bytes, inner file 100,000,000 bytes with CRC-32
 0x7d6be66f), symbols space = 0, a-z = 1..26, split first 90% / next 5% / last 5% (the standard 90M / 5M / 5M).
-Outputs in --out-dir (default runs/bfn_text8): log.txt, ckpt.pt, eval.json, samples.txt (--num-samples samples of
---seq-len characters) and evolution.txt (one sample's most likely characters under the input theta and under the
-network's output, at t = 0, 0.1, ..., 1).
+Outputs in --out-dir (default runs/bfn_text8): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.txt
+(--num-samples samples of --seq-len characters) and evolution.txt (one sample's most likely characters under the
+input theta and under the network's output, at t = 0, 0.1, ..., 1).
 Shapes: B batch, L sequence length (--seq-len), K = 27 symbols, W transformer width.
 """
 import argparse
@@ -45,7 +44,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, discrete_sample_ode
+from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, \
+    discrete_sample_ode
 
 SCRIPT, UNIT = "bfn_text8.py", "bits/char"
 K = 27  # space and a-z
@@ -61,20 +61,21 @@ def opt(default, help, fixed=False):
 
 @dataclass
 class Config:
+    """Every setting of a run; parse_args makes each a flag, and the checkpoint stores them."""
     preset: str = opt("", "paper: the authors' model and optimiser (the defaults); quick: the README's CPU recipe")
     # data
     data_dir: str = opt("data", "where text8.zip is downloaded / found")
     text_file: str = opt("", "train on this text file (spaces and a-z only) instead of text8")
     seq_len: int = opt(256, "characters per window", fixed=True)
     # BFN
-    beta_1: float = opt(0.5625, "final accuracy beta(1) of the discrete schedule beta(t) = beta(1) t^2 (§6.8)", fixed=True)
+    beta_1: float = opt(0.5625, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8)", fixed=True)
     # network
     layers: int = opt(24, "transformer layers", fixed=True)
     heads: int = opt(12, "attention heads", fixed=True)
     width: int = opt(768, "transformer width", fixed=True)
     # optimisation
     steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
-    batch_size: int = opt(128, "windows per process per micro-batch (global batch: batch size x grad accum x processes)")
+    batch_size: int = opt(128, "windows per process and micro-batch (global: batch size x grad accum x processes)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     lr: float = opt(1e-4, "AdamW learning rate (constant)")
     betas: tuple = opt((0.9, 0.98), "AdamW betas")
@@ -105,12 +106,14 @@ class Config:
 
 # --preset quick: the measured CPU recipe of the README (≈9 minutes on 2 CPU cores); paper: the defaults above.
 PRESETS = {"paper": {}, "quick": dict(layers=4, heads=4, width=128, seq_len=128, batch_size=32, lr=1e-3, steps=3000,
-                                      eval_every=0, sample_every=0, eval_examples=1000, num_samples=4, sample_steps=100)}
+                                      eval_every=0, sample_every=0, eval_examples=1000, num_samples=4,
+                                      sample_steps=100)}
 
 
 def parse_args(argv=None):
     """Command line -> Config: the preset's values, then the flags given; a bad value stops with one line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -152,8 +155,9 @@ def parse_args(argv=None):
 
 
 def as_flag(name, value):
-    """A config field and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
-    return f"--{name.replace('_', '-')} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
+    """A setting as the command line writes it: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
+    text = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    return f"--{name.replace('_', '-')} {text}"
 
 
 def preset_overrides(cfg):
@@ -181,10 +185,12 @@ def download(url, path):
                 for chunk in r.iter_content(1 << 20):
                     f.write(chunk)
                     done += len(chunk)
-                    print(f"\rdownloading {url}: {done / 1e6:.1f} / {total / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
+                    progress = f"\rdownloading {url}: {done / 1e6:.1f} / {total / 1e6:.1f} MB"
+                    print(progress, end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
     except (requests.RequestException, OSError) as e:
-        raise SystemExit(f"{SCRIPT}: error: downloading {url} to {path} failed ({e}). Check the network, or put the file there by hand.")
+        raise SystemExit(f"{SCRIPT}: error: downloading {url} to {path} failed ({e}). Check the network, or put the "
+                         f"file there by hand.")
     os.replace(path + ".part", path)
 
 
@@ -204,8 +210,9 @@ def load_text8(data_dir):
     except (zipfile.BadZipFile, zlib.error, KeyError, OSError, EOFError) as e:
         raise SystemExit(f"{SCRIPT}: error: {path} is not a valid text8 archive ({e}). {fix}")
     if len(raw) != TEXT8_BYTES or zlib.crc32(raw) != TEXT8_CRC32:
-        raise SystemExit(f"{SCRIPT}: error: the text8 in {path} is {len(raw):,} bytes with CRC-32 {zlib.crc32(raw):#010x}, "
-                         f"expected {TEXT8_BYTES:,} bytes with CRC-32 {TEXT8_CRC32:#010x}. {fix}")
+        raise SystemExit(f"{SCRIPT}: error: the text8 in {path} is {len(raw):,} bytes with CRC-32 "
+                         f"{zlib.crc32(raw):#010x}, expected {TEXT8_BYTES:,} bytes with CRC-32 "
+                         f"{TEXT8_CRC32:#010x}. {fix}")
     return raw
 
 
@@ -217,8 +224,8 @@ def encode(raw, source):
     bad = (x == 255).nonzero()
     if len(bad):
         pos = bad[0].item()
-        raise SystemExit(f"{SCRIPT}: error: {source} has the character {chr(raw[pos])!r} (byte {raw[pos]}) at position {pos:,}; "
-                         f"only spaces and the letters a-z are allowed")
+        raise SystemExit(f"{SCRIPT}: error: {source} has the character {chr(raw[pos])!r} (byte {raw[pos]}) at "
+                         f"position {pos:,}; only spaces and the letters a-z are allowed")
     return x
 
 
@@ -234,8 +241,8 @@ def load_data(cfg, device):
         x = encode(load_text8(cfg.data_dir), "text8")
     a, b = len(x) * 90 // 100, len(x) * 95 // 100
     if len(x) - b < cfg.seq_len:
-        raise SystemExit(f"{SCRIPT}: error: the text is too short ({len(x):,} characters) for 5% of it to hold a window of "
-                         f"--seq-len {cfg.seq_len}")
+        raise SystemExit(f"{SCRIPT}: error: the text is too short ({len(x):,} characters) for 5% of it to hold a "
+                         f"window of --seq-len {cfg.seq_len}")
     return {"train": x[:a].to(device), "val": x[a:b].to(device), "test": x[b:].to(device)}
 
 
@@ -270,11 +277,13 @@ def decode(x):
 def time_embedding(t, dim):
     """Sinusoidal features of 1000 t. (B,) -> (B, dim)."""
     freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    args = 1000 * t.float()[:, None] * freqs
+    args = 1000 * t.float()[:, None] * freqs  # (B, dim / 2)
     return torch.cat([args.cos(), args.sin()], -1)
 
 
 class Block(nn.Module):
+    """A pre-LayerNorm transformer block: multi-head self-attention over all positions (non-causal), then a GELU MLP."""
+
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
@@ -284,7 +293,8 @@ class Block(nn.Module):
 
     def forward(self, x):  # (B, L, W) -> (B, L, W)
         qkv = rearrange(self.qkv(self.ln1(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        x = x + self.proj(rearrange(F.scaled_dot_product_attention(*qkv.contiguous()), "b h l d -> b l (h d)"))
+        h = F.scaled_dot_product_attention(*qkv.contiguous())  # (B, heads, L, W / heads); contiguous: fast on CPU
+        x = x + self.proj(rearrange(h, "b h l d -> b l (h d)"))
         return x + self.mlp(self.ln2(x))
 
 
@@ -310,7 +320,7 @@ class Transformer(nn.Module):
         nn.init.zeros_(self.out.weight)
 
     def forward(self, x, t):  # (B, L, K), (B,) -> (B, L, K)
-        h = self.inp(x) + self.pos[: x.shape[1]] + self.time(time_embedding(t, self.width))[:, None]
+        h = self.inp(x) + self.pos[: x.shape[1]] + self.time(time_embedding(t, self.width))[:, None]  # (B, L, W)
         for block in self.blocks:
             h = block(h)
         return self.out(self.ln_f(h))
@@ -373,17 +383,19 @@ def summarise(losses, recon, cfg):
 
 @torch.no_grad()
 def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 9 (or the ODE solver): samples.txt and evolution.txt (the most likely characters of theta and p_O at t = 0, 0.1, ..., 1)."""
+    """Algorithm 9 (or the ODE solver): samples.txt and evolution.txt (the most likely characters of theta and p_O
+    at t = 0, 0.1, ..., 1)."""
     g = torch.Generator(device).manual_seed(cfg.seed)
     sampler = {"paper": discrete_sample, "ode": discrete_sample_ode}[cfg.sampler]
     x, trajectory = sampler(lambda theta, t: output_probs(net, theta, t, autocast), (cfg.num_samples, cfg.seq_len),
                             cfg.sample_steps, cfg.beta_1, K, generator=g, device=device, return_trajectory=True)
     with open(os.path.join(out_dir, "samples.txt"), "w") as f:
-        f.write("".join(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{decode(x[b])}\n" for b in range(len(x))))
+        for b in range(len(x)):
+            f.write(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{decode(x[b])}\n")
     times = [k / 10 for k in range(11)]
     with open(os.path.join(out_dir, "evolution.txt"), "w") as f:
-        f.write(f"sample 0 over {cfg.sample_steps} steps: the most likely character under the input theta and under the "
-                f"output p_O\n")
+        f.write(f"sample 0 over {cfg.sample_steps} steps: the most likely character under the input theta and "
+                f"under the output p_O\n")
         for tt in times:
             s = min(trajectory, key=lambda s: abs(s["t"] - tt))
             f.write(f"t={s['t']:.2f} input  |{decode(s['input'][0].argmax(-1))}|\n"
@@ -410,10 +422,12 @@ class Context:
 
     @property
     def ddp(self):
+        """Launched by torchrun with more than one process."""
         return self.world > 1
 
     @property
     def master(self):
+        """Rank 0: the process that logs, evaluates, samples and writes files."""
         return self.rank == 0
 
     def log(self, line):
@@ -433,7 +447,8 @@ def setup(cfg):
         rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
     device = cfg.device
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = "mps" if torch.backends.mps.is_available() else "cpu"
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else device
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -448,14 +463,14 @@ def build(cfg, device):
     torch.manual_seed(cfg.seed)  # the initial weights
     model = Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, embeddings
+    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, positions
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return model, ema, torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def fingerprint(data):
-    """The identity of a dataset: the shape of each split and a CRC-32 of all its bytes, e.g. 'train 59400x28x28, ...'."""
+    """The identity of a dataset: each split's shape and a CRC-32 of all its bytes ('test 10000x28x28, ...')."""
     crc = 0
     for split in sorted(data):
         crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
@@ -508,8 +523,8 @@ def check_config(cfg, saved, ctx):
     if any(k in fixed for k in differ):
         changes = [f"{as_flag(k, saved[k])} in the checkpoint, {as_flag(k, now[k]).split(' ', 1)[1]} now"
                    for k in differ if k in fixed]
-        raise SystemExit(f"{SCRIPT}: error: the checkpoint in {ctx.out_dir} was made with other model or data settings: "
-                         + "; ".join(changes) + ". Give the checkpoint's values, or another --out-dir")
+        raise SystemExit(f"{SCRIPT}: error: the checkpoint in {ctx.out_dir} was made with other model or data "
+                         f"settings: {'; '.join(changes)}. Give the checkpoint's values, or another --out-dir")
     if differ:
         changes = [f"{as_flag(k, saved[k])} -> {as_flag(k, now[k]).split(' ', 1)[1]}" for k in differ]
         ctx.log("changed since the checkpoint: " + ", ".join(changes))
@@ -589,7 +604,7 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
     t_start = t_last = time.time()
     with preemption_signals() as received:
         while step < cfg.steps:
-            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: a function of seed, rank, step
+            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: from seed, rank, step
             model.train()
             step_loss = torch.zeros((), device=ctx.device)
             for micro in range(cfg.grad_accum):
@@ -684,9 +699,9 @@ def main(argv=None):
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples
     except torch.cuda.OutOfMemoryError as e:
         in_use = torch.cuda.memory_allocated(ctx.device) / 2 ** 30 if ctx.device.type == "cuda" else float("nan")
-        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; {str(e).splitlines()[0]}). " \
-                f"Lower --batch-size {cfg.batch_size} (raise --grad-accum {cfg.grad_accum} to keep the global batch) " \
-                f"or --eval-batch-size {cfg.eval_batch_size}"
+        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; " \
+                f"{str(e).splitlines()[0]}). Lower --batch-size {cfg.batch_size} (raise --grad-accum " \
+                f"{cfg.grad_accum} to keep the global batch) or --eval-batch-size {cfg.eval_batch_size}"
         ctx.log(cause)
         raise SystemExit(cause)
     except BaseException as e:  # under torchrun: say which process failed and why, in the run's log, then end

@@ -79,7 +79,8 @@ def continuous_alpha(i, n, sigma_1):
 
 
 def continuous_update(mu, rho, y, alpha):
-    """§4.2, v2 eqs. (49)-(50), Bayesian update: rho' = rho + alpha, mu' = (rho mu + alpha y) / rho'. Returns (mu', rho')."""
+    """§4.2, v2 eqs. (49)-(50), Bayesian update: rho' = rho + alpha, mu' = (rho mu + alpha y) / rho'.
+    Returns (mu', rho')."""
     alpha = _per_example(alpha, mu) if torch.is_tensor(alpha) else alpha
     rho = _per_example(rho, mu) if torch.is_tensor(rho) else rho
     rho_new = rho + alpha
@@ -109,8 +110,8 @@ def continuous_x_hat(mu, t, eps_hat, sigma_1, t_min=1e-6):
 
 
 def continuous_loss_n(x, x_hat, i, n, sigma_1):
-    """§4.10, v2 eq. (96), discrete-time loss (Algorithm 1): L^n(x) = (n / 2) alpha_i ||x - x_hat(theta_{i-1}, t_{i-1})||^2.
-    Returns (B,).
+    """§4.10, v2 eq. (96), discrete-time loss (Algorithm 1):
+    L^n(x) = (n / 2) alpha_i ||x - x_hat(theta_{i-1}, t_{i-1})||^2. Returns (B,).
 
     The caller draws i ~ U{1..n}, mu ~ p_F(. | x; t_{i-1}) and evaluates x_hat at t_{i-1} = (i - 1) / n.
     """
@@ -176,18 +177,19 @@ def _clipped_cdf(z, mu_x, sigma_x):
 
 
 def discretised_probs(mu_x, sigma_x, K):
-    """§5.2, arXiv:2308.07037v2, eq. (108): p_O(k) = G(k_r) - G(k_l) with G the clipped Normal(mu_x, sigma_x) CDF, so the
-    first and last bins absorb the tails and the K probabilities sum to 1. (B, ...) -> (B, ..., K).
+    """§5.2, arXiv:2308.07037v2, eq. (108): p_O(k) = G(k_r) - G(k_l) with G the clipped Normal(mu_x, sigma_x) CDF,
+    so the first and last bins absorb the tails and the K probabilities sum to 1. (B, ...) -> (B, ..., K).
     """
-    mu_x, sigma_x = _full_precision(mu_x)[..., None], _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
+    mu_x = _full_precision(mu_x)[..., None]
+    sigma_x = _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
     edges = torch.linspace(-1, 1, K + 1, device=mu_x.device, dtype=mu_x.dtype)
     cdf = _clipped_cdf(edges, mu_x, sigma_x)  # (B, ..., K + 1)
     return (cdf[..., 1:] - cdf[..., :-1]).clamp_min(0)
 
 
 def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, K, t_min=1e-6):
-    """§5.3: mu_x = mu / gamma - sqrt((1 - gamma) / gamma) mu_eps, sigma_x = sqrt((1 - gamma) / gamma) exp(ln sigma_eps);
-    mu_x = 0, sigma_x = 1 for t < t_min. Returns p_O (B, ..., K).
+    """§5.3: mu_x = mu / gamma - sqrt((1 - gamma) / gamma) mu_eps, sigma_x = sqrt((1 - gamma) / gamma) exp(ln
+    sigma_eps); mu_x = 0, sigma_x = 1 for t < t_min. Returns p_O (B, ..., K).
     """
     mu, mu_eps, log_sigma_eps = _full_precision(mu), _full_precision(mu_eps), _full_precision(log_sigma_eps)
     t = _per_example(_full_precision(torch.as_tensor(t)), mu)
@@ -263,7 +265,8 @@ def discrete_alpha(i, n, beta_1):
 
 
 def discrete_update(theta, y):
-    """§6.2, Bayesian update: theta' = e^y theta / sum_k e^{y_k} theta_k (add y to the log-probabilities). (B, ..., K)."""
+    """§6.2, Bayesian update: theta' = e^y theta / sum_k e^{y_k} theta_k (add y to the log-probabilities).
+    (B, ..., K)."""
     theta = _full_precision(theta)
     return torch.softmax(_log(theta) + y, -1)
 
@@ -302,8 +305,8 @@ def discrete_loss_n(x, probs, i, n, beta_1, generator=None):
 
 
 def discrete_loss_inf(x, probs, t, beta_1):
-    """§6.7, v2 eq. (205), continuous-time loss (Algorithm 8): L^inf(x) = K beta(1) t ||e_x - e_hat(theta, t)||^2, e_hat = sum_k p_O(k) e_k = probs.
-    Summed over the K classes and the data dimensions. Returns (B,).
+    """§6.7, v2 eq. (205), continuous-time loss (Algorithm 8): L^inf(x) = K beta(1) t ||e_x - e_hat(theta, t)||^2,
+    with e_hat = sum_k p_O(k) e_k = probs. Summed over the K classes and the data dimensions. Returns (B,).
     """
     probs = _full_precision(probs)
     K = probs.shape[-1]
@@ -319,8 +322,9 @@ def discrete_recon_loss(x, probs):
 
 def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None,
                     return_trajectory=False, final_mode=False):
-    """§6, Algorithm 9: theta = 1/K; for i = 1..n: k ~ p_O(. | theta, t_{i-1}); y ~ N(alpha_i (K e_k - 1), alpha_i K I);
-    theta <- e^y theta / sum_k e^{y_k} theta_k. Returns k ~ p_O(. | theta, 1) (its mode if final_mode), (B, ...) long.
+    """§6, Algorithm 9: theta = 1/K; for i = 1..n: k ~ p_O(. | theta, t_{i-1});
+    y ~ N(alpha_i (K e_k - 1), alpha_i K I); theta <- e^y theta / sum_k e^{y_k} theta_k.
+    Returns k ~ p_O(. | theta, 1) (its mode if final_mode), (B, ...) long.
     probs_fn(theta (B, ..., K), t (B,)) -> probs (B, ..., K).
     """
     theta, trajectory = torch.full(tuple(shape) + (K,), 1 / K, device=device), []
@@ -368,8 +372,8 @@ def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=
 
 def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory):
     """mu_t = gamma x + sqrt(gamma (1 - gamma)) z is a VP diffusion whose signal-to-noise ratio is s = sqrt(beta(t)).
-    In v = mu / sqrt(gamma (1 - gamma)) the ODE is dv = x_hat ds, started at v = z when t = 0; a step with the prediction
-    held fixed is v' = v + (s(t') - s(t)) x_hat. Returns mu at t = 1."""
+    In v = mu / sqrt(gamma (1 - gamma)) the ODE is dv = x_hat ds, started at v = z when t = 0; a step with the
+    prediction held fixed is v' = v + (s(t') - s(t)) x_hat. Returns mu at t = 1."""
     s_of = lambda t: math.sqrt(sigma_1 ** (-2 * t) - 1)  # noqa: E731  s = sqrt(beta(t))
     sigma_of = lambda t: math.sqrt((1 - sigma_1 ** (2 * t)) * sigma_1 ** (2 * t))  # noqa: E731  sqrt(gamma (1 - gamma))
     t = [i / n_steps for i in range(n_steps + 1)]
@@ -390,7 +394,8 @@ def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, 
     return sigma_of(1.0) * v
 
 
-def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=None, device=None, return_trajectory=False):
+def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=None, device=None,
+                          return_trajectory=False):
     """Continuous data (§4), probability-flow ODE sampler. x_hat_fn(mu, t) -> x_hat as in continuous_sample."""
     trajectory = []
     mu = _continuous_ode(x_hat_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
@@ -401,8 +406,8 @@ def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=
 
 def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, generator=None, device=None,
                            return_trajectory=False, final_mode=False):
-    """Discretised data (§5), probability-flow ODE sampler with the mean bin k_hat as the prediction; returns the centre
-    of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample."""
+    """Discretised data (§5), probability-flow ODE sampler with the mean bin k_hat as the prediction; returns the
+    centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample."""
     centres, trajectory = bin_centres(K, device=device), []
     k_hat_fn = lambda mu, t: (_full_precision(probs_fn(mu, t)) * centres).sum(-1)  # noqa: E731
     mu = _continuous_ode(k_hat_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
@@ -414,8 +419,9 @@ def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, genera
 
 def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=None, device=None,
                         return_trajectory=False, final_mode=False):
-    """Discrete data (§6), probability-flow ODE sampler. The flow's logits y_t = beta(t) (K e_x - 1) + sqrt(beta(t) K) z
-    follow dy/dt = y / t + beta(1) t (K e_hat - 1); in u = y / t this is du/dt = beta(1) (K e_hat - 1), started at
+    """Discrete data (§6), probability-flow ODE sampler. The flow's logits
+    y_t = beta(t) (K e_x - 1) + sqrt(beta(t) K) z follow dy/dt = y / t + beta(1) t (K e_hat - 1); in u = y / t this
+    is du/dt = beta(1) (K e_hat - 1), started at
     u = sqrt(beta(1) K) z, so a step is u' = u + beta(1) (K e_hat - 1) (t' - t) with theta = softmax(t u). Order 2
     extrapolates e_hat linearly in t to the middle of the step (Adams-Bashforth). probs_fn as in discrete_sample."""
     t = [i / n_steps for i in range(n_steps + 1)]

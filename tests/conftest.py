@@ -34,7 +34,8 @@ def mnist_dir(tmp_path):
 
 
 def write_text8(root, n_chars=40_000, seed=0):
-    """A text8.zip in the real format: one member 'text8' of spaces and a-z. Returns (path, zip bytes, text bytes, CRC-32)."""
+    """A text8.zip in the real format: one member 'text8' of spaces and a-z.
+    Returns (path, zip bytes, text bytes, CRC-32)."""
     import zipfile
     import zlib
     rng = np.random.default_rng(seed)

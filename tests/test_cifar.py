@@ -1,5 +1,7 @@
-"""bfn_cifar.py end to end on tiny synthetic CIFAR-10 pickles: both output types at 256 and 16 bins, exact resume,
-errors, torchrun."""
+"""bfn_cifar.py end to end on tiny synthetic CIFAR-10 pickles: both output types at 256 and 16 bins, errors, torchrun.
+
+    python -m pytest -q tests/test_cifar.py
+"""
 import json
 import math
 import os
@@ -81,7 +83,8 @@ def test_corrupt_batch_fails_clearly(cifar_dir, tmp_path):
 
 def test_torchrun_two_cpu_processes(cifar_dir, tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "bfn_cifar.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "bfn_cifar.py"),
            "--data-dir", cifar_dir, "--out-dir", out, *TINY, "--steps", "2", "--device", "cpu"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

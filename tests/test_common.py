@@ -1,4 +1,7 @@
-"""Tests of common.py against closed-form facts (BFN_MATH.md §6) and independent computations.
+"""Tests of common.py against closed-form facts of the paper (the flow after all steps, additivity of accuracies, losses
+of exact posteriors equal to the data entropy, ...) and against independent computations.
+
+    python -m pytest -q tests/test_common.py
 
 Monte Carlo checks use a fixed seed and a tolerance of Z standard errors of the estimate, never a hand-picked bound.
 """
@@ -28,7 +31,8 @@ def assert_same_mean(a, b, z=Z):
     """Two independent samples have means within z standard errors of their difference."""
     a, b = a.double().flatten(), b.double().flatten()
     se = math.sqrt(a.var().item() / a.numel() + b.var().item() / b.numel())
-    assert abs(a.mean().item() - b.mean().item()) <= z * se, f"{a.mean().item():.5f} vs {b.mean().item():.5f} (se {se:.5f})"
+    message = f"{a.mean().item():.5f} vs {b.mean().item():.5f} (se {se:.5f})"
+    assert abs(a.mean().item() - b.mean().item()) <= z * se, message
 
 
 def assert_variance(samples, expected, z=Z):
@@ -49,7 +53,8 @@ def test_continuous_schedule(sigma_1):
     torch.testing.assert_close(alpha, beta(i / n) - beta((i - 1) / n))
     torch.testing.assert_close(alpha.sum().item(), sigma_1 ** -2 - 1)
     assert C.continuous_gamma(torch.tensor(0.0), sigma_1).item() == 0
-    torch.testing.assert_close(C.continuous_gamma(torch.tensor(1.0, dtype=torch.float64), sigma_1).item(), 1 - sigma_1 ** 2)
+    gamma_1 = C.continuous_gamma(torch.tensor(1.0, dtype=torch.float64), sigma_1).item()
+    torch.testing.assert_close(gamma_1, 1 - sigma_1 ** 2)
     # gamma = beta / (1 + beta)
     t = torch.rand(10, dtype=torch.float64, generator=gen())
     torch.testing.assert_close(C.continuous_gamma(t, sigma_1), beta(t) / (1 + beta(t)))
@@ -69,7 +74,8 @@ def test_continuous_updates_reach_final_precision():
     sigma_1, n = 0.01, 25
     mu, rho = torch.zeros(3), 1.0
     for i in range(1, n + 1):
-        mu, rho = C.continuous_update(mu, rho, torch.randn(3, generator=gen(i)), C.continuous_alpha(torch.tensor(i, dtype=torch.float64), n, sigma_1).item())
+        alpha = C.continuous_alpha(torch.tensor(i, dtype=torch.float64), n, sigma_1).item()
+        mu, rho = C.continuous_update(mu, rho, torch.randn(3, generator=gen(i)), alpha)
     assert rho == pytest.approx(sigma_1 ** -2, rel=1e-9)
 
 
@@ -250,18 +256,23 @@ def test_discretised_probs_sum_to_one_and_match_the_cdf():
     torch.testing.assert_close(probs[..., -1], 1 - cdf[..., -2], atol=1e-6, rtol=1e-4)  # the right tail
 
 
-def test_discretised_output_formula_and_small_t():
+def test_discretised_output_recovers_the_data_from_the_true_noise_and_is_uniform_at_t_0():
+    """Given the noise that made mu from x (mu = gamma x + sqrt(gamma (1 - gamma)) eps), mu_eps = eps gives mu_x = x
+    exactly, so a small sigma_eps puts all the mass on x's bin; at t = 0 the output is N(0, 1) discretised."""
     sigma_1, K = 0.02, 16
     g = gen(10)
-    mu, mu_eps, log_sigma_eps = torch.randn(3, 4, 4, generator=g) * 0.3, torch.randn(3, 4, 4, generator=g), torch.randn(3, 4, 4, generator=g) * 0.3
-    t = torch.tensor([0.0, 0.3, 1.0])
-    probs = C.discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, K)
+    x = C.bin_centres(K)[torch.randint(0, K, (3, 4, 4), generator=g)]
+    eps = torch.randn(3, 4, 4, generator=g)
+    t = torch.tensor([0.2, 0.6, 1.0])
+    gamma = 1 - sigma_1 ** (2 * t.double())[:, None, None]  # in float64, independently of common.py
+    mu = (gamma * x + (gamma * (1 - gamma)).sqrt() * eps).float()
+    probs = C.discretised_output(mu, t, eps, torch.full_like(mu, -12.0), sigma_1, K)
     assert probs.shape == (3, 4, 4, K)
-    torch.testing.assert_close(probs[0], C.discretised_probs(torch.zeros(4, 4), torch.ones(4, 4), K))
-    gamma = C.continuous_gamma(t[1:], sigma_1)[:, None, None]
-    scale = ((1 - gamma) / gamma).sqrt()
-    expected = C.discretised_probs(mu[1:] / gamma - scale * mu_eps[1:], scale * log_sigma_eps[1:].exp(), K)
-    torch.testing.assert_close(probs[1:], expected)
+    assert (probs.argmax(-1) == C.bin_index(x, K)).all() and (probs.max(-1).values > 0.999).all()
+    at_0 = C.discretised_output(mu, torch.zeros(3), eps, torch.zeros_like(mu), sigma_1, K)
+    edges = torch.linspace(-1, 1, K + 1)
+    cdf = Normal(0.0, 1.0).cdf(edges)
+    torch.testing.assert_close(at_0[0, 0, 0, 1:-1], cdf[2:-1] - cdf[1:-2])
 
 
 def exact_bin_posterior(mu, t, sigma_1, K, log_prior=None):
@@ -307,15 +318,18 @@ def test_discretised_loss_n_matches_the_mixture_density():
     torch.testing.assert_close(loss, n * (log_s - log_r).sum(1), rtol=1e-4, atol=1e-3)
 
 
-def test_discretised_loss_inf_formula():
+def test_discretised_loss_inf_is_zero_for_a_sure_output_and_the_data_norm_for_a_uniform_one():
+    """A one-hot p_O at x's bin has k_hat = x, so L^inf = 0; a uniform p_O has k_hat = 0 (the centres are symmetric),
+    so L^inf = -ln(sigma_1) sigma_1^(-2t) ||x||^2."""
     sigma_1, K = 0.001, 256
     g = gen(14)
     x = C.bin_centres(K)[torch.randint(0, K, (4, 3, 2, 2), generator=g)]
-    probs = torch.softmax(torch.randn(4, 3, 2, 2, K, generator=g), -1)
     t = torch.rand(4, generator=g)
-    k_hat = (probs * C.bin_centres(K)).sum(-1)
-    expected = -math.log(sigma_1) * sigma_1 ** (-2 * t) * ((x - k_hat) ** 2).sum((1, 2, 3))
-    torch.testing.assert_close(C.discretised_loss_inf(x, probs, t, sigma_1), expected)
+    sure = torch.nn.functional.one_hot(C.bin_index(x, K), K).float()
+    torch.testing.assert_close(C.discretised_loss_inf(x, sure, t, sigma_1), torch.zeros(4), atol=1e-6, rtol=0)
+    uniform = torch.full((4, 3, 2, 2, K), 1 / K)
+    expected = math.log(1 / sigma_1) * (1 / sigma_1) ** (2 * t.double()) * (x.double() ** 2).sum((1, 2, 3))
+    torch.testing.assert_close(C.discretised_loss_inf(x, uniform, t, sigma_1).double(), expected, rtol=1e-5, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------- discrete
@@ -509,9 +523,10 @@ def test_losses_run_in_float32_under_autocast():
         x_hat = C.continuous_x_hat(x.bfloat16(), t, torch.randn(4, 6).bfloat16(), 0.01)
         probs = torch.softmax(torch.randn(4, 6, 3), -1).bfloat16()
         xs = torch.randint(0, 3, (4, 6))
-        losses = [x_hat, C.continuous_loss_inf(x, x_hat, t, 0.01),
-                  C.discretised_loss_inf(x, C.discretised_output(x.bfloat16(), t, x.bfloat16(), x.bfloat16(), 0.01, 16), t, 0.01),
-                  C.discrete_loss_inf(xs, probs, t, 3.0), C.discrete_loss_n(xs, probs, torch.ones(4, dtype=torch.long), 2, 3.0),
+        bin_probs = C.discretised_output(x.bfloat16(), t, x.bfloat16(), x.bfloat16(), 0.01, 16)
+        losses = [x_hat, C.continuous_loss_inf(x, x_hat, t, 0.01), C.discretised_loss_inf(x, bin_probs, t, 0.01),
+                  C.discrete_loss_inf(xs, probs, t, 3.0),
+                  C.discrete_loss_n(xs, probs, torch.ones(4, dtype=torch.long), 2, 3.0),
                   C.discrete_recon_loss(xs, probs)]
     for v in losses:
         assert v.dtype == torch.float32

@@ -1,4 +1,7 @@
-"""bfn_mnist.py end to end on tiny synthetic MNIST files: outputs, exact resume, two digits, errors, torchrun."""
+"""bfn_mnist.py end to end on tiny synthetic MNIST files: outputs, two digits, errors, torchrun.
+
+    python -m pytest -q tests/test_mnist.py
+"""
 import json
 import math
 import os
@@ -105,7 +108,8 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(mnist_dir, tmp_path, mon
 def test_torchrun_two_cpu_processes(mnist_dir, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "bfn_mnist.py"), "--data-dir", mnist_dir, "--out-dir", out, *TINY, "--steps", "2", "--device", "cpu"]
+           os.path.join(ROOT, "bfn_mnist.py"), "--data-dir", mnist_dir, "--out-dir", out, *TINY, "--steps", "2",
+           "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]

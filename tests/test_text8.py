@@ -1,4 +1,7 @@
-"""bfn_text8.py end to end on a tiny synthetic text8.zip: outputs, exact resume, --text-file, bad data, torchrun."""
+"""bfn_text8.py end to end on a tiny synthetic text8.zip: outputs, --text-file, bad data, torchrun.
+
+    python -m pytest -q tests/test_text8.py
+"""
 import json
 import math
 import os
@@ -11,13 +14,15 @@ import torch
 import bfn_text8
 from conftest import ROOT, write_text8
 
-TINY = ["--layers", "2", "--heads", "2", "--width", "16", "--seq-len", "32", "--batch-size", "4", "--eval-examples", "6",
-        "--eval-batch-size", "4", "--eval-n", "inf", "3", "--sample-steps", "3", "--num-samples", "2", "--log-every", "1"]
+TINY = ["--layers", "2", "--heads", "2", "--width", "16", "--seq-len", "32", "--batch-size", "4",
+        "--eval-examples", "6", "--eval-batch-size", "4", "--eval-n", "inf", "3", "--sample-steps", "3",
+        "--num-samples", "2", "--log-every", "1"]
 
 
 @pytest.fixture
 def text8_dir(tmp_path, monkeypatch):
-    """A synthetic text8.zip; the module's expected sizes and CRC-32 are set to this file's, so the real checks run on it."""
+    """A synthetic text8.zip; the module's expected sizes and CRC-32 are set to this file's, so the real checks run
+    on it."""
     root = str(tmp_path / "data")
     _, zip_bytes, text_bytes, crc = write_text8(root)
     monkeypatch.setattr(bfn_text8, "TEXT8_ZIP_BYTES", zip_bytes)
@@ -118,7 +123,8 @@ def test_torchrun_two_cpu_processes(text8_dir, tmp_path):
     path = tmp_path / "words.txt"  # the zip's checksums are patched in this process only, so torchrun gets a text file
     path.write_text(open_text(text8_dir))
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "bfn_text8.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "bfn_text8.py"),
            "--text-file", str(path), "--out-dir", out, *TINY, "--steps", "2", "--grad-accum", "2", "--device", "cpu"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

@@ -70,8 +70,8 @@ def test_a_preemption_signal_saves_and_resume_is_exact(tmp_path, sig):
     writes the checkpoint, says how to resume and exits with its own code; resuming gives the uninterrupted weights."""
     flags = ["--data-dir", write_mnist(str(tmp_path / "data"))] + NETS[bfn_mnist] + TINY
     out = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "bfn_mnist.py"), *flags, "--out-dir", out, "--steps", "100000"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # threads as in this process
+    cmd = [sys.executable, os.path.join(ROOT, "bfn_mnist.py"), *flags, "--out-dir", out, "--steps", "100000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # threads as in this process
     deadline = time.time() + 120
     while "step 3 |" not in open_or_empty(os.path.join(out, "log.txt")) and time.time() < deadline:
         time.sleep(0.2)
@@ -128,8 +128,8 @@ def test_no_readable_checkpoint_fails_clearly(tmp_path):
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="no checkpoint in .* to resume, evaluate or sample from"):
-        bfn_mnist.main(["--data-dir", write_mnist(str(tmp_path / "data")), *NETS[bfn_mnist], *TINY, "--out-dir", str(out),
-                        "--eval-only"])
+        bfn_mnist.main(["--data-dir", write_mnist(str(tmp_path / "data")), *NETS[bfn_mnist], *TINY,
+                        "--out-dir", str(out), "--eval-only"])
 
 
 def test_a_failed_checkpoint_write_stops_and_keeps_the_last_good_one(tmp_path, monkeypatch):
@@ -152,8 +152,8 @@ def test_resume_on_a_different_text_file_stops(tmp_path):
     out = str(tmp_path / "run")
     bfn_text8.main(flags + ["--text-file", write_words(tmp_path / "a.txt", seed=0), "--out-dir", out, "--steps", "1"])
     with pytest.raises(SystemExit, match="the checkpoint was trained on other data"):
-        bfn_text8.main(flags + ["--text-file", write_words(tmp_path / "b.txt", seed=1), "--out-dir", out, "--steps", "2",
-                                "--resume"])
+        other = write_words(tmp_path / "b.txt", seed=1)
+        bfn_text8.main(flags + ["--text-file", other, "--out-dir", out, "--steps", "2", "--resume"])
     same = write_words(tmp_path / "c.txt", seed=0)  # the same text under another name resumes
     bfn_text8.main(flags + ["--text-file", same, "--out-dir", out, "--steps", "2", "--resume"])
     assert load(out)["step"] == 2
@@ -206,8 +206,9 @@ def test_a_failure_on_one_process_ends_all_of_them(tmp_path, where, rank):
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0 and time.time() - t0 < 60
-    assert f"process {rank} of 2 stopped: RuntimeError: injected failure in {'evaluation' if rank == 0 else 'training'}" \
-        in open(os.path.join(out, "log.txt")).read()
+    cause = "evaluation" if rank == 0 else "training"
+    log = open(os.path.join(out, "log.txt")).read()
+    assert f"process {rank} of 2 stopped: RuntimeError: injected failure in {cause}" in log
 
 
 # ---------------------------------------------------------------------------------------------------------- presets
@@ -215,8 +216,8 @@ def test_a_failure_on_one_process_ends_all_of_them(tmp_path, where, rank):
 QUICK = {  # the README's quick commands, flag for flag
     bfn_mnist: "--channels 32 --res-blocks 1 --dropout 0 --lr 1e-3 --batch-size 32 --steps 1600 --eval-every 0 "
                "--sample-every 0 --eval-examples 2000",
-    bfn_cifar: "--bins 16 --channels 32 --res-blocks 2 --dropout 0 --batch-size 16 --lr 1e-3 --steps 2400 --eval-every 0 "
-               "--sample-every 0 --eval-examples 500 --sample-steps 100",
+    bfn_cifar: "--bins 16 --channels 32 --res-blocks 2 --dropout 0 --batch-size 16 --lr 1e-3 --steps 2400 "
+               "--eval-every 0 --sample-every 0 --eval-examples 500 --sample-steps 100",
     bfn_text8: "--layers 4 --heads 4 --width 128 --seq-len 128 --batch-size 32 --lr 1e-3 --steps 3000 --eval-every 0 "
                "--sample-every 0 --eval-examples 1000 --num-samples 4 --sample-steps 100",
 }
