@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (bin_centres, continuous_flow, continuous_loss_inf, continuous_loss_n, continuous_recon_loss,
                     continuous_sample, continuous_sample_ode, continuous_x_hat, discretised_loss_inf,
                     discretised_loss_n, discretised_output, discretised_recon_loss, discretised_sample,
-                    discretised_sample_ode)
+                    discretised_sample_ode, stratified_steps)
 
 SCRIPT, UNIT = "bfn_cifar.py", "bits/dim"
 D = 3 * 32 * 32  # dimensions of an image
@@ -88,10 +88,13 @@ class Config:
     # evaluation and sampling
     eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test losses L^n + L^r ('inf': continuous time)")
     eval_examples: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
+    eval_repeats: int = opt(1, "passes over them, each with fresh noise")
     eval_batch_size: int = opt(100, "examples per evaluation batch")
     sample_steps: int = opt(1000, "generation steps n of Algorithms 3 and 6")
     num_samples: int = opt(64, "images in samples.png")
     sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
+    final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
+                               "likely value, as the authors' release)")
     # run
     out_dir: str = opt("runs/bfn_cifar", "run directory: log.txt, ckpt.pt, eval.json, samples.png, evolution.png")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
@@ -147,6 +150,8 @@ def parse_args(argv=None):
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
         (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
+        (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
+        (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
@@ -330,7 +335,7 @@ class UNet(nn.Module):
 # BFN glue: the network as the output distribution of continuous (§4.6) or discretised (§5.3) data, and the losses.
 
 def network_output(net, mu, t, cfg, autocast):
-    """x_hat (B, 3, 32, 32) for --output continuous; probs p_O (B, 3, 32, 32, K) for discretised. In float32."""
+    """x_hat (B, 3, 32, 32) for --output continuous; ln p_O (B, 3, 32, 32, K) for discretised. In float32."""
     with autocast:
         out = net(mu, t)
     out = out.float()
@@ -343,7 +348,7 @@ def loss_inf(x, out, t, cfg):
     """L^inf (§4.12 or §5.5) of x (B, 3, 32, 32) given the network's output at t. Returns (B,) nats/image."""
     if cfg.output == "continuous":
         return continuous_loss_inf(x, out, t, cfg.sigma_1)
-    return discretised_loss_inf(x, out, t, cfg.sigma_1)
+    return discretised_loss_inf(x, out.exp(), t, cfg.sigma_1)
 
 
 def loss_n(x, out, i, n, cfg, generator):
@@ -373,33 +378,40 @@ def train_loss(net, x, cfg, autocast):
 
 @torch.no_grad()
 def evaluate(net, images, cfg, autocast, seed):
-    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in bits/dim.
-    images (N, 3, 32, 32) uint8 -> {n: {loss, recon, total, stderr}}."""
+    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in bits/dim, over --eval-repeats passes with fresh
+    noise; the steps i of L^n are stratified over the examples. images (N, 3, 32, 32) uint8 ->
+    {n: {loss, recon, total, stderr}}."""
     g = torch.Generator(images.device).manual_seed(seed)
     flow = lambda x, t: continuous_flow(x, t, cfg.sigma_1, g)  # noqa: E731
+    out = lambda x, t: network_output(net, flow(x, t), t, cfg, autocast)  # noqa: E731  the output at mu ~ p_F(. | x; t)
     losses, recon = {n: [] for n in cfg.eval_n}, []
-    for batch in images.split(cfg.eval_batch_size):
-        x, B = quantise(batch, cfg.bins), len(batch)
-        ones = torch.ones(B, device=x.device)
-        recon.append(recon_loss(x, network_output(net, flow(x, ones), ones, cfg, autocast), cfg))
-        for n in cfg.eval_n:
-            if n == "inf":
-                t = torch.rand(B, generator=g, device=x.device)
-                loss = loss_inf(x, network_output(net, flow(x, t), t, cfg, autocast), t, cfg)
-            else:
-                i = torch.randint(1, int(n) + 1, (B,), generator=g, device=x.device)
-                t = (i - 1) / int(n)
-                loss = loss_n(x, network_output(net, flow(x, t), t, cfg, autocast), i, int(n), cfg, g)
-            losses[n].append(loss)
+    for _ in range(cfg.eval_repeats):
+        steps = {n: stratified_steps(int(n), len(images), g, images.device) for n in cfg.eval_n if n != "inf"}
+        for start in range(0, len(images), cfg.eval_batch_size):
+            x = quantise(images[start:start + cfg.eval_batch_size], cfg.bins)
+            B = len(x)
+            ones = torch.ones(B, device=x.device)
+            recon.append(recon_loss(x, out(x, ones), cfg))
+            for n in cfg.eval_n:
+                if n == "inf":
+                    t = torch.rand(B, generator=g, device=x.device)
+                    loss = loss_inf(x, out(x, t), t, cfg)
+                else:
+                    i = steps[n][start:start + B]
+                    t = (i - 1) / int(n)
+                    loss = loss_n(x, out(x, t), i, int(n), cfg, g)
+                losses[n].append(loss)
     return summarise(losses, recon, cfg)
 
 
 def summarise(losses, recon, cfg):
-    """Per-example losses in nats -> {n: {loss, recon, total, stderr}} in the paper's unit."""
-    recon = to_unit(torch.cat(recon).double(), cfg)
+    """Per-example losses in nats, pass after pass -> {n: {loss, recon, total, stderr}} in the paper's unit. Each
+    example's losses are averaged over the passes first, so the standard error is over examples."""
+    per_example = lambda parts: to_unit(torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
+    recon = per_example(recon)
     result = {}
     for n, parts in losses.items():
-        total = to_unit(torch.cat(parts).double(), cfg) + recon
+        total = per_example(parts) + recon
         stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
         result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
                      "stderr": stderr}
@@ -412,12 +424,16 @@ def sample(net, cfg, autocast, device, out_dir):
     prediction at t = 0, 0.1, ..., 1)."""
     from torchvision.utils import save_image
     g = torch.Generator(device).manual_seed(cfg.seed)
-    samplers = {("continuous", "paper"): continuous_sample, ("continuous", "ode"): continuous_sample_ode,
-                ("discretised", "paper"): discretised_sample, ("discretised", "ode"): discretised_sample_ode}
-    bins = () if cfg.output == "continuous" else (cfg.bins,)  # the discretised samplers also take K
-    sampler = samplers[cfg.output, cfg.sampler]
-    x, trajectory = sampler(lambda mu, t: network_output(net, mu, t, cfg, autocast), (cfg.num_samples, 3, 32, 32),
-                            cfg.sample_steps, cfg.sigma_1, *bins, generator=g, device=device, return_trajectory=True)
+    shape = (cfg.num_samples, 3, 32, 32)
+    if cfg.output == "continuous":  # p_O is a delta at x_hat: its sample and its mode are x_hat
+        sampler = {"paper": continuous_sample, "ode": continuous_sample_ode}[cfg.sampler]
+        x, trajectory = sampler(lambda mu, t: network_output(net, mu, t, cfg, autocast), shape, cfg.sample_steps,
+                                cfg.sigma_1, generator=g, device=device, return_trajectory=True)
+    else:
+        sampler = {"paper": discretised_sample, "ode": discretised_sample_ode}[cfg.sampler]
+        x, trajectory = sampler(lambda mu, t: network_output(net, mu, t, cfg, autocast).exp(), shape, cfg.sample_steps,
+                                cfg.sigma_1, cfg.bins, generator=g, device=device, return_trajectory=True,
+                                final_mode=cfg.final == "mode")
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
     save_image((x.clamp(-1, 1) + 1) / 2, os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=1)
     times = [k / 10 for k in range(11)]
@@ -585,7 +601,8 @@ def run_eval(ema, data, split, step, cfg, ctx):
     bounds = [f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()]
     ctx.log(f"eval {split} step {step} | " + " | ".join(bounds) + f" {UNIT}")
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "n": result}, f, indent=1)
+        json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "repeats": cfg.eval_repeats,
+                   "n": result}, f, indent=1)
 
 
 def cpu_notice(cfg, ctx, model, data):

@@ -44,7 +44,7 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, \
-    discrete_sample_ode
+    discrete_sample_ode, stratified_steps
 
 SCRIPT, UNIT = "bfn_mnist.py", "nats/image"
 K = 2  # white and black pixels
@@ -83,10 +83,13 @@ class Config:
     # evaluation and sampling
     eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test losses L^n + L^r ('inf': continuous time)")
     eval_examples: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
+    eval_repeats: int = opt(1, "passes over them, with fresh binarisations and noise (the authors: 2000 at n = 784)")
     eval_batch_size: int = opt(500, "examples per evaluation batch")
     sample_steps: int = opt(100, "generation steps n of Algorithm 9")
     num_samples: int = opt(64, "images in samples.png")
     sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
+    final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
+                               "likely value, as the authors' release)")
     # run
     out_dir: str = opt("runs/bfn_mnist", "run directory: log.txt, ckpt.pt, eval.json, samples.png, evolution.png")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
@@ -140,6 +143,8 @@ def parse_args(argv=None):
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
         (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
+        (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
+        (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
@@ -366,19 +371,20 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # BFN glue: the network as the output distribution p_O(. | theta, t) of discrete data (§6.4), and the losses.
 
-def output_probs(net, theta, t, autocast):
-    """p_O(k | theta, t) from one logit per pixel: theta (B, H, W, 2), t (B,) -> probs (B, H, W, 2)."""
+def output_log_probs(net, theta, t, autocast):
+    """ln p_O(k | theta, t) from one logit per pixel, as log-sigmoids in float32 (exact for confident pixels):
+    theta (B, H, W, 2), t (B,) -> (B, H, W, 2)."""
     with autocast:
         logit = net((2 * theta[..., 1] - 1)[:, None], t)  # (B, 1, H, W)
-    p = torch.sigmoid(logit.float()[:, 0])  # (B, H, W): the probability of black, in float32
-    return torch.stack([1 - p, p], -1)
+    logit = logit.float()[:, 0]  # (B, H, W): the log-odds of black
+    return torch.stack([F.logsigmoid(-logit), F.logsigmoid(logit)], -1)
 
 
 def train_loss(net, x, cfg, autocast):
     """L^inf (§6.7, Algorithm 8) of a batch x (B, H, W): t ~ U(0, 1), theta ~ p_F(. | x; t). (B,) nats/image."""
     t = torch.rand(len(x), device=x.device)
     theta = discrete_flow(x, t, cfg.beta_1, K)
-    return discrete_loss_inf(x, output_probs(net, theta, t, autocast), t, cfg.beta_1)
+    return discrete_loss_inf(x, output_log_probs(net, theta, t, autocast).exp(), t, cfg.beta_1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -386,33 +392,40 @@ def train_loss(net, x, cfg, autocast):
 
 @torch.no_grad()
 def evaluate(net, images, cfg, autocast, seed):
-    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in nats/image, one fresh binarisation per image.
-    images (N, H, W) uint8 -> {n: {loss, recon, total, stderr}}."""
+    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in nats/image, over --eval-repeats passes with fresh
+    binarisations and noise; the steps i of L^n are stratified over the examples. images (N, H, W) uint8 ->
+    {n: {loss, recon, total, stderr}}."""
     g = torch.Generator(images.device).manual_seed(seed)
     flow = lambda x, t: discrete_flow(x, t, cfg.beta_1, K, g)  # noqa: E731
+    log_p = lambda x, t: output_log_probs(net, flow(x, t), t, autocast)  # noqa: E731  ln p_O at theta ~ p_F(. | x; t)
     losses, recon = {n: [] for n in cfg.eval_n}, []
-    for batch in images.split(cfg.eval_batch_size):
-        x, B = binarise(batch, g), len(batch)
-        ones = torch.ones(B, device=x.device)
-        recon.append(discrete_recon_loss(x, output_probs(net, flow(x, ones), ones, autocast)))
-        for n in cfg.eval_n:
-            if n == "inf":
-                t = torch.rand(B, generator=g, device=x.device)
-                loss = discrete_loss_inf(x, output_probs(net, flow(x, t), t, autocast), t, cfg.beta_1)
-            else:
-                i = torch.randint(1, int(n) + 1, (B,), generator=g, device=x.device)
-                t = (i - 1) / int(n)
-                loss = discrete_loss_n(x, output_probs(net, flow(x, t), t, autocast), i, int(n), cfg.beta_1, g)
-            losses[n].append(loss)
+    for _ in range(cfg.eval_repeats):
+        steps = {n: stratified_steps(int(n), len(images), g, images.device) for n in cfg.eval_n if n != "inf"}
+        for start in range(0, len(images), cfg.eval_batch_size):
+            x = binarise(images[start:start + cfg.eval_batch_size], g)
+            B = len(x)
+            ones = torch.ones(B, device=x.device)
+            recon.append(discrete_recon_loss(x, log_p(x, ones)))
+            for n in cfg.eval_n:
+                if n == "inf":
+                    t = torch.rand(B, generator=g, device=x.device)
+                    loss = discrete_loss_inf(x, log_p(x, t).exp(), t, cfg.beta_1)
+                else:
+                    i = steps[n][start:start + B]
+                    t = (i - 1) / int(n)
+                    loss = discrete_loss_n(x, log_p(x, t), i, int(n), cfg.beta_1, g)
+                losses[n].append(loss)
     return summarise(losses, recon, cfg)
 
 
 def summarise(losses, recon, cfg):
-    """Per-example losses in nats -> {n: {loss, recon, total, stderr}} in the paper's unit."""
-    recon = to_unit(torch.cat(recon).double(), cfg)
+    """Per-example losses in nats, pass after pass -> {n: {loss, recon, total, stderr}} in the paper's unit. Each
+    example's losses are averaged over the passes first, so the standard error is over examples."""
+    per_example = lambda parts: to_unit(torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
+    recon = per_example(recon)
     result = {}
     for n, parts in losses.items():
-        total = to_unit(torch.cat(parts).double(), cfg) + recon
+        total = per_example(parts) + recon
         stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
         result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
                      "stderr": stderr}
@@ -427,8 +440,9 @@ def sample(net, cfg, autocast, device, out_dir):
     size = 28 if cfg.digits == 1 else 64
     g = torch.Generator(device).manual_seed(cfg.seed)
     sampler = {"paper": discrete_sample, "ode": discrete_sample_ode}[cfg.sampler]
-    x, trajectory = sampler(lambda theta, t: output_probs(net, theta, t, autocast), (cfg.num_samples, size, size),
-                            cfg.sample_steps, cfg.beta_1, K, generator=g, device=device, return_trajectory=True)
+    x, trajectory = sampler(lambda theta, t: output_log_probs(net, theta, t, autocast).exp(),
+                            (cfg.num_samples, size, size), cfg.sample_steps, cfg.beta_1, K, generator=g, device=device,
+                            return_trajectory=True, final_mode=cfg.final == "mode")
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
     save_image(1 - x[:, None].float(), os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=0.5)
     times = [k / 10 for k in range(11)]
@@ -596,7 +610,8 @@ def run_eval(ema, data, split, step, cfg, ctx):
     bounds = [f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()]
     ctx.log(f"eval {split} step {step} | " + " | ".join(bounds) + f" {UNIT}")
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "n": result}, f, indent=1)
+        json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "repeats": cfg.eval_repeats,
+                   "n": result}, f, indent=1)
 
 
 def cpu_notice(cfg, ctx, model, data):

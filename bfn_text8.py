@@ -45,7 +45,7 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, \
-    discrete_sample_ode
+    discrete_sample_ode, stratified_steps
 
 SCRIPT, UNIT = "bfn_text8.py", "bits/char"
 K = 27  # space and a-z
@@ -85,10 +85,13 @@ class Config:
     # evaluation and sampling
     eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test losses L^n + L^r ('inf': continuous time)")
     eval_examples: int = opt(0, "evaluate on N test windows drawn with a fixed seed (0: all 19,531 of text8)")
+    eval_repeats: int = opt(1, "passes over them, each with fresh noise")
     eval_batch_size: int = opt(256, "windows per evaluation batch")
     sample_steps: int = opt(1000, "generation steps n of Algorithm 9")
     num_samples: int = opt(8, "samples in samples.txt")
     sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
+    final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
+                               "likely value, as the authors' release)")
     # run
     out_dir: str = opt("runs/bfn_text8", "run directory: log.txt, ckpt.pt, eval.json, samples.txt, evolution.txt")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
@@ -143,6 +146,8 @@ def parse_args(argv=None):
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
         (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
+        (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
+        (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
@@ -329,18 +334,18 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # BFN glue: the network as the output distribution p_O(. | theta, t) of discrete data (§6.4), and the losses.
 
-def output_probs(net, theta, t, autocast):
-    """p_O(k | theta, t): theta (B, L, K), t (B,) -> probs (B, L, K), a softmax over the K logits in float32."""
+def output_log_probs(net, theta, t, autocast):
+    """ln p_O(k | theta, t): theta (B, L, K), t (B,) -> (B, L, K), a log-softmax over the K logits in float32."""
     with autocast:
-        logits = net(2 * theta - 1, t)
-    return torch.softmax(logits.float(), -1)
+        logits = net(2 * theta - 1, t)  # (B, L, K)
+    return torch.log_softmax(logits.float(), -1)
 
 
 def train_loss(net, x, cfg, autocast):
     """L^inf (§6.7, Algorithm 8) of a batch x (B, L): t ~ U(0, 1), theta ~ p_F(. | x; t). Returns (B,) nats/window."""
     t = torch.rand(len(x), device=x.device)
     theta = discrete_flow(x, t, cfg.beta_1, K)
-    return discrete_loss_inf(x, output_probs(net, theta, t, autocast), t, cfg.beta_1)
+    return discrete_loss_inf(x, output_log_probs(net, theta, t, autocast).exp(), t, cfg.beta_1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -348,33 +353,40 @@ def train_loss(net, x, cfg, autocast):
 
 @torch.no_grad()
 def evaluate(net, windows, cfg, autocast, seed):
-    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in bits/char.
-    windows (N, L) uint8 -> {n: {loss, recon, total, stderr}}."""
+    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in bits/char, over --eval-repeats passes with fresh
+    noise; the steps i of L^n are stratified over the examples. windows (N, L) uint8 ->
+    {n: {loss, recon, total, stderr}}."""
     g = torch.Generator(windows.device).manual_seed(seed)
     flow = lambda x, t: discrete_flow(x, t, cfg.beta_1, K, g)  # noqa: E731
+    log_p = lambda x, t: output_log_probs(net, flow(x, t), t, autocast)  # noqa: E731  ln p_O at theta ~ p_F(. | x; t)
     losses, recon = {n: [] for n in cfg.eval_n}, []
-    for batch in windows.split(cfg.eval_batch_size):
-        x, B = batch.long(), len(batch)
-        ones = torch.ones(B, device=x.device)
-        recon.append(discrete_recon_loss(x, output_probs(net, flow(x, ones), ones, autocast)))
-        for n in cfg.eval_n:
-            if n == "inf":
-                t = torch.rand(B, generator=g, device=x.device)
-                loss = discrete_loss_inf(x, output_probs(net, flow(x, t), t, autocast), t, cfg.beta_1)
-            else:
-                i = torch.randint(1, int(n) + 1, (B,), generator=g, device=x.device)
-                t = (i - 1) / int(n)
-                loss = discrete_loss_n(x, output_probs(net, flow(x, t), t, autocast), i, int(n), cfg.beta_1, g)
-            losses[n].append(loss)
+    for _ in range(cfg.eval_repeats):
+        steps = {n: stratified_steps(int(n), len(windows), g, windows.device) for n in cfg.eval_n if n != "inf"}
+        for start in range(0, len(windows), cfg.eval_batch_size):
+            x = windows[start:start + cfg.eval_batch_size].long()
+            B = len(x)
+            ones = torch.ones(B, device=x.device)
+            recon.append(discrete_recon_loss(x, log_p(x, ones)))
+            for n in cfg.eval_n:
+                if n == "inf":
+                    t = torch.rand(B, generator=g, device=x.device)
+                    loss = discrete_loss_inf(x, log_p(x, t).exp(), t, cfg.beta_1)
+                else:
+                    i = steps[n][start:start + B]
+                    t = (i - 1) / int(n)
+                    loss = discrete_loss_n(x, log_p(x, t), i, int(n), cfg.beta_1, g)
+                losses[n].append(loss)
     return summarise(losses, recon, cfg)
 
 
 def summarise(losses, recon, cfg):
-    """Per-example losses in nats -> {n: {loss, recon, total, stderr}} in the paper's unit."""
-    recon = to_unit(torch.cat(recon).double(), cfg)
+    """Per-example losses in nats, pass after pass -> {n: {loss, recon, total, stderr}} in the paper's unit. Each
+    example's losses are averaged over the passes first, so the standard error is over examples."""
+    per_example = lambda parts: to_unit(torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
+    recon = per_example(recon)
     result = {}
     for n, parts in losses.items():
-        total = to_unit(torch.cat(parts).double(), cfg) + recon
+        total = per_example(parts) + recon
         stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
         result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
                      "stderr": stderr}
@@ -387,8 +399,9 @@ def sample(net, cfg, autocast, device, out_dir):
     at t = 0, 0.1, ..., 1)."""
     g = torch.Generator(device).manual_seed(cfg.seed)
     sampler = {"paper": discrete_sample, "ode": discrete_sample_ode}[cfg.sampler]
-    x, trajectory = sampler(lambda theta, t: output_probs(net, theta, t, autocast), (cfg.num_samples, cfg.seq_len),
-                            cfg.sample_steps, cfg.beta_1, K, generator=g, device=device, return_trajectory=True)
+    x, trajectory = sampler(lambda theta, t: output_log_probs(net, theta, t, autocast).exp(),
+                            (cfg.num_samples, cfg.seq_len), cfg.sample_steps, cfg.beta_1, K, generator=g, device=device,
+                            return_trajectory=True, final_mode=cfg.final == "mode")
     with open(os.path.join(out_dir, "samples.txt"), "w") as f:
         for b in range(len(x)):
             f.write(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{decode(x[b])}\n")
@@ -559,7 +572,8 @@ def run_eval(ema, data, split, step, cfg, ctx):
     bounds = [f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()]
     ctx.log(f"eval {split} step {step} | " + " | ".join(bounds) + f" {UNIT}")
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "n": result}, f, indent=1)
+        json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "repeats": cfg.eval_repeats,
+                   "n": result}, f, indent=1)
 
 
 def cpu_notice(cfg, ctx, model, data):

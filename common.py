@@ -16,10 +16,15 @@ Conventions
     i, n    (B,), int    step index i in 1..n of an n-step discrete-time process; t_{i-1} = (i - 1) / n
     mu, rho              input mean (B, ...) and precision (a scalar or (B,), the same for every dimension)
     theta   (B, ..., K)  input probabilities of discrete data
-    probs   (B, ..., K)  output probabilities p_O of discretised or discrete data
+    probs   (B, ..., K)  output probabilities p_O of discretised or discrete data (the L^inf losses, the samplers)
+    log_probs (B, ..., K) ln p_O, computed in log space (the losses that score data: L^n, L^r)
     losses  (B,)         in nats, summed over the data dimensions (divide by D ln 2 for bits/dim)
 The stochastic losses are unbiased one-sample estimates of the paper's expectations. The math runs in float32
-(float64 if the inputs are float64), also when it is called inside torch.autocast. Every random draw takes an
+(float64 if the inputs are float64), also when it is called inside torch.autocast. Quantities that cancel in float32
+are computed from their own closed forms: 1 - gamma as sigma_1^(2t), gamma as -expm1(2t ln sigma_1), and every
+probability that scores data as a log-probability (log-softmax, log-sigmoid, a log-space difference of Normal CDFs),
+so a confident prediction is scored at its true -ln p rather than at the 87.3 nats of an underflowed float32.
+Every random draw takes an
 optional torch.Generator. The samplers call the network exactly n_steps + 1 times (n update steps, then the
 final output at t = 1) and, with return_trajectory=True, also return a list of dicts {t, input, output}:
 the input parameters each network call saw and the prediction it made, for figures.
@@ -67,8 +72,15 @@ def _randn_like(x, generator=None):
 # beta(t) = sigma_1^(-2t) - 1 (v2, eq. (72)) and alpha(t) = -2 ln(sigma_1) sigma_1^(-2t) (v2, eq. (74)).
 
 def continuous_gamma(t, sigma_1):
-    """§4.5, arXiv:2308.07037v2, eq. (80): gamma(t) = beta(t) / (1 + beta(t)) = 1 - sigma_1^(2t)."""
-    return 1 - sigma_1 ** (2 * _full_precision(torch.as_tensor(t)))
+    """§4.5, arXiv:2308.07037v2, eq. (80): gamma(t) = beta(t) / (1 + beta(t)) = 1 - sigma_1^(2t), computed as
+    -expm1(2t ln sigma_1), which keeps its digits near t = 0."""
+    return -torch.expm1(2 * _full_precision(torch.as_tensor(t)) * math.log(sigma_1))
+
+
+def continuous_one_minus_gamma(t, sigma_1):
+    """1 - gamma(t) = sigma_1^(2t), from its own closed form: in float32, 1 - gamma rounds away its digits once gamma is
+    near 1 (for sigma_1 = 0.001 and t >= 0.5 the flow's std would be up to 1.4% off)."""
+    return sigma_1 ** (2 * _full_precision(torch.as_tensor(t)))
 
 
 def continuous_alpha(i, n, sigma_1):
@@ -92,7 +104,8 @@ def continuous_flow(x, t, sigma_1, generator=None):
     x (B, ...) -> mu (B, ...)."""
     x = _full_precision(x)
     gamma = _per_example(continuous_gamma(t, sigma_1), x)
-    return gamma * x + (gamma * (1 - gamma)).sqrt() * _randn_like(x, generator)
+    one_minus_gamma = _per_example(continuous_one_minus_gamma(t, sigma_1), x)
+    return gamma * x + (gamma * one_minus_gamma).sqrt() * _randn_like(x, generator)
 
 
 def continuous_x_hat(mu, t, eps_hat, sigma_1, t_min=1e-6):
@@ -105,7 +118,7 @@ def continuous_x_hat(mu, t, eps_hat, sigma_1, t_min=1e-6):
     mu, eps_hat = _full_precision(mu), _full_precision(eps_hat)
     t = _per_example(_full_precision(torch.as_tensor(t)), mu)
     gamma = continuous_gamma(t.clamp_min(t_min), sigma_1)
-    x_hat = mu / gamma - ((1 - gamma) / gamma).sqrt() * eps_hat
+    x_hat = mu / gamma - (continuous_one_minus_gamma(t.clamp_min(t_min), sigma_1) / gamma).sqrt() * eps_hat
     return torch.where(t < t_min, torch.zeros_like(x_hat), x_hat.clamp(-1, 1))
 
 
@@ -134,8 +147,7 @@ def continuous_recon_loss(x, x_hat, std, K):
     x, x_hat = _full_precision(x), _full_precision(x_hat)
     k = bin_index(x, K).to(x.dtype)
     left, right = 2 * k / K - 1, 2 * (k + 1) / K - 1  # the edges of x's bin
-    p = _clipped_cdf(right, x_hat, std) - _clipped_cdf(left, x_hat, std)
-    return -_sum_dims(_log(p.clamp_min(0)))
+    return -_sum_dims(_log_bin_prob(left, right, x_hat, torch.as_tensor(std, dtype=x.dtype, device=x.device)))
 
 
 def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None, return_trajectory=False):
@@ -170,48 +182,67 @@ def bin_index(x, K):
     return ((_full_precision(x) + 1) * K / 2).floor().long().clamp(0, K - 1)
 
 
-def _clipped_cdf(z, mu_x, sigma_x):
-    """§5.2: the Normal(mu_x, sigma_x) CDF G clipped to 0 at z <= -1 and 1 at z >= 1."""
-    g = 0.5 * (1 + torch.erf((z - mu_x) / (sigma_x * math.sqrt(2))))
-    return torch.where(z <= -1, torch.zeros_like(g), torch.where(z >= 1, torch.ones_like(g), g))
+def _log_bin_prob(left, right, mu_x, sigma_x):
+    """§5.2 in log space: ln [G(right) - G(left)] for G the Normal(mu_x, sigma_x) CDF clipped to 0 at z <= -1 and to 1
+    at z >= 1, so the first and last bins absorb the tails. A difference of two CDFs underflows in float32 a few
+    standard deviations out (and -ln p would read 87.3 however far away x is); here each bin is measured from the
+    nearer tail with log_ndtr, ln [Phi(b) - Phi(a)] = ln Phi(b) + ln(-expm1(ln Phi(a) - ln Phi(b))), so it stays
+    within float32 rounding of the float64 value. Broadcasts; returns the shape of the broadcast inputs."""
+    # beyond 1000 standard deviations a bin's probability is 0 to any precision (ln p < -5e5), and log_ndtr's gradient
+    # is no longer finite far beyond: the clamp keeps every value and gradient finite
+    z_left, z_right = ((left - mu_x) / sigma_x).clamp(-1e3, 1e3), ((right - mu_x) / sigma_x).clamp(-1e3, 1e3)
+    first, last = left <= -1, right >= 1  # the clipped bins: G(left) = 0, or G(right) = 1
+    z_left = torch.where(first, z_right - 1, z_left)  # finite stand-ins where a clipped end is not used,
+    z_right = torch.where(last, z_left + 1, z_right)  # so that no branch creates an inf or a NaN gradient
+    upper = z_left > 0  # both ends above the mean: measure from the upper tail, Phi(-z_left) - Phi(-z_right)
+    a, b = torch.where(upper, -z_right, z_left), torch.where(upper, -z_left, z_right)  # a < b, a <= 0
+    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    interior = log_b + torch.log(-torch.expm1((log_a - log_b).clamp_max(-1e-30)))  # the clamp: a == b after rounding
+    edge = torch.where(first, torch.special.log_ndtr(z_right), torch.special.log_ndtr(-z_left))
+    return torch.where(first | last, edge, interior)
 
 
-def discretised_probs(mu_x, sigma_x, K):
-    """§5.2, arXiv:2308.07037v2, eq. (108): p_O(k) = G(k_r) - G(k_l) with G the clipped Normal(mu_x, sigma_x) CDF,
-    so the first and last bins absorb the tails and the K probabilities sum to 1. (B, ...) -> (B, ..., K).
+def discretised_log_probs(mu_x, sigma_x, K):
+    """§5.2, arXiv:2308.07037v2, eq. (108): ln p_O(k) = ln [G(k_r) - G(k_l)] with G the clipped Normal(mu_x, sigma_x)
+    CDF, so the first and last bins absorb the tails and the K probabilities sum to 1; in log space, exact far into
+    the tails (see _log_bin_prob). (B, ...) -> (B, ..., K).
     """
     mu_x = _full_precision(mu_x)[..., None]
     sigma_x = _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
     edges = torch.linspace(-1, 1, K + 1, device=mu_x.device, dtype=mu_x.dtype)
-    cdf = _clipped_cdf(edges, mu_x, sigma_x)  # (B, ..., K + 1)
-    return (cdf[..., 1:] - cdf[..., :-1]).clamp_min(0)
+    return _log_bin_prob(edges[:-1], edges[1:], mu_x, sigma_x)
 
 
-def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, K, t_min=1e-6):
+def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, K, t_min=1e-6, sigma_x_range=(1e-3, 10.0)):
     """§5.3: mu_x = mu / gamma - sqrt((1 - gamma) / gamma) mu_eps, sigma_x = sqrt((1 - gamma) / gamma) exp(ln
-    sigma_eps); mu_x = 0, sigma_x = 1 for t < t_min. Returns p_O (B, ..., K).
+    sigma_eps); mu_x = 0, sigma_x = 1 for t < t_min. Returns ln p_O (B, ..., K).
+
+    As the authors' released models were trained (not in the paper): ln sigma_eps is clamped to [-10, 10] before the
+    exp, and sigma_x to sigma_x_range = [1e-3, 10]. This bounds how sharp or flat p_O can be, so that no finite
+    network output gives an inf or a NaN, and their checkpoints score as they did for them.
     """
     mu, mu_eps, log_sigma_eps = _full_precision(mu), _full_precision(mu_eps), _full_precision(log_sigma_eps)
     t = _per_example(_full_precision(torch.as_tensor(t)), mu)
     gamma = continuous_gamma(t.clamp_min(t_min), sigma_1)
-    scale = ((1 - gamma) / gamma).sqrt()
+    scale = (continuous_one_minus_gamma(t.clamp_min(t_min), sigma_1) / gamma).sqrt()
     small = t < t_min
     mu_x = torch.where(small, torch.zeros_like(mu), mu / gamma - scale * mu_eps)
-    sigma_x = torch.where(small, torch.ones_like(mu), scale * log_sigma_eps.exp())
-    return discretised_probs(mu_x, sigma_x, K)
+    sigma_x = (scale * log_sigma_eps.clamp(-10, 10).exp()).clamp(*sigma_x_range)
+    sigma_x = torch.where(small, torch.ones_like(mu), sigma_x)
+    return discretised_log_probs(mu_x, sigma_x, K)
 
 
-def discretised_loss_n(x, probs, i, n, sigma_1, generator=None):
+def discretised_loss_n(x, log_probs, i, n, sigma_1, generator=None):
     """§5.4, discrete-time loss (Algorithm 4), by Monte Carlo over one sender sample y ~ N(x, 1/alpha_i):
     L^n(x) = n [ln N(y | x, 1/alpha_i) - ln sum_k p_O(k | theta_{i-1}, t_{i-1}) N(y | k_c, 1/alpha_i)]. Returns (B,).
     """
-    x, probs = _full_precision(x), _full_precision(probs)
+    x, log_probs = _full_precision(x), _full_precision(log_probs)
     alpha = _per_example(continuous_alpha(i, n, sigma_1), x)
     y = x + _randn_like(x, generator) / alpha.sqrt()
-    centres = bin_centres(probs.shape[-1], device=x.device).to(x.dtype)
+    centres = bin_centres(log_probs.shape[-1], device=x.device).to(x.dtype)
     # ln N(y | m, 1/alpha) up to the constant ln sqrt(alpha / 2 pi), which cancels between sender and receiver
     log_sender = -alpha / 2 * (y - x) ** 2
-    log_receiver = torch.logsumexp(_log(probs) - alpha[..., None] / 2 * (y[..., None] - centres) ** 2, -1)
+    log_receiver = torch.logsumexp(log_probs - alpha[..., None] / 2 * (y[..., None] - centres) ** 2, -1)
     return n * _sum_dims(log_sender - log_receiver)
 
 
@@ -223,10 +254,11 @@ def discretised_loss_inf(x, probs, t, sigma_1):
     return continuous_loss_inf(x, k_hat, t, sigma_1)
 
 
-def discretised_recon_loss(x, probs):
-    """§5.6, reconstruction loss: L^r(x) = -ln p_O(x | theta, 1), summed over dimensions. probs (B, ..., K) -> (B,)."""
-    k = bin_index(x, probs.shape[-1])
-    return -_sum_dims(_log(_full_precision(probs)).gather(-1, k[..., None]).squeeze(-1))
+def discretised_recon_loss(x, log_probs):
+    """§5.6, reconstruction loss: L^r(x) = -ln p_O(x | theta, 1), summed over dimensions.
+    log_probs (B, ..., K) -> (B,)."""
+    k = bin_index(x, log_probs.shape[-1])
+    return -_sum_dims(_full_precision(log_probs).gather(-1, k[..., None]).squeeze(-1))
 
 
 def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None,
@@ -249,6 +281,17 @@ def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, dev
     trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
     x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
     return (x, trajectory) if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation of L^n (all data types)
+
+def stratified_steps(n, count, generator=None, device=None):
+    """Step indices i in 1..n for `count` examples, for an L^n estimate: every step is used floor(count / n) or
+    ceil(count / n) times, in a random order. Each i is still uniform on 1..n (so the estimate stays unbiased), and
+    the estimate has less variance than with independent draws of i. Returns (count,) long."""
+    perm = torch.randperm(n, generator=generator, device=device)
+    return perm[torch.arange(count, device=device) % n] + 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,7 +324,7 @@ def discrete_flow(x, t, beta_1, K, generator=None):
     return torch.softmax(y, -1)
 
 
-def discrete_loss_n(x, probs, i, n, beta_1, generator=None):
+def discrete_loss_n(x, log_probs, i, n, beta_1, generator=None):
     """§6.6, v2 eqs. (189)-(190), discrete-time loss (Algorithm 7) with the exact K-dimensional receiver mixture,
     by Monte Carlo over y ~ p_S(. | x; alpha_i):
     L^n(x) = n [ln p_S(y | x; alpha_i) - ln sum_k p_O(k | theta_{i-1}, t_{i-1}) p_S(y | k; alpha_i)]. Returns (B,).
@@ -295,13 +338,13 @@ def discrete_loss_n(x, probs, i, n, beta_1, generator=None):
     A receiver factorised per coordinate (as in the authors' release) is a different, looser quantity. The tests
     check this function against the mixture density written out with torch.distributions.Normal.
     """
-    probs = _full_precision(probs)
-    K = probs.shape[-1]
-    e_x = torch.nn.functional.one_hot(x, K).to(probs.dtype)
+    log_probs = _full_precision(log_probs)
+    K = log_probs.shape[-1]
+    e_x = torch.nn.functional.one_hot(x, K).to(log_probs.dtype)
     alpha = _per_example(discrete_alpha(i, n, beta_1), e_x)
     y = alpha * (K * e_x - 1) + (alpha * K).sqrt() * _randn_like(e_x, generator)  # (B, ..., K)
     y_x = (y * e_x).sum(-1)
-    return n * _sum_dims(y_x - torch.logsumexp(_log(probs) + y, -1))
+    return n * _sum_dims(y_x - torch.logsumexp(log_probs + y, -1))
 
 
 def discrete_loss_inf(x, probs, t, beta_1):
@@ -315,9 +358,10 @@ def discrete_loss_inf(x, probs, t, beta_1):
     return K * beta_1 * t * _sum_dims((e_x - probs) ** 2)
 
 
-def discrete_recon_loss(x, probs):
-    """§6.9, reconstruction loss: L^r(x) = -ln p_O(x | theta, 1), summed over dimensions. Returns (B,)."""
-    return -_sum_dims(_log(_full_precision(probs)).gather(-1, x[..., None]).squeeze(-1))
+def discrete_recon_loss(x, log_probs):
+    """§6.9, reconstruction loss: L^r(x) = -ln p_O(x | theta, 1), summed over dimensions.
+    log_probs (B, ..., K) -> (B,)."""
+    return -_sum_dims(_full_precision(log_probs).gather(-1, x[..., None]).squeeze(-1))
 
 
 def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None,

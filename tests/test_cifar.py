@@ -37,7 +37,7 @@ def test_three_steps_end_to_end(cifar_dir, tmp_path, output, bins):
     cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
     assert cfg["sigma_1"] == pytest.approx(0.001 if bins == "256" else math.sqrt(0.001))
     os.remove(os.path.join(out, "samples.png"))
-    run(cifar_dir, out, "--sample-only", "--sampler", "ode", "--output", output, "--bins", bins)
+    run(cifar_dir, out, "--sample-only", "--sampler", "ode", "--output", output, "--bins", bins, "--final", "mode")
     assert os.path.exists(os.path.join(out, "samples.png"))
 
 

@@ -247,7 +247,7 @@ def test_discretised_probs_sum_to_one_and_match_the_cdf():
     K = 10
     mu_x = torch.randn(50, 3, generator=g) * 1.5
     sigma_x = torch.rand(50, 3, generator=g) * 0.8 + 0.01
-    probs = C.discretised_probs(mu_x, sigma_x, K)
+    probs = C.discretised_log_probs(mu_x, sigma_x, K).exp()
     assert probs.shape == (50, 3, K) and (probs >= 0).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(50, 3))
     cdf = Normal(mu_x[..., None], sigma_x[..., None]).cdf(torch.linspace(-1, 1, K + 1))
@@ -266,10 +266,10 @@ def test_discretised_output_recovers_the_data_from_the_true_noise_and_is_uniform
     t = torch.tensor([0.2, 0.6, 1.0])
     gamma = 1 - sigma_1 ** (2 * t.double())[:, None, None]  # in float64, independently of common.py
     mu = (gamma * x + (gamma * (1 - gamma)).sqrt() * eps).float()
-    probs = C.discretised_output(mu, t, eps, torch.full_like(mu, -12.0), sigma_1, K)
+    probs = C.discretised_output(mu, t, eps, torch.full_like(mu, -12.0), sigma_1, K).exp()
     assert probs.shape == (3, 4, 4, K)
     assert (probs.argmax(-1) == C.bin_index(x, K)).all() and (probs.max(-1).values > 0.999).all()
-    at_0 = C.discretised_output(mu, torch.zeros(3), eps, torch.zeros_like(mu), sigma_1, K)
+    at_0 = C.discretised_output(mu, torch.zeros(3), eps, torch.zeros_like(mu), sigma_1, K).exp()
     edges = torch.linspace(-1, 1, K + 1)
     cdf = Normal(0.0, 1.0).cdf(edges)
     torch.testing.assert_close(at_0[0, 0, 0, 1:-1], cdf[2:-1] - cdf[1:-2])
@@ -290,7 +290,7 @@ def test_discretised_losses_exact_posterior_give_ln_K():
     g = gen(11)
     x = C.bin_centres(K)[torch.randint(0, K, (N, D), generator=g)]
     mu1 = C.continuous_flow(x, torch.ones(N), sigma_1, g)
-    recon = C.discretised_recon_loss(x, exact_bin_posterior(mu1, torch.ones(N), sigma_1, K))
+    recon = C.discretised_recon_loss(x, exact_bin_posterior(mu1, torch.ones(N), sigma_1, K).log())
     t = torch.rand(N, generator=g)
     mu = C.continuous_flow(x, t, sigma_1, g)
     loss_inf = C.discretised_loss_inf(x, exact_bin_posterior(mu, t, sigma_1, K), t, sigma_1)
@@ -298,7 +298,7 @@ def test_discretised_losses_exact_posterior_give_ln_K():
     for n in [1, 3, 30]:
         i = torch.randint(1, n + 1, (N,), generator=g)
         mu = C.continuous_flow(x, (i - 1) / n, sigma_1, g)
-        loss_n = C.discretised_loss_n(x, exact_bin_posterior(mu, (i - 1) / n, sigma_1, K), i, n, sigma_1, g)
+        loss_n = C.discretised_loss_n(x, exact_bin_posterior(mu, (i - 1) / n, sigma_1, K).log(), i, n, sigma_1, g)
         assert_mean(loss_n + recon, D * math.log(K))
 
 
@@ -309,7 +309,7 @@ def test_discretised_loss_n_matches_the_mixture_density():
     x = C.bin_centres(K)[torch.randint(0, K, (6, 3), generator=g)]
     probs = torch.softmax(torch.randn(6, 3, K, generator=g), -1)
     i = torch.randint(1, n + 1, (6,), generator=g)
-    loss = C.discretised_loss_n(x, probs, i, n, sigma_1, gen(13))
+    loss = C.discretised_loss_n(x, probs.log(), i, n, sigma_1, gen(13))
     alpha = C.continuous_alpha(i, n, sigma_1)[:, None]
     y = x + torch.randn(x.shape, generator=gen(13)) / alpha.sqrt()
     std = 1 / alpha.sqrt()
@@ -356,14 +356,14 @@ def test_discrete_losses_exact_posterior_give_the_entropy():
     posterior = lambda theta: pi * theta / (pi * theta).sum(-1, keepdim=True)  # noqa: E731
     g = gen(16)
     x = torch.multinomial(pi, N * D, replacement=True, generator=g).reshape(N, D)
-    recon = C.discrete_recon_loss(x, posterior(C.discrete_flow(x, torch.ones(N), beta_1, K, g)))
+    recon = C.discrete_recon_loss(x, posterior(C.discrete_flow(x, torch.ones(N), beta_1, K, g)).log())
     t = torch.rand(N, generator=g)
     loss_inf = C.discrete_loss_inf(x, posterior(C.discrete_flow(x, t, beta_1, K, g)), t, beta_1)
     assert_mean(loss_inf + recon, D * H)
     for n in [1, 4, 50]:
         i = torch.randint(1, n + 1, (N,), generator=g)
         theta = C.discrete_flow(x, (i - 1) / n, beta_1, K, g)
-        assert_mean(C.discrete_loss_n(x, posterior(theta), i, n, beta_1, g) + recon, D * H)
+        assert_mean(C.discrete_loss_n(x, posterior(theta).log(), i, n, beta_1, g) + recon, D * H)
 
 
 def receiver_log_density(y, probs, alpha, K, factorised=False):
@@ -384,7 +384,7 @@ def test_discrete_loss_n_is_the_joint_mixture_kl_not_the_factorised_one():
     probs = torch.softmax(torch.randn(N, 1, K, generator=g, dtype=torch.float64), -1)
     i = torch.ones(N, dtype=torch.long)
     # the same seed gives the same sender draw: the loss equals the mixture written out, term by term
-    loss = C.discrete_loss_n(x, probs, i, n, beta_1, gen(18))
+    loss = C.discrete_loss_n(x, probs.log(), i, n, beta_1, gen(18))
     alpha = C.discrete_alpha(1, n, beta_1).item()
     e_x = torch.nn.functional.one_hot(x, K).double()
     y = alpha * (K * e_x - 1) + math.sqrt(alpha * K) * torch.randn(e_x.shape, generator=gen(18), dtype=torch.float64)
@@ -496,19 +496,21 @@ def test_no_nan_or_inf_at_the_extremes():
         mu = C.continuous_flow(x, t, sigma_1, g)
         eps = torch.randn(4, 8, generator=g)
         x_hat = C.continuous_x_hat(mu, t, eps, sigma_1)
-        probs = C.discretised_output(mu, t, eps, eps, sigma_1, 256)
-        for v in [mu, x_hat, probs, C.continuous_loss_inf(x, x_hat, t, sigma_1),
+        log_probs = C.discretised_output(mu, t, eps, eps, sigma_1, 256)
+        for v in [mu, x_hat, log_probs, C.continuous_loss_inf(x, x_hat, t, sigma_1),
                   C.continuous_loss_n(x, x_hat, torch.tensor([1, 1, 5, 10]), 10, sigma_1),
-                  C.continuous_recon_loss(x, x_hat, sigma_1, 256), C.discretised_loss_inf(x, probs, t, sigma_1),
-                  C.discretised_loss_n(x, probs, torch.tensor([1, 2, 10, 10]), 10, sigma_1, g),
-                  C.discretised_recon_loss(x, probs)]:
+                  C.continuous_recon_loss(x, x_hat, sigma_1, 256),
+                  C.discretised_loss_inf(x, log_probs.exp(), t, sigma_1),
+                  C.discretised_loss_n(x, log_probs, torch.tensor([1, 2, 10, 10]), 10, sigma_1, g),
+                  C.discretised_recon_loss(x, log_probs)]:
             assert torch.isfinite(v).all()
     for beta_1 in [1e-3, 9.0, 1e4]:
         x = torch.randint(0, 27, (4, 8), generator=g)
         theta = C.discrete_flow(x, t, beta_1, 27, g)
-        probs = torch.softmax(torch.randn(4, 8, 27, generator=g) * 30, -1)  # nearly one-hot outputs
-        for v in [theta, C.discrete_loss_inf(x, probs, t, beta_1), C.discrete_recon_loss(x, probs),
-                  C.discrete_loss_n(x, probs, torch.tensor([1, 1, 5, 10]), 10, beta_1, g),
+        logits = torch.randn(4, 8, 27, generator=g) * 30  # nearly one-hot outputs
+        probs, log_probs = torch.softmax(logits, -1), torch.log_softmax(logits, -1)
+        for v in [theta, C.discrete_loss_inf(x, probs, t, beta_1), C.discrete_recon_loss(x, log_probs),
+                  C.discrete_loss_n(x, log_probs, torch.tensor([1, 1, 5, 10]), 10, beta_1, g),
                   C.discrete_update(theta, 1e3 * torch.randn(4, 8, 27, generator=g))]:
             assert torch.isfinite(v).all()
         k = C.discrete_sample(lambda th, t: th, (2, 3), 5, beta_1, 27, g)
@@ -523,11 +525,11 @@ def test_losses_run_in_float32_under_autocast():
         x_hat = C.continuous_x_hat(x.bfloat16(), t, torch.randn(4, 6).bfloat16(), 0.01)
         probs = torch.softmax(torch.randn(4, 6, 3), -1).bfloat16()
         xs = torch.randint(0, 3, (4, 6))
-        bin_probs = C.discretised_output(x.bfloat16(), t, x.bfloat16(), x.bfloat16(), 0.01, 16)
+        bin_probs = C.discretised_output(x.bfloat16(), t, x.bfloat16(), x.bfloat16(), 0.01, 16).exp()
         losses = [x_hat, C.continuous_loss_inf(x, x_hat, t, 0.01), C.discretised_loss_inf(x, bin_probs, t, 0.01),
                   C.discrete_loss_inf(xs, probs, t, 3.0),
-                  C.discrete_loss_n(xs, probs, torch.ones(4, dtype=torch.long), 2, 3.0),
-                  C.discrete_recon_loss(xs, probs)]
+                  C.discrete_loss_n(xs, probs.log(), torch.ones(4, dtype=torch.long), 2, 3.0),
+                  C.discrete_recon_loss(xs, probs.log())]
     for v in losses:
         assert v.dtype == torch.float32
 
@@ -583,3 +585,78 @@ def test_discretised_ode_with_the_exact_posterior_reproduces_the_data():
     fn = lambda mu, t: exact_bin_posterior(mu, t, sigma_1, K, pi.log().double()).float()  # noqa: E731
     x = C.discretised_sample_ode(fn, (40_000, 1), 100, sigma_1, K, generator=gen(63))
     assert_frequencies(C.bin_index(x, K), pi)
+
+
+# ---------------------------------------------------------------------------------------------------- precision
+
+def test_one_minus_gamma_and_the_scales_are_exact_in_float32():
+    """With sigma_1 = 0.001, gamma is within an ulp of 1 for t >= 0.5: 1 - gamma must come from sigma_1^(2t) itself.
+    The flow's std and the x_hat scale sqrt((1 - gamma) / gamma) agree with float64 to 1e-6 relative."""
+    sigma_1 = 0.001
+    t = torch.linspace(0.01, 1, 100)
+    t64 = t.double()
+    one_minus_gamma64 = sigma_1 ** (2 * t64)
+    gamma64 = 1 - one_minus_gamma64
+    noise = torch.randn(100, 1, generator=gen(70))
+    std = C.continuous_flow(torch.zeros(100, 1), t, sigma_1, gen(70)) / noise  # x = 0: mu = std z
+    torch.testing.assert_close(std[:, 0].double(), (gamma64 * one_minus_gamma64).sqrt(), rtol=1e-6, atol=0)
+    late = t >= 0.3  # where sqrt((1 - gamma) / gamma) < 1, so the clip of x_hat to [-1, 1] does not apply
+    scale = -C.continuous_x_hat(torch.zeros(100), t, torch.ones(100), sigma_1)
+    torch.testing.assert_close(scale[late].double(), (one_minus_gamma64 / gamma64).sqrt()[late], rtol=1e-6, atol=0)
+    gamma_early64 = -torch.expm1(torch.tensor([2e-6 * math.log(sigma_1)], dtype=torch.float64))
+    gamma_early = C.continuous_gamma(torch.tensor([1e-6]), sigma_1).double()
+    torch.testing.assert_close(gamma_early, gamma_early64, rtol=1e-6, atol=0)
+
+
+def normal_bin_prob64(left, right, mu, sigma):
+    """Phi((right - mu) / sigma) - Phi((left - mu) / sigma) in float64 from erfc, from the nearer tail (exact to about
+    37 sigma)."""
+    a, b = (left - mu) / sigma / math.sqrt(2), (right - mu) / sigma / math.sqrt(2)
+    upper = 0.5 * (torch.erfc(a) - torch.erfc(b))
+    lower = 0.5 * (torch.erfc(-b) - torch.erfc(-a))
+    return torch.where(a > 0, upper, lower)
+
+
+def test_bin_log_probabilities_are_exact_far_into_the_tails():
+    """-ln p_O of a bin up to 30 sigma from the prediction is within 1% of float64 (a float32 CDF difference reads
+    87.3 nats for all of them); far bins on both sides, and the clipped edge bins."""
+    K, sigma = 256, 0.01
+    edges = torch.linspace(-1, 1, K + 1, dtype=torch.float64)
+    for mu in [0.0, 0.5, -0.93]:
+        log_p = C.discretised_log_probs(torch.tensor([mu]), torch.tensor([sigma]), K)[0].double()
+        p64 = normal_bin_prob64(edges[:-1], edges[1:], mu, sigma)
+        p64[0] = 0.5 * torch.erfc(-(edges[1] - mu) / sigma / math.sqrt(2))  # the clipped first bin: Phi(k_r)
+        p64[-1] = 0.5 * torch.erfc((edges[-2] - mu) / sigma / math.sqrt(2))  # the clipped last bin: 1 - Phi(k_l)
+        centres64 = (edges[:-1] + edges[1:]) / 2
+        near = (centres64 - mu).abs() <= 30 * sigma
+        torch.testing.assert_close(-log_p[near], -p64[near].log(), rtol=0.01, atol=1e-4)
+        assert (-log_p[near]).max() > 300  # the far bins really are far
+    x = torch.tensor([[0.3 + 30 * 0.001]])  # the continuous output's L^r, 30 std from x_hat = 0.3
+    recon = C.continuous_recon_loss(x, torch.tensor([[0.3]]), 0.001, 256)
+    k = C.bin_index(x, 256).item()
+    expected = -normal_bin_prob64(edges[k], edges[k + 1], 0.3, 0.001).log()
+    assert recon.item() == pytest.approx(expected.item(), rel=0.01)
+
+
+def test_no_finite_network_output_gives_a_nan_or_inf():
+    """The discretised output clamps ln sigma_eps and sigma_x as the authors' release does: any finite (mu_eps,
+    ln sigma_eps) gives finite log-probabilities that sum to 1, and finite gradients."""
+    mu_eps = torch.tensor([0.0, 1e6, -1e6, 3.0, 0.0, 0.0], requires_grad=True)
+    log_sigma_eps = torch.tensor([0.0, 0.0, 0.0, 1e6, -1e6, 80.0], requires_grad=True)
+    mu, t = torch.full((6,), 0.2), torch.tensor([0.5, 0.5, 0.9, 1.0, 0.3, 1e-3])
+    for K in [16, 256]:
+        log_p = C.discretised_output(mu[:, None], t, mu_eps[:, None], log_sigma_eps[:, None], 0.001, K)
+        assert torch.isfinite(log_p).all()
+        torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(6, 1), rtol=1e-4, atol=1e-4)
+        x = C.bin_centres(K)[torch.tensor([[3], [0], [K - 1], [5], [7], [2]])]
+        (C.discretised_recon_loss(x, log_p).sum() + C.discretised_loss_n(x, log_p, torch.tensor([3] * 6), 5, 0.001,
+                                                                            gen(71)).sum()).backward()
+        assert torch.isfinite(mu_eps.grad).all() and torch.isfinite(log_sigma_eps.grad).all()
+        mu_eps.grad, log_sigma_eps.grad = None, None
+
+
+def test_stratified_steps_use_every_step_equally_and_each_is_uniform():
+    counts = torch.bincount(C.stratified_steps(7, 100, gen(72)), minlength=8)[1:]
+    assert counts.sum() == 100 and counts.max() - counts.min() <= 1  # 100 = 14 x 7 + 2
+    first = torch.stack([C.stratified_steps(7, 3, gen(73 + k))[0] for k in range(7000)])  # one example, many draws
+    assert_frequencies(first - 1, torch.full((7,), 1 / 7))

@@ -2,6 +2,7 @@
 
     python -m pytest -q tests/test_mnist.py
 """
+import contextlib
 import json
 import math
 import os
@@ -44,8 +45,21 @@ def test_three_steps_end_to_end(mnist_dir, tmp_path):
     os.remove(os.path.join(out, "samples.png"))
     run(mnist_dir, out, "--sample-only", "--sampler", "ode")
     assert os.path.exists(os.path.join(out, "samples.png"))
-    run(mnist_dir, out, "--eval-only", "--eval-n", "inf", "2", "5")
-    assert set(json.load(open(os.path.join(out, "eval.json")))["n"]) == {"inf", "2", "5"}
+    run(mnist_dir, out, "--sample-only", "--final", "mode")
+    run(mnist_dir, out, "--eval-only", "--eval-n", "inf", "2", "5", "--eval-repeats", "3")
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert set(ev["n"]) == {"inf", "2", "5"} and ev["repeats"] == 3 and ev["examples"] == 6
+
+
+def test_a_confident_wrong_pixel_is_scored_at_its_true_cost():
+    """A pixel predicted black with log-odds 30 but white in the data costs -ln sigmoid(-30) = 30.0 nats, not the
+    87.3 of an underflowed float32 probability."""
+    net = lambda x, t: torch.full_like(x, 30.0)  # noqa: E731
+    theta = torch.full((1, 28, 28, 2), 0.5)
+    log_p = bfn_mnist.output_log_probs(net, theta, torch.ones(1), contextlib.nullcontext())
+    white = torch.zeros(1, 28, 28, dtype=torch.long)
+    assert -log_p[0, 0, 0, 0].item() == pytest.approx(30.0, rel=1e-6)
+    assert bfn_mnist.discrete_recon_loss(white, log_p).item() == pytest.approx(784 * 30.0, rel=1e-5)
 
 
 
@@ -72,6 +86,8 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     (["--eval-n", "inf", "ten"], "--eval-n takes 'inf' or positive integers"),
     (["--dtype", "float8"], "--dtype must be"),
     (["--sampler", "ddpm"], "--sampler must be paper or ode"),
+    (["--final", "mean"], "--final must be sample or mode, got mean"),
+    (["--eval-repeats", "0"], "--eval-repeats must be >= 1"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
