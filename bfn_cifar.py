@@ -80,7 +80,10 @@ class Config:
     steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
     batch_size: int = opt(32, "examples per process and micro-batch (global: batch size x grad accum x processes)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
-    lr: float = opt(2e-4, "AdamW learning rate (constant)")
+    lr: float = opt(2e-4, "AdamW learning rate (the peak, with a schedule)")
+    lr_warmup: int = opt(0, "steps of linear learning-rate warm-up from 0 (0: none, the paper's)")
+    lr_decay: str = opt("none", "learning-rate decay after the warm-up: none (constant, the paper's), cosine or linear")
+    lr_final: float = opt(0.1, "with --lr-decay: the learning rate at --steps, as a fraction of --lr")
     betas: tuple = opt((0.9, 0.99), "AdamW betas")
     weight_decay: float = opt(0.01, "AdamW weight decay (on the weights of linear and convolution layers only)")
     grad_clip: float = opt(5.0, "clip the gradient norm to this")
@@ -143,6 +146,8 @@ def parse_args(argv=None):
         (cfg.res_blocks < 1, f"--res-blocks must be >= 1, got {cfg.res_blocks}"),
         (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         (cfg.lr <= 0 or cfg.grad_clip <= 0, "--lr and --grad-clip must be > 0"),
+        (cfg.lr_warmup < 0 or cfg.lr_decay not in ("none", "cosine", "linear") or not 0 <= cfg.lr_final <= 1,
+         "--lr-warmup must be >= 0, --lr-decay none, cosine or linear, --lr-final in [0, 1]"),
         (not 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
         (len(cfg.betas) != 2, "--betas takes two numbers"),
         (any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n),
@@ -385,9 +390,11 @@ def evaluate(net, images, cfg, autocast, seed):
     flow = lambda x, t: continuous_flow(x, t, cfg.sigma_1, g)  # noqa: E731
     out = lambda x, t: network_output(net, flow(x, t), t, cfg, autocast)  # noqa: E731  the output at mu ~ p_F(. | x; t)
     losses, recon = {n: [] for n in cfg.eval_n}, []
+    progress = Progress("evaluating", cfg.eval_repeats * math.ceil(len(images) / cfg.eval_batch_size))
     for _ in range(cfg.eval_repeats):
         steps = {n: stratified_steps(int(n), len(images), g, images.device) for n in cfg.eval_n if n != "inf"}
         for start in range(0, len(images), cfg.eval_batch_size):
+            progress.tick()
             x = quantise(images[start:start + cfg.eval_batch_size], cfg.bins)
             B = len(x)
             ones = torch.ones(B, device=x.device)
@@ -402,6 +409,24 @@ def evaluate(net, images, cfg, autocast, seed):
                     loss = loss_n(x, out(x, t), i, int(n), cfg, g)
                 losses[n].append(loss)
     return summarise(losses, recon, cfg)
+
+
+class Progress:
+    """For long evaluations and sampling runs: 'label: done / total | seconds | ETA' at most every 30 seconds."""
+
+    def __init__(self, label, total, every=30.0):
+        self.label, self.total, self.every, self.done = label, total, every, 0
+        self.start = self.last = time.time()
+
+    def tick(self):
+        """One unit of work done; print a line if the last was `every` seconds ago."""
+        self.done += 1
+        now = time.time()
+        if now - self.last >= self.every:
+            eta_min = (now - self.start) / self.done * (self.total - self.done) / 60
+            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta_min:.1f} min",
+                  flush=True)
+            self.last = now
 
 
 def summarise(losses, recon, cfg):
@@ -425,15 +450,21 @@ def sample(net, cfg, autocast, device, out_dir):
     from torchvision.utils import save_image
     g = torch.Generator(device).manual_seed(cfg.seed)
     shape = (cfg.num_samples, 3, 32, 32)
+    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", cfg.sample_steps + 1)
+
+    def output_fn(mu, t):  # x_hat, or p_O(. | mu, t), counting the network calls for the progress line
+        progress.tick()
+        out = network_output(net, mu, t, cfg, autocast)
+        return out if cfg.output == "continuous" else out.exp()
+
     if cfg.output == "continuous":  # p_O is a delta at x_hat: its sample and its mode are x_hat
         sampler = {"paper": continuous_sample, "ode": continuous_sample_ode}[cfg.sampler]
-        x, trajectory = sampler(lambda mu, t: network_output(net, mu, t, cfg, autocast), shape, cfg.sample_steps,
-                                cfg.sigma_1, generator=g, device=device, return_trajectory=True)
+        x, trajectory = sampler(output_fn, shape, cfg.sample_steps, cfg.sigma_1, generator=g, device=device,
+                                return_trajectory=True)
     else:
         sampler = {"paper": discretised_sample, "ode": discretised_sample_ode}[cfg.sampler]
-        x, trajectory = sampler(lambda mu, t: network_output(net, mu, t, cfg, autocast).exp(), shape, cfg.sample_steps,
-                                cfg.sigma_1, cfg.bins, generator=g, device=device, return_trajectory=True,
-                                final_mode=cfg.final == "mode")
+        x, trajectory = sampler(output_fn, shape, cfg.sample_steps, cfg.sigma_1, cfg.bins, generator=g, device=device,
+                                return_trajectory=True, final_mode=cfg.final == "mode")
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
     save_image((x.clamp(-1, 1) + 1) / 2, os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=1)
     times = [k / 10 for k in range(11)]
@@ -587,6 +618,16 @@ def resume(cfg, ctx, model, ema, optimizer, data_id):
     return ckpt["step"]
 
 
+def learning_rate(step, cfg):
+    """The learning rate of optimiser step `step` (0-based): linear warm-up over --lr-warmup steps, then constant
+    (the paper's) or a cosine or linear decay to --lr-final x --lr at --steps."""
+    if step < cfg.lr_warmup:
+        return cfg.lr * (step + 1) / cfg.lr_warmup
+    progress = min(1.0, (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
+    shape = {"none": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.lr_decay]
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape) if cfg.lr_decay != "none" else cfg.lr
+
+
 def peak_memory_mb(device):
     """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
@@ -671,6 +712,9 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
                         f"{grad_norm.item()}): stopping; the last good checkpoint {ckpt_path} is untouched")
                 raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step + 1}")
             loss_sum += step_loss
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -687,7 +731,7 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
                 examples_per_s = steps_done * cfg.batch_size * cfg.grad_accum * ctx.world / seconds
                 ms_per_step = 1000 * seconds / steps_done
                 eta_min = (cfg.steps - step) * seconds / steps_done / 60
-                ctx.log(f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm.item():.3g} | "
+                ctx.log(f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm.item():.3g} | lr {lr:.3g} | "
                         f"{examples_per_s:.1f} examples/s | {ms_per_step:.0f} ms/step | "
                         f"peak mem {peak_memory_mb(ctx.device):.0f} MB | ETA {eta_min:.1f} min")
                 loss_sum.zero_()

@@ -267,3 +267,27 @@ def test_the_first_log_line_comes_early(tmp_path):
                     "--steps", "12", "--log-every", "1000"])
     steps = [line.split(" |")[0] for line in open(os.path.join(out, "log.txt")) if line.startswith("step ")]
     assert int(steps[0].split()[1]) <= 10 and steps[-1] == "step 12"
+
+
+# ---------------------------------------------------------------------------------------------------------- schedule
+
+def test_the_learning_rate_schedule():
+    cfg = bfn_mnist.parse_args(["--lr", "1", "--lr-warmup", "10", "--steps", "110", "--lr-final", "0.1"])
+    assert [bfn_mnist.learning_rate(s, cfg) for s in (0, 4, 9, 10, 60, 109)] == pytest.approx([0.1, 0.5, 1, 1, 1, 1])
+    cfg.lr_decay = "cosine"  # the middle of the decay is halfway between 1 and 0.1; it ends at 0.1
+    assert [bfn_mnist.learning_rate(s, cfg) for s in (10, 60, 110)] == pytest.approx([1, 0.55, 0.1])
+    cfg.lr_decay = "linear"
+    assert [bfn_mnist.learning_rate(s, cfg) for s in (35, 60, 85)] == pytest.approx([0.775, 0.55, 0.325])
+    assert bfn_mnist.parse_args([]).lr_decay == "none" and bfn_mnist.parse_args([]).lr_warmup == 0  # the paper's
+
+
+def test_resume_with_a_schedule_gives_the_same_weights(tmp_path):
+    flags = ["--data-dir", write_mnist(str(tmp_path / "data"))] + NETS[bfn_mnist] + TINY + [
+        "--lr-warmup", "2", "--lr-decay", "cosine", "--lr", "1e-3"]
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    bfn_mnist.main(flags + ["--out-dir", straight, "--steps", "4"])
+    bfn_mnist.main(flags + ["--out-dir", resumed, "--steps", "4", "--ckpt-every", "1"])
+    os.replace(os.path.join(resumed, "ckpt-prev.pt"), os.path.join(resumed, "ckpt.pt"))  # back to step 3
+    bfn_mnist.main(flags + ["--out-dir", resumed, "--steps", "4", "--resume"])
+    assert_same_weights(load(straight), load(resumed))
+    assert "| lr 0.0005 |" in open(os.path.join(straight, "log.txt")).read()  # step 1 of a 2-step warm-up
