@@ -23,6 +23,7 @@ Shapes: B batch, L sequence length (--seq-len), K = 27 symbols, W transformer wi
 import argparse
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -481,8 +482,23 @@ class Context:
                 f.write(line + "\n")
 
 
+def keep_freed_memory():
+    """glibc hands large freed blocks back to the system at once, so every training step faults its activations back
+    into memory (measured on the MNIST quick preset: 22,000 page faults and 8% of the CPU time per step, 10% fewer
+    examples/s). Keep freed memory in the process instead: allocations up to 32 MB come from the heap, which is never
+    trimmed below 1 GB. Returns whether it applied (only with glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # macOS, Windows, musl: their allocators differ, nothing to do
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's parameters, from glibc's malloc.h
+    return all([libc.mallopt(M_MMAP_THRESHOLD, 32 << 20), libc.mallopt(M_TRIM_THRESHOLD, 1 << 30),
+                libc.mallopt(M_TOP_PAD, 256 << 20)])
+
+
 def setup(cfg):
-    """Process group (under torchrun), device, autocast dtype and run directory -> Context."""
+    """Process group (under torchrun), device, autocast dtype, run directory, memory allocator -> Context."""
+    keep_freed_memory()
     rank, local_rank, world = 0, 0, int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
