@@ -531,7 +531,8 @@ def setup(cfg):
     keep_freed_memory()
     rank, local_rank, world = 0, 0, int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
+        on_gpu = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
+        backend = "nccl" if on_gpu else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
         rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
     device = cfg.device
