@@ -5,9 +5,10 @@ Pure functions of tensors, in the paper's order and symbols: continuous data (§
 discrete data (§6); then, beyond the paper, probability-flow ODE samplers for fast generation. No classes, no state,
 no I/O. The three experiment scripts import everything from here; the file depends on torch alone.
 
-References. Sections (§) and Algorithms are numbered alike in every version of the paper; equation numbers moved
-between versions, so each is given with its version, as "arXiv:2308.07037v2, eq. (N)". The results that are not in
-the paper (the exact reduction of the discrete L^n, the ODE samplers) carry their derivation here in full.
+References. Sections (§) and Algorithms are numbered alike in every version of the paper and are the authoritative
+pointers; equation numbers moved between versions, so each is given with its version, as "arXiv:2308.07037v2,
+eq. (N)" (v2 for short), as public implementations cite them. The results that are not in the paper (the exact
+reduction of the discrete L^n, the ODE samplers) carry their derivation here in full.
 
 Conventions
     B batch, D data dimensions (any trailing shape "..."), K bins or classes.
