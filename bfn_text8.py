@@ -99,6 +99,8 @@ class Config:
     # run
     out_dir: str = opt("runs/bfn_text8", "run directory: log.txt, ckpt.pt, eval.json, samples.txt, evolution.txt")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
+    init_from: str = opt("", "start from the weights of another run's ckpt.pt (fresh optimiser, step 0): fine-tune, "
+                             "or evaluate and sample it with --eval-only / --sample-only")
     eval_only: bool = opt(False, "load <out-dir>/ckpt.pt, evaluate on the test set, exit")
     sample_only: bool = opt(False, "load <out-dir>/ckpt.pt, sample, exit")
     seed: int = opt(0, "everything random derives from it")
@@ -159,6 +161,7 @@ def parse_args(argv=None):
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
          f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
         (cfg.eval_only and cfg.sample_only, "--eval-only and --sample-only exclude each other"),
+        (cfg.resume and bool(cfg.init_from), "--resume and --init-from exclude each other"),
     ]:
         if bad:
             p.error(message)
@@ -615,6 +618,42 @@ def learning_rate(step, cfg):
     return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape) if cfg.lr_decay != "none" else cfg.lr
 
 
+def check_shapes(state, model, source):
+    """Stop with one line at the first tensor of `state` whose name or shape does not fit `model`."""
+    own = model.state_dict()
+    for name in sorted(set(own) | set(state)):
+        if name not in state or name not in own or state[name].shape != own[name].shape:
+            have = tuple(state[name].shape) if name in state else "missing"
+            want = tuple(own[name].shape) if name in own else "not in this network"
+            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have} there, "
+                             f"{want} here. Give the network flags of the run that wrote it")
+
+
+def load_weights(cfg, ctx, model, ema):
+    """--init-from: the model and EMA weights of another run's checkpoint; the optimiser and the step count start
+    afresh. Its network settings must be the flags' (checked as for --resume)."""
+    path = cfg.init_from
+    try:
+        ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{SCRIPT}: error: --init-from {path}: no such file")
+    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
+        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is unreadable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})")
+    if isinstance(ckpt, dict) and any(str(k).startswith("net.") for k in ckpt):
+        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is a checkpoint of the authors' release (a flat "
+                         f"state_dict of net.* tensors); this script's network does not have their layout yet")
+    if not isinstance(ckpt, dict) or not {"model", "ema", "config"} <= set(ckpt):
+        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is not a checkpoint written by {SCRIPT}")
+    check_config(cfg, {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)
+                                                                        if f.metadata["fixed"]}}, ctx)
+    for key in ("model", "ema"):
+        check_shapes(ckpt[key], model, path)
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    ctx.log(f"weights from {path} (its step {ckpt.get('step')}); the optimiser and the step count start afresh")
+
+
 def peak_memory_mb(device):
     """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
@@ -750,7 +789,9 @@ def main(argv=None):
         data_id = fingerprint(data)
         model, ema, optimizer = build(cfg, ctx.device)
         step = 0
-        if cfg.resume or cfg.eval_only or cfg.sample_only:
+        if cfg.init_from:
+            load_weights(cfg, ctx, model, ema)
+        elif cfg.resume or cfg.eval_only or cfg.sample_only:
             step = resume(cfg, ctx, model, ema, optimizer, data_id)
         overrides = " ".join(preset_overrides(cfg)) or "none"
         ctx.log(f"config: {json.dumps(dataclasses.asdict(cfg))}")

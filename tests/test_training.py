@@ -299,3 +299,50 @@ def test_freed_memory_stays_in_the_process_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("only glibc's allocator returns freed blocks eagerly")
     assert bfn_mnist.keep_freed_memory() and bfn_cifar.keep_freed_memory() and bfn_text8.keep_freed_memory()
+
+
+# ---------------------------------------------------------------------------------------------------------- init-from
+
+def test_init_from_loads_the_weights_with_a_fresh_optimiser(script, tmp_path):
+    module, flags = script
+    source, tuned, scored = str(tmp_path / "source"), str(tmp_path / "tuned"), str(tmp_path / "scored")
+    module.main(flags + ["--out-dir", source, "--steps", "2"])
+    ckpt = os.path.join(source, "ckpt.pt")
+    cfg = module.parse_args(flags + ["--out-dir", tuned, "--init-from", ckpt])
+    ctx = module.setup(cfg)
+    model, ema, _ = module.build(cfg, ctx.device)
+    module.load_weights(cfg, ctx, model, ema)
+    assert_same_weights(load(source), {"model": model.state_dict(), "ema": ema.state_dict()})
+    module.main(flags + ["--out-dir", tuned, "--steps", "1", "--init-from", ckpt, "--lr", "1e-3"])  # fine-tune
+    assert load(tuned)["step"] == 1 and load(tuned)["optimizer"]["state"][0]["step"] == 1  # a fresh AdamW
+    assert "weights from" in open(os.path.join(tuned, "log.txt")).read()
+    module.main(flags + ["--out-dir", scored, "--eval-only", "--init-from", ckpt])  # no checkpoint of its own needed
+    assert os.path.exists(os.path.join(scored, "eval.json"))
+
+
+def test_init_from_refuses_what_does_not_fit(tmp_path, capsys):
+    flags = ["--data-dir", write_mnist(str(tmp_path / "data"))] + NETS[bfn_mnist] + TINY
+    source = str(tmp_path / "source")
+    bfn_mnist.main(flags + ["--out-dir", source, "--steps", "1"])
+    ckpt = os.path.join(source, "ckpt.pt")
+    run = flags + ["--out-dir", str(tmp_path / "run"), "--steps", "1"]
+    with pytest.raises(SystemExit, match="--channels 8 in the checkpoint, 16 now"):
+        bfn_mnist.main(run + ["--init-from", ckpt, "--channels", "16"])
+    authors = str(tmp_path / "authors.pt")
+    torch.save({"net.conv_in.weight": torch.zeros(3)}, authors)
+    with pytest.raises(SystemExit, match="a checkpoint of the authors' release"):
+        bfn_mnist.main(run + ["--init-from", authors])
+    other = str(tmp_path / "other.pt")
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(SystemExit, match="is not a checkpoint written by bfn_mnist.py"):
+        bfn_mnist.main(run + ["--init-from", other])
+    state = load(source)
+    state["model"]["out.2.weight"] = torch.zeros(2, 8, 3, 3)
+    torch.save(state, other)
+    with pytest.raises(SystemExit, match=r"tensor out.2.weight is \(2, 8, 3, 3\) there, \(1, 8, 3, 3\) here"):
+        bfn_mnist.main(run + ["--init-from", other])
+    with pytest.raises(SystemExit, match="no such file"):
+        bfn_mnist.main(run + ["--init-from", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit):
+        bfn_mnist.parse_args(["--resume", "--init-from", ckpt])
+    assert "--resume and --init-from exclude each other" in capsys.readouterr().err
