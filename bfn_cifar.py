@@ -48,7 +48,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (bin_centres, continuous_flow, continuous_loss_inf, continuous_loss_n, continuous_recon_loss,
                     continuous_sample, continuous_sample_ode, continuous_x_hat, discretised_loss_inf,
-                    discretised_loss_n, discretised_output, discretised_recon_loss, discretised_sample,
+                    discretised_log_probs, discretised_loss_n, discretised_output, discretised_probs,
+                    discretised_recon_loss, discretised_sample,
                     discretised_sample_ode, stratified_steps)
 
 SCRIPT, UNIT = "bfn_cifar.py", "bits/dim"
@@ -344,27 +345,28 @@ class UNet(nn.Module):
 # BFN glue: the network as the output distribution of continuous (§4.6) or discretised (§5.3) data, and the losses.
 
 def network_output(net, mu, t, cfg, autocast):
-    """x_hat (B, 3, 32, 32) for --output continuous; ln p_O (B, 3, 32, 32, K) for discretised. In float32."""
+    """x_hat (B, 3, 32, 32) for --output continuous; for discretised, (mu_x, sigma_x) (B, 3, 32, 32) each, the
+    parameters of p_O (§5.3). In float32."""
     with autocast:
         out = net(mu, t)
     out = out.float()
     if cfg.output == "continuous":
         return continuous_x_hat(mu, t, out, cfg.sigma_1)
-    return discretised_output(mu, t, out[:, :3], out[:, 3:], cfg.sigma_1, cfg.bins)
+    return discretised_output(mu, t, out[:, :3], out[:, 3:], cfg.sigma_1)
 
 
 def loss_inf(x, out, t, cfg):
     """L^inf (§4.12 or §5.5) of x (B, 3, 32, 32) given the network's output at t. Returns (B,) nats/image."""
     if cfg.output == "continuous":
         return continuous_loss_inf(x, out, t, cfg.sigma_1)
-    return discretised_loss_inf(x, out.exp(), t, cfg.sigma_1)
+    return discretised_loss_inf(x, discretised_probs(*out, cfg.bins), t, cfg.sigma_1)
 
 
 def loss_n(x, out, i, n, cfg, generator):
     """L^n (§4.10 or §5.4) of x (B, 3, 32, 32) given the network's output at t_{i-1}. Returns (B,) nats/image."""
     if cfg.output == "continuous":
         return continuous_loss_n(x, out, i, n, cfg.sigma_1)
-    return discretised_loss_n(x, out, i, n, cfg.sigma_1, generator)
+    return discretised_loss_n(x, discretised_log_probs(*out, cfg.bins), i, n, cfg.sigma_1, generator)
 
 
 def recon_loss(x, out, cfg):
@@ -373,7 +375,7 @@ def recon_loss(x, out, cfg):
     0.7 sigma_1 for 16 bins, as in the authors' released configurations."""
     if cfg.output == "continuous":
         return continuous_recon_loss(x, out, cfg.sigma_1 if cfg.bins == 256 else 0.7 * cfg.sigma_1, cfg.bins)
-    return discretised_recon_loss(x, out)
+    return discretised_recon_loss(x, discretised_log_probs(*out, cfg.bins))
 
 
 def train_loss(net, x, cfg, autocast):
@@ -459,7 +461,7 @@ def sample(net, cfg, autocast, device, out_dir):
     def output_fn(mu, t):  # x_hat, or p_O(. | mu, t), counting the network calls for the progress line
         progress.tick()
         out = network_output(net, mu, t, cfg, autocast)
-        return out if cfg.output == "continuous" else out.exp()
+        return out if cfg.output == "continuous" else discretised_probs(*out, cfg.bins)
 
     if cfg.output == "continuous":  # p_O is a delta at x_hat: its sample and its mode are x_hat
         sampler = {"paper": continuous_sample, "ode": continuous_sample_ode}[cfg.sampler]

@@ -203,6 +203,25 @@ def _log_bin_prob(left, right, mu_x, sigma_x):
     return torch.where(first | last, edge, interior)
 
 
+def _clipped_cdf(z, mu_x, sigma_x):
+    """§5.2: the Normal(mu_x, sigma_x) CDF G clipped to 0 at z <= -1 and 1 at z >= 1."""
+    g = 0.5 * (1 + torch.erf((z - mu_x) / (sigma_x * math.sqrt(2))))
+    return torch.where(z <= -1, torch.zeros_like(g), torch.where(z >= 1, torch.ones_like(g), g))
+
+
+def discretised_probs(mu_x, sigma_x, K):
+    """§5.2, arXiv:2308.07037v2, eq. (108): p_O(k) = G(k_r) - G(k_l) with G the clipped Normal(mu_x, sigma_x) CDF,
+    so the first and last bins absorb the tails and the K probabilities sum to 1. A plain CDF difference: cheap, and
+    exact enough for expectations (L^inf's k_hat) and sampling; it underflows in the far tails, so scoring data
+    (L^n, L^r) uses discretised_log_probs. (B, ...) -> (B, ..., K).
+    """
+    mu_x = _full_precision(mu_x)[..., None]
+    sigma_x = _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
+    edges = torch.linspace(-1, 1, K + 1, device=mu_x.device, dtype=mu_x.dtype)
+    cdf = _clipped_cdf(edges, mu_x, sigma_x)  # (B, ..., K + 1)
+    return (cdf[..., 1:] - cdf[..., :-1]).clamp_min(0)
+
+
 def discretised_log_probs(mu_x, sigma_x, K):
     """§5.2, arXiv:2308.07037v2, eq. (108): ln p_O(k) = ln [G(k_r) - G(k_l)] with G the clipped Normal(mu_x, sigma_x)
     CDF, so the first and last bins absorb the tails and the K probabilities sum to 1; in log space, exact far into
@@ -214,9 +233,10 @@ def discretised_log_probs(mu_x, sigma_x, K):
     return _log_bin_prob(edges[:-1], edges[1:], mu_x, sigma_x)
 
 
-def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, K, t_min=1e-6, sigma_x_range=(1e-3, 10.0)):
+def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, t_min=1e-6, sigma_x_range=(1e-3, 10.0)):
     """§5.3: mu_x = mu / gamma - sqrt((1 - gamma) / gamma) mu_eps, sigma_x = sqrt((1 - gamma) / gamma) exp(ln
-    sigma_eps); mu_x = 0, sigma_x = 1 for t < t_min. Returns ln p_O (B, ..., K).
+    sigma_eps); mu_x = 0, sigma_x = 1 for t < t_min. Returns (mu_x, sigma_x), each (B, ...): p_O is
+    discretised_probs(mu_x, sigma_x, K), or in log space discretised_log_probs(mu_x, sigma_x, K).
 
     As the authors' released models were trained (not in the paper): ln sigma_eps is clamped to [-10, 10] before the
     exp, and sigma_x to sigma_x_range = [1e-3, 10]. This bounds how sharp or flat p_O can be, so that no finite
@@ -230,7 +250,7 @@ def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, K, t_min=1e-6, sig
     mu_x = torch.where(small, torch.zeros_like(mu), mu / gamma - scale * mu_eps)
     sigma_x = (scale * log_sigma_eps.clamp(-10, 10).exp()).clamp(*sigma_x_range)
     sigma_x = torch.where(small, torch.ones_like(mu), sigma_x)
-    return discretised_log_probs(mu_x, sigma_x, K)
+    return mu_x, sigma_x
 
 
 def discretised_loss_n(x, log_probs, i, n, sigma_1, generator=None):

@@ -247,7 +247,8 @@ def test_discretised_probs_sum_to_one_and_match_the_cdf():
     K = 10
     mu_x = torch.randn(50, 3, generator=g) * 1.5
     sigma_x = torch.rand(50, 3, generator=g) * 0.8 + 0.01
-    probs = C.discretised_log_probs(mu_x, sigma_x, K).exp()
+    probs = C.discretised_probs(mu_x, sigma_x, K)
+    torch.testing.assert_close(C.discretised_log_probs(mu_x, sigma_x, K).exp(), probs, atol=1e-6, rtol=1e-4)
     assert probs.shape == (50, 3, K) and (probs >= 0).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(50, 3))
     cdf = Normal(mu_x[..., None], sigma_x[..., None]).cdf(torch.linspace(-1, 1, K + 1))
@@ -266,10 +267,10 @@ def test_discretised_output_recovers_the_data_from_the_true_noise_and_is_uniform
     t = torch.tensor([0.2, 0.6, 1.0])
     gamma = 1 - sigma_1 ** (2 * t.double())[:, None, None]  # in float64, independently of common.py
     mu = (gamma * x + (gamma * (1 - gamma)).sqrt() * eps).float()
-    probs = C.discretised_output(mu, t, eps, torch.full_like(mu, -12.0), sigma_1, K).exp()
+    probs = C.discretised_log_probs(*C.discretised_output(mu, t, eps, torch.full_like(mu, -12.0), sigma_1), K).exp()
     assert probs.shape == (3, 4, 4, K)
     assert (probs.argmax(-1) == C.bin_index(x, K)).all() and (probs.max(-1).values > 0.999).all()
-    at_0 = C.discretised_output(mu, torch.zeros(3), eps, torch.zeros_like(mu), sigma_1, K).exp()
+    at_0 = C.discretised_probs(*C.discretised_output(mu, torch.zeros(3), eps, torch.zeros_like(mu), sigma_1), K)
     edges = torch.linspace(-1, 1, K + 1)
     cdf = Normal(0.0, 1.0).cdf(edges)
     torch.testing.assert_close(at_0[0, 0, 0, 1:-1], cdf[2:-1] - cdf[1:-2])
@@ -496,7 +497,7 @@ def test_no_nan_or_inf_at_the_extremes():
         mu = C.continuous_flow(x, t, sigma_1, g)
         eps = torch.randn(4, 8, generator=g)
         x_hat = C.continuous_x_hat(mu, t, eps, sigma_1)
-        log_probs = C.discretised_output(mu, t, eps, eps, sigma_1, 256)
+        log_probs = C.discretised_log_probs(*C.discretised_output(mu, t, eps, eps, sigma_1), 256)
         for v in [mu, x_hat, log_probs, C.continuous_loss_inf(x, x_hat, t, sigma_1),
                   C.continuous_loss_n(x, x_hat, torch.tensor([1, 1, 5, 10]), 10, sigma_1),
                   C.continuous_recon_loss(x, x_hat, sigma_1, 256),
@@ -525,7 +526,7 @@ def test_losses_run_in_float32_under_autocast():
         x_hat = C.continuous_x_hat(x.bfloat16(), t, torch.randn(4, 6).bfloat16(), 0.01)
         probs = torch.softmax(torch.randn(4, 6, 3), -1).bfloat16()
         xs = torch.randint(0, 3, (4, 6))
-        bin_probs = C.discretised_output(x.bfloat16(), t, x.bfloat16(), x.bfloat16(), 0.01, 16).exp()
+        bin_probs = C.discretised_probs(*C.discretised_output(x.bfloat16(), t, x.bfloat16(), x.bfloat16(), 0.01), 16)
         losses = [x_hat, C.continuous_loss_inf(x, x_hat, t, 0.01), C.discretised_loss_inf(x, bin_probs, t, 0.01),
                   C.discrete_loss_inf(xs, probs, t, 3.0),
                   C.discrete_loss_n(xs, probs.log(), torch.ones(4, dtype=torch.long), 2, 3.0),
@@ -645,7 +646,8 @@ def test_no_finite_network_output_gives_a_nan_or_inf():
     log_sigma_eps = torch.tensor([0.0, 0.0, 0.0, 1e6, -1e6, 80.0], requires_grad=True)
     mu, t = torch.full((6,), 0.2), torch.tensor([0.5, 0.5, 0.9, 1.0, 0.3, 1e-3])
     for K in [16, 256]:
-        log_p = C.discretised_output(mu[:, None], t, mu_eps[:, None], log_sigma_eps[:, None], 0.001, K)
+        log_p = C.discretised_log_probs(*C.discretised_output(mu[:, None], t, mu_eps[:, None], log_sigma_eps[:, None],
+                                                              0.001), K)
         assert torch.isfinite(log_p).all()
         torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(6, 1), rtol=1e-4, atol=1e-4)
         x = C.bin_centres(K)[torch.tensor([[3], [0], [K - 1], [5], [7], [2]])]
