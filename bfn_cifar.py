@@ -175,10 +175,14 @@ def parse_args(argv=None):
     return cfg
 
 
+def flag_value(value):
+    """A setting's value as the command line writes it: flag_value(("inf", "10")) = "inf 10"."""
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 def as_flag(name, value):
-    """A setting as the command line writes it: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
-    text = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-    return f"--{name.replace('_', '-')} {text}"
+    """A setting and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
+    return f"--{name.replace('_', '-')} {flag_value(value)}"
 
 
 def preset_overrides(cfg):
@@ -608,27 +612,26 @@ def load_checkpoint(ctx):
                      f"or sample from")
 
 
-def check_config(cfg, saved, ctx):
-    """Stop, naming each flag, if a setting that fixes the model or the data differs from the checkpoint's; log the
-    other differences (steps, intervals, evaluation, sampling, device, ...), which are safe."""
+def check_config(cfg, saved, ctx, source, log_changes=True):
+    """Stop, naming each flag, if a setting that fixes the model or the data differs from the checkpoint's (`source`
+    names it); log the other differences (steps, intervals, evaluation, sampling, device, ...), which are safe."""
     now = dataclasses.asdict(cfg)
     fixed = {f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]}
-    modes = {"preset", "resume", "eval_only", "sample_only"}
+    modes = {"preset", "resume", "eval_only", "sample_only", "init_from"}
     differ = [k for k in now if k not in modes and k in saved and now[k] != type(now[k])(saved[k])]
     if any(k in fixed for k in differ):
-        changes = [f"{as_flag(k, saved[k])} in the checkpoint, {as_flag(k, now[k]).split(' ', 1)[1]} now"
-                   for k in differ if k in fixed]
-        raise SystemExit(f"{SCRIPT}: error: the checkpoint in {ctx.out_dir} was made with other model or data "
-                         f"settings: {'; '.join(changes)}. Give the checkpoint's values, or another --out-dir")
-    if differ:
-        changes = [f"{as_flag(k, saved[k])} -> {as_flag(k, now[k]).split(' ', 1)[1]}" for k in differ]
+        changes = [f"{as_flag(k, saved[k])} in the checkpoint, {flag_value(now[k])} now" for k in differ if k in fixed]
+        raise SystemExit(f"{SCRIPT}: error: {source} was made with other model or data settings: "
+                         f"{'; '.join(changes)}. Give the checkpoint's values")
+    if differ and log_changes:
+        changes = [f"{as_flag(k, saved[k])} -> {flag_value(now[k])}" for k in differ]
         ctx.log("changed since the checkpoint: " + ", ".join(changes))
 
 
 def resume(cfg, ctx, model, ema, optimizer, data_id):
     """Load the checkpoint in --out-dir into model, EMA and optimiser after checking its settings. Returns its step."""
     ckpt = load_checkpoint(ctx)
-    check_config(cfg, ckpt["config"], ctx)
+    check_config(cfg, ckpt["config"], ctx, f"the checkpoint in {ctx.out_dir} (use another --out-dir for a new run)")
     if ckpt.get("data") != data_id:
         message = f"the checkpoint was trained on other data ({ckpt.get('data')}; now {data_id})"
         if cfg.resume:
@@ -677,8 +680,7 @@ def load_weights(cfg, ctx, model, ema):
                          f"state_dict of net.* tensors); this script's network does not have their layout yet")
     if not isinstance(ckpt, dict) or not {"model", "ema", "config"} <= set(ckpt):
         raise SystemExit(f"{SCRIPT}: error: --init-from {path} is not a checkpoint written by {SCRIPT}")
-    check_config(cfg, {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)
-                                                                        if f.metadata["fixed"]}}, ctx)
+    check_config(cfg, ckpt["config"], ctx, f"--init-from {path}", log_changes=False)
     for key in ("model", "ema"):
         check_shapes(ckpt[key], model, path)
     model.load_state_dict(ckpt["model"])

@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny synthetic datasets written in the real on-disk formats (no network, no ../shared)."""
+"""Shared test helpers: tiny synthetic datasets written in the real on-disk formats, so no test needs the network or
+a real dataset."""
 import gzip
 import os
 import struct
