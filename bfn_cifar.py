@@ -103,8 +103,8 @@ class Config:
     # run
     out_dir: str = opt("runs/bfn_cifar", "run directory: log.txt, ckpt.pt, eval.json, samples.png, evolution.png")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
-    init_from: str = opt("", "start from the weights of another run's ckpt.pt (fresh optimiser, step 0): fine-tune, "
-                             "or evaluate and sample it with --eval-only / --sample-only")
+    init_from: str = opt("", "start from the weights of another run's ckpt.pt or of an authors' checkpoint (fresh "
+                             "optimiser, step 0): fine-tune, or evaluate and sample with --eval-only / --sample-only")
     eval_only: bool = opt(False, "load <out-dir>/ckpt.pt, evaluate on the test set, exit")
     sample_only: bool = opt(False, "load <out-dir>/ckpt.pt, sample, exit")
     seed: int = opt(0, "everything random derives from it")
@@ -257,49 +257,59 @@ def to_unit(nats, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Network: the VDM-style U-Net of the paper's CIFAR-10 experiment: every block at full resolution, attention in the
-# middle, Fourier features of the input.
+# Network: the authors' VDM-style U-Net for CIFAR-10 (every block at full resolution, one attention head in the middle,
+# Fourier features of the input), tensor for tensor: their parameter names (inside `net.`, see from_authors), shapes
+# and function.
 
 def group_norm(c):
-    """GroupNorm with 32 groups, or fewer when c is not a multiple of 32."""
+    """GroupNorm with 32 groups (the authors'), or fewer when c is not a multiple of 32."""
     return nn.GroupNorm(math.gcd(32, c), c)
 
 
+def zero(layer):
+    """The layer with its weights (and bias) set to zero: a residual branch that starts switched off."""
+    for p in layer.parameters():
+        nn.init.zeros_(p)
+    return layer
+
+
 def time_embedding(t, dim):
-    """Sinusoidal features of 1000 t. (B,) -> (B, dim)."""
-    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    args = 1000 * t.float()[:, None] * freqs  # (B, dim / 2)
-    return torch.cat([args.cos(), args.sin()], -1)
+    """VDM's sinusoidal features [sin, cos] of 1000 (t + 0.001), frequencies 10^(-4 k / (dim / 2 - 1)).
+    (B,) -> (B, dim)."""
+    freqs = torch.logspace(0, -4, dim // 2, device=t.device)
+    args = 1000 * (t.float() + 0.001)[:, None] * freqs  # (B, dim / 2)
+    return torch.cat([args.sin(), args.cos()], -1)
 
 
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv; plus the time embedding; GroupNorm, SiLU, dropout, conv; plus the (projected) input."""
+    """GroupNorm, SiLU, conv; plus a projection of the time embedding (no bias, starts at zero); GroupNorm, SiLU,
+    dropout, conv; plus the (projected) input."""
 
     def __init__(self, c_in, c_out, c_emb, dropout):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(c_emb, c_out)
-        self.norm2, self.drop = group_norm(c_out), nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.net1 = nn.Sequential(group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.cond_proj = zero(nn.Linear(c_emb, c_out, bias=False))
+        self.net2 = nn.Sequential(group_norm(c_out), nn.SiLU(), nn.Dropout(dropout),
+                                  zero(nn.Conv2d(c_out, c_out, 3, padding=1)))
+        self.skip_conv = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):  # (B, c_in, H, W), (B, c_emb) -> (B, c_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]  # (B, c_out, H, W)
-        return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+        h = self.net1(x) + self.cond_proj(emb)[:, :, None, None]  # (B, c_out, H, W)
+        return self.skip_conv(x) + self.net2(h)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention over the H x W positions, with a residual connection."""
 
-    def __init__(self, c, heads=4):
+    def __init__(self, c, heads=1):
         super().__init__()
         self.heads, self.norm = heads, group_norm(c)
-        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.qkv, self.proj_out = nn.Conv2d(c, 3 * c, 1), zero(nn.Conv2d(c, c, 1))
 
-    def forward(self, x, emb=None):  # (B, C, H, W) -> (B, C, H, W)
+    def forward(self, x):  # (B, C, H, W) -> (B, C, H, W)
         qkv = rearrange(self.qkv(self.norm(x)), "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
         h = F.scaled_dot_product_attention(*qkv.contiguous())  # (B, heads, H W, C / heads); contiguous: fast on CPU
-        return x + self.proj(rearrange(h, "b h (y x) d -> b (h d) y x", y=x.shape[2]))
+        return x + self.proj_out(rearrange(h, "b h (y x) d -> b (h d) y x", y=x.shape[2]))
 
 
 def fourier_features(x, exponents=(6, 7)):
@@ -310,39 +320,52 @@ def fourier_features(x, exponents=(6, 7)):
 
 
 class UNet(nn.Module):
-    """Psi(mu, t): input mean mu (B, 3, 32, 32) and t (B,); output (B, c_out, 32, 32): the noise eps_hat (c_out = 3,
-    continuous) or (mu_eps, ln sigma_eps) (c_out = 6, discretised)."""
+    """Psi(mu, t): input mean mu (B, 3, 32, 32) and t (B,); output (B, n_out, 3, 32, 32): the noise eps_hat (n_out = 1,
+    continuous) or (mu_eps, ln sigma_eps) (n_out = 2, discretised).
+    The U-Net's output features are concatenated with mu, and a linear layer gives each pixel's n_out x 3 outputs."""
 
-    def __init__(self, channels=128, res_blocks=32, dropout=0.1, c_in=3, c_out=3):
+    def __init__(self, channels=128, res_blocks=32, dropout=0.1, n_out=1):
         super().__init__()
         c_emb, ch = 4 * channels, channels
-        self.channels = channels
-        self.emb = nn.Sequential(nn.Linear(channels, c_emb), nn.SiLU(), nn.Linear(c_emb, c_emb))
-        self.conv_in = nn.Conv2d(c_in * 5, ch, 3, padding=1)  # the input and its 4 Fourier features per channel
-        self.down = nn.ModuleList([ResBlock(ch, ch, c_emb, dropout) for _ in range(res_blocks)])
-        self.mid = nn.ModuleList([ResBlock(ch, ch, c_emb, dropout), Attention(ch), ResBlock(ch, ch, c_emb, dropout)])
-        self.up = nn.ModuleList([ResBlock(2 * ch, ch, c_emb, dropout) for _ in range(res_blocks + 1)])
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, c_out, 3, padding=1))
-        # initialisation: every residual branch and the output start at zero, so the untrained network outputs 0
-        zero = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
-        zero += [m.proj for m in self.modules() if isinstance(m, Attention)] + [self.out[-1]]
-        for layer in zero:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.channels, self.n_out = channels, n_out
+        self.embed_conditioning = nn.Sequential(nn.Linear(ch, c_emb), nn.SiLU(), nn.Linear(c_emb, c_emb), nn.SiLU())
+        self.conv_in = nn.Conv2d(3 * 5, ch, 3, padding=1)  # the input and its 4 Fourier features per channel
+        self.down_blocks = nn.ModuleList([ResBlock(ch, ch, c_emb, dropout) for _ in range(res_blocks)])
+        self.mid_resnet_block_1 = ResBlock(ch, ch, c_emb, dropout)
+        self.mid_attn_block = Attention(ch)
+        self.mid_resnet_block_2 = ResBlock(ch, ch, c_emb, dropout)
+        self.up_blocks = nn.ModuleList([ResBlock(2 * ch, ch, c_emb, dropout) for _ in range(res_blocks + 1)])
+        self.conv_out = nn.Sequential(group_norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, ch, 3, padding=1)))
+        self.output_projection = nn.Linear(3 + ch, 3 * n_out)
 
-    def forward(self, x, t):  # (B, 3, H, W), (B,) -> (B, c_out, H, W)
-        emb = self.emb(time_embedding(t, self.channels))  # (B, 4 channels)
+    def forward(self, x, t):  # (B, 3, H, W), (B,) -> (B, n_out, 3, H, W)
+        emb = self.embed_conditioning(time_embedding(t, self.channels))  # (B, 4 channels)
         h = self.conv_in(torch.cat([x, fourier_features(x)], 1))  # (B, 15, H, W) -> (B, channels, H, W)
         hs = [h]
-        for layer in self.down:
-            h = layer(h, emb)
+        for block in self.down_blocks:
+            h = block(h, emb)
             hs.append(h)
-        for layer in self.mid:
-            h = layer(h, emb)
-        for layer in self.up:
-            h = torch.cat([h, hs.pop()], 1)  # (B, 2 channels, H, W): the skip connection
-            h = layer(h, emb)
-        return self.out(h)
+        h = self.mid_resnet_block_2(self.mid_attn_block(self.mid_resnet_block_1(h, emb)), emb)
+        for block in self.up_blocks:
+            h = block(torch.cat([h, hs.pop()], 1), emb)  # (B, 2 channels, H, W): the skip connection
+        out = torch.cat([x, self.conv_out(h)], 1).permute(0, 2, 3, 1)  # (B, H, W, 3 + channels)
+        return rearrange(self.output_projection(out), "b y x (c o) -> b o c y x", o=self.n_out)
+
+
+def from_authors(state):
+    """A state_dict of the authors' BFN module (`net.` + their names) -> this network's. Their input adapter holds
+    only fixed features (not used by this network)."""
+    state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    state = {k: v for k, v in state.items() if not k.startswith("input_adapter.")}
+    renames = [("output_adapter.output_projection.", "output_projection."), (".resnet_block.", "."),
+               ("attn_block.layers.0.", "attn_block.norm."), ("attn_block.layers.1.", "attn_block.qkv."),
+               ("attn_block.layers.3.", "attn_block.proj_out.")]
+    for old, new in renames:
+        state = {k.replace(old, new): v for k, v in state.items()}
+    return state
+
+
+NETWORK_FLAGS = "--channels, --res-blocks, --output"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -353,10 +376,10 @@ def network_output(net, mu, t, cfg, autocast):
     parameters of p_O (§5.3). In float32."""
     with autocast:
         out = net(mu, t)
-    out = out.float()
+    out = out.float()  # (B, 1 or 2, 3, 32, 32)
     if cfg.output == "continuous":
-        return continuous_x_hat(mu, t, out, cfg.sigma_1)
-    return discretised_output(mu, t, out[:, :3], out[:, 3:], cfg.sigma_1)
+        return continuous_x_hat(mu, t, out[:, 0], cfg.sigma_1)
+    return discretised_output(mu, t, out[:, 0], out[:, 1], cfg.sigma_1)
 
 
 def loss_inf(x, out, t, cfg):
@@ -560,7 +583,7 @@ def setup(cfg):
 def build(cfg, device):
     """The network, its EMA copy (evaluation and sampling) and AdamW, with weight decay on weights only."""
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = UNet(cfg.channels, cfg.res_blocks, cfg.dropout, c_out=3 if cfg.output == "continuous" else 6).to(device)
+    model = UNet(cfg.channels, cfg.res_blocks, cfg.dropout, n_out=1 if cfg.output == "continuous" else 2).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, positions
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
@@ -661,7 +684,7 @@ def check_shapes(state, model, source):
             have = tuple(state[name].shape) if name in state else "missing"
             want = tuple(own[name].shape) if name in own else "not in this network"
             raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have} there, "
-                             f"{want} here. Give the network flags of the run that wrote it")
+                             f"{want} here. Give the network flags ({NETWORK_FLAGS}) of the run that wrote it")
 
 
 def load_weights(cfg, ctx, model, ema):
@@ -675,11 +698,17 @@ def load_weights(cfg, ctx, model, ema):
     except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
         raise SystemExit(f"{SCRIPT}: error: --init-from {path} is unreadable ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]})")
-    if isinstance(ckpt, dict) and any(str(k).startswith("net.") for k in ckpt):
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is a checkpoint of the authors' release (a flat "
-                         f"state_dict of net.* tensors); this script's network does not have their layout yet")
+    if isinstance(ckpt, dict) and any(str(k).startswith("net.") for k in ckpt):  # the authors' release
+        state = from_authors(ckpt)
+        check_shapes(state, model, path)
+        model.load_state_dict(state)
+        ema.load_state_dict(state)
+        ctx.log(f"weights from {path} (the authors' layout, into the model and its EMA); the optimiser and the step "
+                f"count start afresh")
+        return
     if not isinstance(ckpt, dict) or not {"model", "ema", "config"} <= set(ckpt):
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is not a checkpoint written by {SCRIPT}")
+        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is neither a checkpoint written by {SCRIPT} nor one of "
+                         f"the authors' release (a state_dict of net.* tensors)")
     check_config(cfg, ckpt["config"], ctx, f"--init-from {path}", log_changes=False)
     for key in ("model", "ema"):
         check_shapes(ckpt[key], model, path)

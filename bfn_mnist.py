@@ -97,8 +97,8 @@ class Config:
     # run
     out_dir: str = opt("runs/bfn_mnist", "run directory: log.txt, ckpt.pt, eval.json, samples.png, evolution.png")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
-    init_from: str = opt("", "start from the weights of another run's ckpt.pt (fresh optimiser, step 0): fine-tune, "
-                             "or evaluate and sample it with --eval-only / --sample-only")
+    init_from: str = opt("", "start from the weights of another run's ckpt.pt or of an authors' checkpoint (fresh "
+                             "optimiser, step 0): fine-tune, or evaluate and sample with --eval-only / --sample-only")
     eval_only: bool = opt(False, "load <out-dir>/ckpt.pt, evaluate on the test set, exit")
     sample_only: bool = opt(False, "load <out-dir>/ckpt.pt, sample, exit")
     seed: int = opt(0, "everything random derives from it")
@@ -267,17 +267,25 @@ def to_unit(nats, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Network: the improved-diffusion U-Net of the paper's MNIST experiment (mults (1, 2, 2), attention in the middle).
+# Network: the authors' improved-diffusion U-Net for MNIST (mults (1, 2, 2), attention in the middle), tensor for
+# tensor: their parameter names (without the `net.` prefix), shapes and function, so their checkpoints load as they are.
 
 def group_norm(c):
-    """GroupNorm with 32 groups, or fewer when c is not a multiple of 32."""
+    """GroupNorm with 32 groups (the authors'), or fewer when c is not a multiple of 32."""
     return nn.GroupNorm(math.gcd(32, c), c)
 
 
+def zero(layer):
+    """The layer with its weights and bias set to zero: a residual branch that starts switched off."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 def time_embedding(t, dim):
-    """Sinusoidal features of 1000 t. (B,) -> (B, dim)."""
+    """Sinusoidal features [cos, sin] of 4000 t (the authors' scale). (B,) -> (B, dim)."""
     freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    args = 1000 * t.float()[:, None] * freqs  # (B, dim / 2)
+    args = 4000 * t.float()[:, None] * freqs  # (B, dim / 2)
     return torch.cat([args.cos(), args.sin()], -1)
 
 
@@ -286,99 +294,122 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in, c_out, c_emb, dropout):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(c_emb, c_out)
-        self.norm2, self.drop = group_norm(c_out), nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.in_layers = nn.Sequential(group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(c_emb, c_out))
+        self.out_layers = nn.Sequential(group_norm(c_out), nn.SiLU(), nn.Dropout(dropout),
+                                        zero(nn.Conv2d(c_out, c_out, 3, padding=1)))
+        self.skip_connection = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):  # (B, c_in, H, W), (B, c_emb) -> (B, c_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]  # (B, c_out, H, W)
-        return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]  # (B, c_out, H, W)
+        return self.skip_connection(x) + self.out_layers(h)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H x W positions, with a residual connection."""
+    """Multi-head self-attention over the H x W positions, with a residual connection; the qkv channels are laid out
+    per head (q, k, v of head 0, then of head 1, ...), as in the authors' network."""
 
     def __init__(self, c, heads=4):
         super().__init__()
         self.heads, self.norm = heads, group_norm(c)
-        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.qkv, self.proj_out = nn.Conv1d(c, 3 * c, 1), zero(nn.Conv1d(c, c, 1))
 
-    def forward(self, x, emb=None):  # (B, C, H, W) -> (B, C, H, W)
-        qkv = rearrange(self.qkv(self.norm(x)), "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
+    def forward(self, x):  # (B, C, H, W) -> (B, C, H, W)
+        h = x.flatten(2)  # (B, C, H W)
+        qkv = rearrange(self.qkv(self.norm(h)), "b (h three d) s -> three b h s d", three=3, h=self.heads)
         h = F.scaled_dot_product_attention(*qkv.contiguous())  # (B, heads, H W, C / heads); contiguous: fast on CPU
-        return x + self.proj(rearrange(h, "b h (y x) d -> b (h d) y x", y=x.shape[2]))
+        return x + self.proj_out(rearrange(h, "b h s d -> b (h d) s")).view_as(x)
 
 
-class Downsample(nn.Conv2d):
+class Downsample(nn.Module):
     """A stride-2 convolution. (B, C, H, W) -> (B, C, H / 2, W / 2)."""
 
     def __init__(self, c):
-        super().__init__(c, c, 3, stride=2, padding=1)
+        super().__init__()
+        self.op = nn.Conv2d(c, c, 3, stride=2, padding=1)
 
-    def forward(self, x, emb=None):
-        return super().forward(x)
+    def forward(self, x):
+        return self.op(x)
 
 
-class Upsample(nn.Conv2d):
+class Upsample(nn.Module):
     """Nearest-neighbour upsampling, then a convolution. (B, C, H, W) -> (B, C, 2 H, 2 W)."""
 
     def __init__(self, c):
-        super().__init__(c, c, 3, padding=1)
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
 
-    def forward(self, x, emb=None):
-        return super().forward(F.interpolate(x, scale_factor=2, mode="nearest"))
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Layers(nn.ModuleList):
+    """Layers applied in turn, the residual blocks with the time embedding too."""
+
+    def forward(self, h, emb):
+        for layer in self:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
 
 
 class UNet(nn.Module):
-    """Psi(theta, t): input 2 theta - 1 for the black class (B, 1, H, W) and t (B,); output one logit per pixel."""
+    """Psi(theta, t): the input 2 theta_0 - 1 (theta_0: the probability of a white pixel, the authors' convention)
+    (B, H, W) and t (B,); output the logit of a black pixel (B, H, W).
+    Each pixel's [2 theta_0 - 1, 2 t - 1] is projected to `channels` features; the U-Net's output features are
+    concatenated with those projected inputs and a linear layer gives the logit."""
 
-    def __init__(self, channels=128, mults=(1, 2, 2), res_blocks=2, dropout=0.5, c_in=1, c_out=1):
+    def __init__(self, channels=128, mults=(1, 2, 2), res_blocks=2, dropout=0.5):
         super().__init__()
         c_emb, ch = 4 * channels, channels
         self.channels = channels
-        self.emb = nn.Sequential(nn.Linear(channels, c_emb), nn.SiLU(), nn.Linear(c_emb, c_emb))
-        self.conv_in = nn.Conv2d(c_in, ch, 3, padding=1)
-        skips, self.down = [ch], nn.ModuleList()
+        self.input_projection = nn.Linear(2, channels)
+        self.time_embed = nn.Sequential(nn.Linear(channels, c_emb), nn.SiLU(), nn.Linear(c_emb, c_emb))
+        self.input_blocks = nn.ModuleList([Layers([nn.Conv2d(ch, ch, 3, padding=1)])])
+        skips = [ch]
         for level, mult in enumerate(mults):
             for _ in range(res_blocks):
-                self.down.append(ResBlock(ch, channels * mult, c_emb, dropout))
+                self.input_blocks.append(Layers([ResBlock(ch, channels * mult, c_emb, dropout)]))
                 ch = channels * mult
                 skips.append(ch)
             if level < len(mults) - 1:
-                self.down.append(Downsample(ch))
+                self.input_blocks.append(Layers([Downsample(ch)]))
                 skips.append(ch)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, c_emb, dropout), Attention(ch), ResBlock(ch, ch, c_emb, dropout)])
-        self.up = nn.ModuleList()
+        self.middle_block = Layers([ResBlock(ch, ch, c_emb, dropout), Attention(ch), ResBlock(ch, ch, c_emb, dropout)])
+        self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
-            for _ in range(res_blocks + 1):
-                self.up.append(ResBlock(ch + skips.pop(), channels * mult, c_emb, dropout))
+            for i in range(res_blocks + 1):
+                layers = Layers([ResBlock(ch + skips.pop(), channels * mult, c_emb, dropout)])
                 ch = channels * mult
-            if level > 0:
-                self.up.append(Upsample(ch))
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, c_out, 3, padding=1))
-        # initialisation: every residual branch and the output start at zero, so the untrained network outputs 0
-        zero = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
-        zero += [m.proj for m in self.modules() if isinstance(m, Attention)] + [self.out[-1]]
-        for layer in zero:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+                if level > 0 and i == res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(layers)
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, channels, 3, padding=1)))
+        self.output_projection = nn.Linear(2 * channels, 1)
 
-    def forward(self, x, t):  # (B, c_in, H, W), (B,) -> (B, c_out, H, W)
-        emb = self.emb(time_embedding(t, self.channels))  # (B, 4 channels)
-        h = self.conv_in(x)  # (B, channels, H, W)
-        hs = [h]
-        for layer in self.down:
-            h = layer(h, emb)
+    def forward(self, x, t):  # (B, H, W), (B,) -> (B, H, W)
+        features = torch.stack([x, (2 * t - 1)[:, None, None].expand_as(x)], -1)  # (B, H, W, 2)
+        x = self.input_projection(features)  # (B, H, W, channels)
+        emb = self.time_embed(time_embedding(t, self.channels))  # (B, 4 channels)
+        h, hs = x.permute(0, 3, 1, 2), []  # (B, channels, H, W)
+        for layers in self.input_blocks:
+            h = layers(h, emb)
             hs.append(h)
-        for layer in self.mid:
-            h = layer(h, emb)
-        for layer in self.up:
-            if isinstance(layer, ResBlock):
-                h = torch.cat([h, hs.pop()], 1)  # (B, C + C_skip, H', W'): the skip connection
-            h = layer(h, emb)
-        return self.out(h)
+        h = self.middle_block(h, emb)
+        for layers in self.output_blocks:
+            h = layers(torch.cat([h, hs.pop()], 1), emb)  # (B, C + C_skip, H', W'): the skip connection
+        out = self.out(h).permute(0, 2, 3, 1)  # (B, H, W, channels)
+        return self.output_projection(torch.cat([x, out], -1))[..., 0]
+
+
+def from_authors(state):
+    """A state_dict of the authors' BFN module (`net.` + their names) -> this network's: the output layer is theirs
+    `output_adapter.output_projection`; their input adapter holds only fixed features (not used by this network)."""
+    state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    state = {k.replace("output_adapter.output_projection.", "output_projection."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("input_adapter.")}
+
+
+NETWORK_FLAGS = "--channels, --res-blocks"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -388,8 +419,8 @@ def output_log_probs(net, theta, t, autocast):
     """ln p_O(k | theta, t) from one logit per pixel, as log-sigmoids in float32 (exact for confident pixels):
     theta (B, H, W, 2), t (B,) -> (B, H, W, 2)."""
     with autocast:
-        logit = net((2 * theta[..., 1] - 1)[:, None], t)  # (B, 1, H, W)
-    logit = logit.float()[:, 0]  # (B, H, W): the log-odds of black
+        logit = net(2 * theta[..., 0] - 1, t)  # (B, H, W)
+    logit = logit.float()  # the log-odds of black
     return torch.stack([F.logsigmoid(-logit), F.logsigmoid(logit)], -1)
 
 
@@ -667,7 +698,7 @@ def check_shapes(state, model, source):
             have = tuple(state[name].shape) if name in state else "missing"
             want = tuple(own[name].shape) if name in own else "not in this network"
             raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have} there, "
-                             f"{want} here. Give the network flags of the run that wrote it")
+                             f"{want} here. Give the network flags ({NETWORK_FLAGS}) of the run that wrote it")
 
 
 def load_weights(cfg, ctx, model, ema):
@@ -681,11 +712,17 @@ def load_weights(cfg, ctx, model, ema):
     except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
         raise SystemExit(f"{SCRIPT}: error: --init-from {path} is unreadable ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]})")
-    if isinstance(ckpt, dict) and any(str(k).startswith("net.") for k in ckpt):
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is a checkpoint of the authors' release (a flat "
-                         f"state_dict of net.* tensors); this script's network does not have their layout yet")
+    if isinstance(ckpt, dict) and any(str(k).startswith("net.") for k in ckpt):  # the authors' release
+        state = from_authors(ckpt)
+        check_shapes(state, model, path)
+        model.load_state_dict(state)
+        ema.load_state_dict(state)
+        ctx.log(f"weights from {path} (the authors' layout, into the model and its EMA); the optimiser and the step "
+                f"count start afresh")
+        return
     if not isinstance(ckpt, dict) or not {"model", "ema", "config"} <= set(ckpt):
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is not a checkpoint written by {SCRIPT}")
+        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is neither a checkpoint written by {SCRIPT} nor one of "
+                         f"the authors' release (a state_dict of net.* tensors)")
     check_config(cfg, ckpt["config"], ctx, f"--init-from {path}", log_changes=False)
     for key in ("model", "ema"):
         check_shapes(ckpt[key], model, path)

@@ -99,8 +99,8 @@ class Config:
     # run
     out_dir: str = opt("runs/bfn_text8", "run directory: log.txt, ckpt.pt, eval.json, samples.txt, evolution.txt")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
-    init_from: str = opt("", "start from the weights of another run's ckpt.pt (fresh optimiser, step 0): fine-tune, "
-                             "or evaluate and sample it with --eval-only / --sample-only")
+    init_from: str = opt("", "start from the weights of another run's ckpt.pt or of an authors' checkpoint (fresh "
+                             "optimiser, step 0): fine-tune, or evaluate and sample with --eval-only / --sample-only")
     eval_only: bool = opt(False, "load <out-dir>/ckpt.pt, evaluate on the test set, exit")
     sample_only: bool = opt(False, "load <out-dir>/ckpt.pt, sample, exit")
     seed: int = opt(0, "everything random derives from it")
@@ -290,58 +290,76 @@ def decode(x):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Network: the paper's non-causal transformer (pre-LN, GELU), attention through scaled_dot_product_attention.
+# Network: the authors' non-causal transformer for text8 (pre-LN, tanh-GELU), tensor for tensor: their parameter names
+# (inside `net.`, see from_authors), shapes and function; attention through scaled_dot_product_attention.
 
-def time_embedding(t, dim):
-    """Sinusoidal features of 1000 t. (B,) -> (B, dim)."""
-    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    args = 1000 * t.float()[:, None] * freqs  # (B, dim / 2)
-    return torch.cat([args.cos(), args.sin()], -1)
+def positions(seq_len, width):
+    """Fixed sinusoidal position features (the authors': base 1000): sin(l / 1000^(j / W)) at even j, cos at odd j.
+    -> (seq_len, width)."""
+    pos = torch.arange(seq_len, dtype=torch.float32)[:, None]  # (L, 1)
+    j = torch.arange(width, dtype=torch.float32)
+    args = pos / 1000 ** (j / width)  # (L, W)
+    return torch.where(j % 2 == 0, args.sin(), args.cos())
 
 
 class Block(nn.Module):
-    """A pre-LayerNorm transformer block: multi-head self-attention over all positions (non-causal), then a GELU MLP."""
+    """A pre-LayerNorm transformer block: multi-head self-attention over all positions (non-causal), then a tanh-GELU
+    MLP, each added to the input."""
 
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.ln1, self.qkv, self.proj = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.ln2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.ModuleDict(dict(c_attn=nn.Linear(width, 3 * width), c_proj=nn.Linear(width, width)))
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width), c_proj=nn.Linear(4 * width, width)))
 
     def forward(self, x):  # (B, L, W) -> (B, L, W)
-        qkv = rearrange(self.qkv(self.ln1(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        qkv = rearrange(self.attn.c_attn(self.ln_1(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         h = F.scaled_dot_product_attention(*qkv.contiguous())  # (B, heads, L, W / heads); contiguous: fast on CPU
-        x = x + self.proj(rearrange(h, "b h l d -> b l (h d)"))
-        return x + self.mlp(self.ln2(x))
+        x = x + self.attn.c_proj(rearrange(h, "b h l d -> b l (h d)"))
+        return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh"))
 
 
 class Transformer(nn.Module):
-    """Psi(theta, t): input 2 theta - 1 (B, L, K) and t (B,); output K logits per position (B, L, K)."""
+    """Psi(theta, t): input 2 theta - 1 (B, L, K) and t (B,); output K logits per position (B, L, K).
+    The input embedding is a linear map of 2 theta - 1, plus fixed positions, plus a linear map of 2 t - 1; the output
+    layer reads the final LayerNorm's output and the input embedding side by side."""
 
     def __init__(self, seq_len=256, layers=24, heads=12, width=768):
         super().__init__()
-        self.width = width
-        self.inp = nn.Linear(K, width)
-        self.pos = nn.Parameter(torch.zeros(seq_len, width))
-        self.time = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        self.inp_embedding, self.t_embedding = nn.Linear(K, width), nn.Linear(1, width)
+        self.register_buffer("pos_embedding", positions(seq_len, width), persistent=False)
         self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
-        self.ln_f, self.out = nn.LayerNorm(width), nn.Linear(width, K)
-        # initialisation (GPT-2's): weights N(0, 0.02), the residual projections scaled by 1/sqrt(2 layers),
-        # zero biases; the output layer starts at zero, so the untrained network predicts the uniform distribution
+        self.ln_f, self.lm_head = nn.LayerNorm(width), nn.Linear(2 * width, K)
+        # initialisation (GPT-2's, as the authors'): linear weights N(0, 0.02), the residual projections N(0, 0.02 /
+        # sqrt(2 layers)), zero biases
         for name, p in self.named_parameters():
             if p.dim() > 1:
-                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
-                nn.init.normal_(p, std=std)
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers) if name.endswith("c_proj.weight") else 0.02)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-        nn.init.zeros_(self.out.weight)
 
     def forward(self, x, t):  # (B, L, K), (B,) -> (B, L, K)
-        h = self.inp(x) + self.pos[: x.shape[1]] + self.time(time_embedding(t, self.width))[:, None]  # (B, L, W)
+        t = (2 * t - 1)[:, None, None]  # (B, 1, 1)
+        x = self.inp_embedding(x) + self.pos_embedding[: x.shape[1]] + self.t_embedding(t)  # (B, L, W)
+        h = x
         for block in self.blocks:
             h = block(h)
-        return self.out(self.ln_f(h))
+        return self.lm_head(torch.cat([self.ln_f(h), x], -1))
+
+
+def from_authors(state):
+    """A state_dict of the authors' BFN module (`net.` + their names) -> this network's. Their fixed positions are
+    recomputed here rather than loaded."""
+    state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    state.pop("input_adapter.pos_embedding", None)
+    renames = [("input_adapter.", ""), ("transformer.h.", "blocks."), ("transformer.ln_f.", "ln_f.")]
+    for old, new in renames:
+        state = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
+    return state
+
+
+NETWORK_FLAGS = "--layers, --heads, --width, --seq-len"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -629,7 +647,7 @@ def check_shapes(state, model, source):
             have = tuple(state[name].shape) if name in state else "missing"
             want = tuple(own[name].shape) if name in own else "not in this network"
             raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have} there, "
-                             f"{want} here. Give the network flags of the run that wrote it")
+                             f"{want} here. Give the network flags ({NETWORK_FLAGS}) of the run that wrote it")
 
 
 def load_weights(cfg, ctx, model, ema):
@@ -643,11 +661,17 @@ def load_weights(cfg, ctx, model, ema):
     except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
         raise SystemExit(f"{SCRIPT}: error: --init-from {path} is unreadable ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]})")
-    if isinstance(ckpt, dict) and any(str(k).startswith("net.") for k in ckpt):
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is a checkpoint of the authors' release (a flat "
-                         f"state_dict of net.* tensors); this script's network does not have their layout yet")
+    if isinstance(ckpt, dict) and any(str(k).startswith("net.") for k in ckpt):  # the authors' release
+        state = from_authors(ckpt)
+        check_shapes(state, model, path)
+        model.load_state_dict(state)
+        ema.load_state_dict(state)
+        ctx.log(f"weights from {path} (the authors' layout, into the model and its EMA); the optimiser and the step "
+                f"count start afresh")
+        return
     if not isinstance(ckpt, dict) or not {"model", "ema", "config"} <= set(ckpt):
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is not a checkpoint written by {SCRIPT}")
+        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is neither a checkpoint written by {SCRIPT} nor one of "
+                         f"the authors' release (a state_dict of net.* tensors)")
     check_config(cfg, ckpt["config"], ctx, f"--init-from {path}", log_changes=False)
     for key in ("model", "ema"):
         check_shapes(ckpt[key], model, path)
