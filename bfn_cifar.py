@@ -6,8 +6,8 @@ bound L^inf + L^r and L^n + L^r in bits/dim, and samples with Algorithms 3 and 6
 `--output discretised`: the network predicts (mu_eps, ln sigma_eps) and p_O is a clipped discretised Gaussian (§5).
 `--bins 256|16`: the data are 8-bit pixels, or quantised to 16 levels, as the centres of K bins on [-1, 1] (§5.1).
 
-    python bfn_cifar.py --preset quick                      # a 0.22M-parameter U-Net, 16 bins, minutes on a CPU
-    python bfn_cifar.py --output discretised --bins 256     # the paper's model (30.6M parameters), sigma_1 = 0.001
+    python bfn_cifar.py --preset quick                      # a 0.23M-parameter U-Net, 16 bins, minutes on a CPU
+    python bfn_cifar.py --output discretised --bins 256     # the paper's model (30.7M parameters), sigma_1 = 0.001
     python bfn_cifar.py --output discretised --bins 16      # sigma_1 = sqrt(0.001)
     python bfn_cifar.py --output continuous --bins 256      # the same data treated as continuous
     torchrun --nproc_per_node=8 bfn_cifar.py --batch-size 4 # the paper's global batch of 32 on 8 GPUs

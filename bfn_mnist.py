@@ -4,8 +4,8 @@ Trains the paper's U-Net with the continuous-time loss L^inf (Algorithm 8), eval
 log-likelihood bound L^inf + L^r and L^n + L^r in nats/image, and samples with Algorithm 9 or the ODE solver.
 `--digits 2` trains on 64x64 images of two MNIST digits side by side instead.
 
-    python bfn_mnist.py --preset quick       # a 1.06M-parameter U-Net for minutes on a laptop CPU
-    python bfn_mnist.py                      # the paper's model and optimiser (24.5M parameters, batch 512)
+    python bfn_mnist.py --preset quick       # a 1.08M-parameter U-Net for minutes on a laptop CPU
+    python bfn_mnist.py                      # the paper's model and optimiser (24.8M parameters, batch 512)
     torchrun --nproc_per_node=8 bfn_mnist.py --batch-size 64      # the same global batch on 8 GPUs
     python bfn_mnist.py --eval-only --eval-n inf 10 25 50 100 784  # the paper's table, from runs/bfn_mnist/ckpt.pt
 

@@ -4,8 +4,8 @@ Trains the paper's non-causal transformer with the continuous-time loss L^inf (A
 bound L^inf + L^r and L^n + L^r in bits/char, and samples text with Algorithm 9. `--text-file PATH` trains on any
 text made of spaces and the letters a-z instead of text8.
 
-    python bfn_text8.py --preset quick                # a 0.85M-parameter transformer, minutes on a CPU
-    python bfn_text8.py                               # the paper's model (171.5M parameters), 128 windows per step
+    python bfn_text8.py --preset quick                # a 0.80M-parameter transformer, minutes on a CPU
+    python bfn_text8.py                               # the paper's model (170.2M parameters), 128 windows per step
     python bfn_text8.py --grad-accum 26               # the paper's batch, 3328 windows of 256 characters, on one GPU
     torchrun --nproc_per_node=8 bfn_text8.py --batch-size 104 --grad-accum 4     # the paper's batch on 8 GPUs
 
