@@ -95,6 +95,8 @@ class Config:
     eval_examples: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
     eval_repeats: int = opt(1, "passes over them, each with fresh noise")
     eval_batch_size: int = opt(100, "examples per evaluation batch")
+    eval_samples: int = opt(0, "sample quality: draw N samples and compare them with N test images through an image "
+                               "classifier (Fréchet distance of its features, confident fraction, label entropy)")
     sample_steps: int = opt(1000, "generation steps n of Algorithms 3 and 6")
     num_samples: int = opt(64, "images in samples.png")
     sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
@@ -158,6 +160,7 @@ def parse_args(argv=None):
          f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
+        (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
         (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
@@ -476,28 +479,37 @@ def summarise(losses, recon, cfg):
     return result
 
 
-@torch.no_grad()
-def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 3 or 6 (or the ODE solver): samples.png (a grid of final samples) and evolution.png (mu and the
-    prediction at t = 0, 0.1, ..., 1)."""
-    from torchvision.utils import save_image
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    shape = (cfg.num_samples, 3, 32, 32)
-    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", cfg.sample_steps + 1)
+def draw(net, n, cfg, autocast, device, generator, trajectory=False):
+    """n samples (n, 3, 32, 32) of Algorithm 3 or 6 or the ODE solver (--sampler, --sample-steps, --final), in batches
+    of --eval-batch-size; with trajectory, one batch and also the trajectory (mu and the prediction at each step)."""
+    sizes = [n] if trajectory else [len(c) for c in torch.arange(n).split(cfg.eval_batch_size)]
+    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(sizes) * (cfg.sample_steps + 1))
 
     def output_fn(mu, t):  # x_hat, or p_O(. | mu, t), counting the network calls for the progress line
         progress.tick()
         out = network_output(net, mu, t, cfg, autocast)
         return out if cfg.output == "continuous" else discretised_probs(*out, cfg.bins)
 
-    if cfg.output == "continuous":  # p_O is a delta at x_hat: its sample and its mode are x_hat
-        sampler = {"paper": continuous_sample, "ode": continuous_sample_ode}[cfg.sampler]
-        x, trajectory = sampler(output_fn, shape, cfg.sample_steps, cfg.sigma_1, generator=g, device=device,
-                                return_trajectory=True)
-    else:
+    def run(b):
+        if cfg.output == "continuous":  # p_O is a delta at x_hat: its sample and its mode are x_hat
+            sampler = {"paper": continuous_sample, "ode": continuous_sample_ode}[cfg.sampler]
+            return sampler(output_fn, (b, 3, 32, 32), cfg.sample_steps, cfg.sigma_1, generator=generator,
+                           device=device, return_trajectory=trajectory)
         sampler = {"paper": discretised_sample, "ode": discretised_sample_ode}[cfg.sampler]
-        x, trajectory = sampler(output_fn, shape, cfg.sample_steps, cfg.sigma_1, cfg.bins, generator=g, device=device,
-                                return_trajectory=True, final_mode=cfg.final == "mode")
+        return sampler(output_fn, (b, 3, 32, 32), cfg.sample_steps, cfg.sigma_1, cfg.bins, generator=generator,
+                       device=device, return_trajectory=trajectory, final_mode=cfg.final == "mode")
+
+    out = [run(b) for b in sizes]
+    return out[0] if trajectory else torch.cat(out)
+
+
+@torch.no_grad()
+def sample(net, cfg, autocast, device, out_dir):
+    """Algorithm 3 or 6 (or the ODE solver): samples.png (a grid of final samples) and evolution.png (mu and the
+    prediction at t = 0, 0.1, ..., 1)."""
+    from torchvision.utils import save_image
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    x, trajectory = draw(net, cfg.num_samples, cfg, autocast, device, g, trajectory=True)
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
     save_image((x.clamp(-1, 1) + 1) / 2, os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=1)
     times = [k / 10 for k in range(11)]
@@ -507,6 +519,118 @@ def sample(net, cfg, autocast, device, out_dir):
         rows += [s["input"][b] for s in steps] + [s["output"][b] for s in steps]
     grid = (torch.stack(rows).clamp(-1, 1) + 1) / 2  # (8 x 11, 3, 32, 32) in [0, 1]
     save_image(grid, os.path.join(out_dir, "evolution.png"), nrow=len(times), pad_value=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sample quality (--eval-samples): a small image classifier, trained on the training split the first time it is needed
+# and cached next to the data; from it, how class-like and how varied the samples are.
+
+class Classifier(nn.Module):
+    """A small CNN for 32x32 colour images in [-1, 1]: (B, 3, 32, 32) -> 10 logits; features(): the 128 penultimate
+    features."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):  # (B, 3, 32, 32) -> (B, 10)
+        return self.head(self.features(x))
+
+
+def load_cifar_labels(data_dir):
+    """{train, test}: (N,) class labels 0..9 of the batches load_cifar read."""
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    labels = {}
+    for split, files in CIFAR_FILES.items():
+        parts = []
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                parts.append(torch.as_tensor(pickle.load(f, encoding="latin1")["labels"]))
+        labels[split] = torch.cat(parts)
+    return labels
+
+
+def train_classifier(cfg, ctx, epochs=2):
+    """The classifier for this CIFAR-10 folder: loaded from DATA/cifar-10-batches-py/classifier-CRC.pt, or trained
+    (Adam, two epochs of the training images with random horizontal flips) and saved there. CRC: of the training
+    images and labels, so other data gets another classifier."""
+    images, labels = load_cifar(cfg.data_dir), load_cifar_labels(cfg.data_dir)
+    crc = zlib.crc32(labels["train"].numpy().tobytes(), zlib.crc32(images["train"].numpy().tobytes()))
+    path = os.path.join(cfg.data_dir, "cifar-10-batches-py", f"classifier-{crc:08x}.pt")
+    clf = Classifier().to(ctx.device)
+    if os.path.exists(path):
+        clf.load_state_dict(torch.load(path, map_location=ctx.device, weights_only=True))
+        return clf.eval()
+    ctx.log(f"training the sample-quality classifier on {len(labels['train']):,} training images (once; cached as "
+            f"{path})")
+    g = torch.Generator().manual_seed(0)
+    x, targets = images["train"].to(ctx.device), labels["train"].long().to(ctx.device)
+    optimizer = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(128):
+            batch = x[idx.to(ctx.device)].float() / 127.5 - 1
+            flip = torch.rand(len(batch), device=ctx.device) < 0.5
+            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+            loss = F.cross_entropy(clf(batch), targets[idx.to(ctx.device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    clf.eval()
+    with torch.no_grad():
+        test = torch.cat([clf(b.float() / 127.5 - 1).argmax(-1) for b in images["test"].to(ctx.device).split(1000)])
+    accuracy = (test.cpu() == labels["test"].long()).float().mean().item()
+    ctx.log(f"sample-quality classifier: {accuracy:.2%} of test images right")
+    try:
+        torch.save(clf.state_dict(), path)
+    except OSError as e:
+        ctx.log(f"warning: could not cache the classifier at {path} ({e}); it will be trained again next time")
+    return clf
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D):
+    |m_a - m_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64."""
+    a, b = a.double(), b.double()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return ((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+@torch.no_grad()
+def image_figures(clf, x):
+    """Features (N, D), the fraction labelled with probability > 0.9 and the entropy of the label histogram (bits) of
+    images x (N, 3, 32, 32) in [-1, 1]."""
+    logits = torch.cat([clf(c) for c in x.split(500)])
+    feats = torch.cat([clf.features(c) for c in x.split(500)])
+    p = torch.bincount(logits.argmax(-1), minlength=10).double() / len(x)
+    entropy = -(p[p > 0] * p[p > 0].log2()).sum().item()
+    confident = (logits.softmax(-1).amax(-1) > 0.9).float().mean().item()
+    return feats, {"confident": confident, "label_entropy_bits": entropy}
+
+
+def sample_quality(net, data, cfg, ctx):
+    """--eval-samples N: N samples (the --sampler at --sample-steps) against N test images, and N test images against
+    N others as the floor: the Fréchet distance of the classifier's features, the confident fraction and the label
+    entropy. The test images are quantised to the --bins, as the samples are."""
+    n = cfg.eval_samples
+    if 2 * n > len(data["test"]):
+        raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs twice as many test images; the test split has "
+                         f"{len(data['test'])}")
+    clf = train_classifier(cfg, ctx)
+    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
+    x = draw(net, n, cfg, ctx.autocast, ctx.device, g).clamp(-1, 1)
+    test = quantise(data["test"][:2 * n], cfg.bins)
+    f_samples, samples = image_figures(clf, x)
+    f_test, test_figures = image_figures(clf, test[:n])
+    f_other, _ = image_figures(clf, test[n:])
+    samples["frechet"] = frechet_distance(f_samples, f_test)
+    test_figures["frechet"] = frechet_distance(f_other, f_test)
+    return {"samples": samples, "test": test_figures}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -735,6 +859,23 @@ def run_eval(ema, data, split, step, cfg, ctx):
                    "n": result}, f, indent=1)
 
 
+def run_sample_quality(ema, data, cfg, ctx):
+    """--eval-samples: sample_quality's figures for the samples and for real test data, logged and added to eval.json
+    under "samples" (with the sampler, its steps and network calls, and the seconds it took)."""
+    start = time.time()
+    figures = sample_quality(ema, data, cfg, ctx)
+    figures.update(sampler=cfg.sampler, steps=cfg.sample_steps, network_calls=cfg.sample_steps + 1,
+                   examples=cfg.eval_samples, seconds=round(time.time() - start, 1))
+    show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
+    ctx.log(f"sample quality ({cfg.sampler}, {cfg.sample_steps} steps, {cfg.eval_samples} samples) | samples: "
+            f"{show(figures['samples'])} | test data: {show(figures['test'])}")
+    path = os.path.join(cfg.out_dir, "eval.json")
+    result = json.load(open(path)) if os.path.exists(path) else {}
+    result["samples"] = figures
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def cpu_notice(cfg, ctx, model, data):
     """On a CPU (or MPS) with no --preset and the paper-size model: one line with the measured cost of a step."""
     paper = Config()
@@ -866,12 +1007,16 @@ def main(argv=None):
                 run_eval(ema, data, "test", step, cfg, ctx)
             if ctx.master and cfg.sample_only:
                 sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            if ctx.master and cfg.eval_samples:
+                run_sample_quality(ema, data, cfg, ctx)
             return
         cpu_notice(cfg, ctx, model, data)
         step = train(cfg, ctx, data, model, ema, optimizer, step, data_id)
         if ctx.master:
             run_eval(ema, data, "test", step, cfg, ctx)
             sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            if cfg.eval_samples:
+                run_sample_quality(ema, data, cfg, ctx)
             ctx.log(f"done: {cfg.out_dir}")
         if ctx.ddp:
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples

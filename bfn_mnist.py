@@ -89,6 +89,8 @@ class Config:
     eval_examples: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
     eval_repeats: int = opt(1, "passes over them, with fresh binarisations and noise (the authors: 2000 at n = 784)")
     eval_batch_size: int = opt(500, "examples per evaluation batch")
+    eval_samples: int = opt(0, "sample quality: draw N samples and compare them with N test images through a digit "
+                               "classifier (Fréchet distance of its features, confident fraction, label entropy)")
     sample_steps: int = opt(100, "generation steps n of Algorithm 9")
     num_samples: int = opt(64, "images in samples.png")
     sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
@@ -150,6 +152,7 @@ def parse_args(argv=None):
          f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
+        (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
         (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
@@ -201,6 +204,27 @@ def read_idx_images(path):
         raise SystemExit(f"{SCRIPT}: error: {path} is not an MNIST idx3 image file (magic {magic}, {len(raw)} bytes "
                          f"for {n}x{rows}x{cols}). {fix}")
     return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, rows, cols)
+
+
+def read_idx_labels(path):
+    """An idx1 file of MNIST labels -> (N,) uint8 in 0..9."""
+    fix = "Delete it and run again to re-download."
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+        magic, n = struct.unpack(">II", raw[:8])
+    except (OSError, EOFError, struct.error) as e:
+        raise SystemExit(f"{SCRIPT}: error: {path} is corrupt or truncated ({e}). {fix}")
+    if magic != 2049 or len(raw) != 8 + n:
+        raise SystemExit(f"{SCRIPT}: error: {path} is not an MNIST idx1 label file (magic {magic}, {len(raw)} bytes "
+                         f"for {n} labels). {fix}")
+    return torch.frombuffer(bytearray(raw[8:]), dtype=torch.uint8)
+
+
+def load_mnist_labels(data_dir):
+    """{train, test}: (N,) uint8 digit labels (files found or downloaded by load_mnist)."""
+    raw = os.path.join(data_dir, "MNIST", "raw")
+    return {split: read_idx_labels(os.path.join(raw, files[1])) for split, files in MNIST_FILES.items()}
 
 
 def load_mnist(data_dir):
@@ -497,21 +521,30 @@ def summarise(losses, recon, cfg):
 
 
 @torch.no_grad()
-def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 9 (or the ODE solver): samples.png (a grid of final samples) and evolution.png (theta and p_O of a
-    black pixel at t = 0, 0.1, ..., 1)."""
-    from torchvision.utils import save_image
+def draw(net, n, cfg, autocast, device, generator, trajectory=False):
+    """n samples (n, H, W) of Algorithm 9 or the ODE solver (--sampler, --sample-steps, --final), in batches of
+    --eval-batch-size; with trajectory, one batch and also the trajectory (theta and p_O at each step)."""
     size = 28 if cfg.digits == 1 else 64
-    g = torch.Generator(device).manual_seed(cfg.seed)
     sampler = {"paper": discrete_sample, "ode": discrete_sample_ode}[cfg.sampler]
-    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", cfg.sample_steps + 1)
+    sizes = [n] if trajectory else [len(c) for c in torch.arange(n).split(cfg.eval_batch_size)]
+    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(sizes) * (cfg.sample_steps + 1))
 
     def probs_fn(theta, t):  # p_O(. | theta, t), counting the network calls for the progress line
         progress.tick()
         return output_log_probs(net, theta, t, autocast).exp()
 
-    x, trajectory = sampler(probs_fn, (cfg.num_samples, size, size), cfg.sample_steps, cfg.beta_1, K, generator=g,
-                            device=device, return_trajectory=True, final_mode=cfg.final == "mode")
+    out = [sampler(probs_fn, (b, size, size), cfg.sample_steps, cfg.beta_1, K, generator=generator, device=device,
+                   return_trajectory=trajectory, final_mode=cfg.final == "mode") for b in sizes]
+    return out[0] if trajectory else torch.cat(out)
+
+
+@torch.no_grad()
+def sample(net, cfg, autocast, device, out_dir):
+    """Algorithm 9 (or the ODE solver): samples.png (a grid of final samples) and evolution.png (theta and p_O of a
+    black pixel at t = 0, 0.1, ..., 1)."""
+    from torchvision.utils import save_image
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    x, trajectory = draw(net, cfg.num_samples, cfg, autocast, device, g, trajectory=True)
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
     save_image(1 - x[:, None].float(), os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=0.5)
     times = [k / 10 for k in range(11)]
@@ -521,6 +554,124 @@ def sample(net, cfg, autocast, device, out_dir):
         rows += [s["input"][b, ..., 1] for s in steps] + [s["output"][b, ..., 1] for s in steps]
     grid = 1 - torch.stack(rows)[:, None]  # (8 x 11, 1, H, W): ink is black
     save_image(grid, os.path.join(out_dir, "evolution.png"), nrow=len(times), pad_value=0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sample quality (--eval-samples): a small digit classifier, trained on the training split the first time it is needed
+# and cached next to the data; from it, how digit-like and how varied the samples are.
+
+class Classifier(nn.Module):
+    """A small CNN for binarised 28x28 digits: (B, 28, 28) -> 10 logits; features(): the 128 penultimate features."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):  # (B, 28, 28) -> (B, 10)
+        return self.head(self.features(x[:, None].float()))
+
+
+def train_classifier(cfg, ctx, epochs=2):
+    """The classifier for this MNIST folder: loaded from DATA/MNIST/classifier-CRC.pt, or trained (Adam, two epochs of
+    dynamically binarised training digits, ≈1-2 minutes on 2 CPU cores) and saved there. CRC: of the training
+    images and labels, so other data gets another classifier."""
+    mnist, labels = load_mnist(cfg.data_dir), load_mnist_labels(cfg.data_dir)
+    crc = zlib.crc32(labels["train"].numpy().tobytes(), zlib.crc32(mnist["train"].numpy().tobytes()))
+    path = os.path.join(cfg.data_dir, "MNIST", f"classifier-{crc:08x}.pt")
+    clf = Classifier().to(ctx.device)
+    if os.path.exists(path):
+        clf.load_state_dict(torch.load(path, map_location=ctx.device, weights_only=True))
+        return clf.eval()
+    ctx.log(f"training the sample-quality classifier on {len(labels['train']):,} training digits (once; cached as "
+            f"{path})")
+    g = torch.Generator().manual_seed(0)
+    images, targets = mnist["train"].to(ctx.device), labels["train"].long().to(ctx.device)
+    optimizer = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images), generator=g).split(128):
+            loss = F.cross_entropy(clf(binarise(images[idx.to(ctx.device)])), targets[idx.to(ctx.device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    clf.eval()
+    with torch.no_grad():
+        test = torch.cat([clf(binarise(x)).argmax(-1) for x in mnist["test"].to(ctx.device).split(1000)])
+    accuracy = (test.cpu() == labels["test"].long()).float().mean().item()
+    ctx.log(f"sample-quality classifier: {accuracy:.2%} of binarised test digits right")
+    try:
+        torch.save(clf.state_dict(), path)
+    except OSError as e:
+        ctx.log(f"warning: could not cache the classifier at {path} ({e}); it will be trained again next time")
+    return clf
+
+
+def digit_crops(x):
+    """The two digits of 64x64 two-digit images, each a 28x28 crop centred on the ink of its half: (B, 64, 64) ->
+    (2, B, 28, 28)."""
+    crops = []
+    for half in (x[:, :, :32], x[:, :, 32:]):
+        ink = half.float() + 1e-6  # (B, 64, 32)
+        rows = (ink.sum(2) * torch.arange(64, device=x.device)).sum(1) / ink.sum((1, 2))  # centre of mass
+        cols = (ink.sum(1) * torch.arange(32, device=x.device)).sum(1) / ink.sum((1, 2))
+        padded = F.pad(half, (14, 14, 14, 14))  # (B, 92, 60): every crop fits
+        top, left = rows.round().long().clamp(0, 63), cols.round().long().clamp(0, 31)
+        crops.append(torch.stack([padded[b, top[b]:top[b] + 28, left[b]:left[b] + 28] for b in range(len(x))]))
+    return torch.stack(crops)
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D):
+    |m_a - m_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64."""
+    a, b = a.double(), b.double()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return ((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+@torch.no_grad()
+def image_figures(clf, x):
+    """Features (N, D), the fraction labelled with probability > 0.9 and the entropy of the label histogram (bits)
+    of binarised images x (N, H, W); two-digit images count as confident when both digits are, and their label is the
+    number 00-99."""
+    if x.shape[-1] == 64:
+        parts = [[clf(c) for c in crop.split(500)] for crop in digit_crops(x)]
+        logits = [torch.cat(p) for p in parts]  # 2 x (N, 10)
+        feats = torch.cat([torch.cat([clf.features(c[:, None].float()) for c in crop.split(500)])
+                           for crop in digit_crops(x)], 1)
+        confident = torch.stack([lg.softmax(-1).amax(-1) > 0.9 for lg in logits]).all(0)
+        labels, classes = 10 * logits[0].argmax(-1) + logits[1].argmax(-1), 100
+    else:
+        logits = torch.cat([clf(c) for c in x.split(500)])
+        feats = torch.cat([clf.features(c[:, None].float()) for c in x.split(500)])
+        confident, labels, classes = logits.softmax(-1).amax(-1) > 0.9, logits.argmax(-1), 10
+    p = torch.bincount(labels, minlength=classes).double() / len(labels)
+    entropy = -(p[p > 0] * p[p > 0].log2()).sum().item()
+    return feats, {"confident": confident.float().mean().item(), "label_entropy_bits": entropy}
+
+
+def sample_quality(net, data, cfg, ctx):
+    """--eval-samples N: N samples (the --sampler at --sample-steps) against N test images, and N test images against
+    N others as the floor: the Fréchet distance of the classifier's features, the confident fraction and the label
+    entropy."""
+    n = cfg.eval_samples
+    if 2 * n > len(data["test"]):
+        raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs twice as many test images; the test split has "
+                         f"{len(data['test'])}")
+    clf = train_classifier(cfg, ctx)
+    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
+    x = draw(net, n, cfg, ctx.autocast, ctx.device, g)
+    test = binarise(data["test"][:2 * n], g)
+    f_samples, samples = image_figures(clf, x)
+    f_test, test_figures = image_figures(clf, test[:n])
+    f_other, _ = image_figures(clf, test[n:])
+    samples["frechet"] = frechet_distance(f_samples, f_test)
+    test_figures["frechet"] = frechet_distance(f_other, f_test)
+    return {"samples": samples, "test": test_figures}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -749,6 +900,23 @@ def run_eval(ema, data, split, step, cfg, ctx):
                    "n": result}, f, indent=1)
 
 
+def run_sample_quality(ema, data, cfg, ctx):
+    """--eval-samples: sample_quality's figures for the samples and for real test data, logged and added to eval.json
+    under "samples" (with the sampler, its steps and network calls, and the seconds it took)."""
+    start = time.time()
+    figures = sample_quality(ema, data, cfg, ctx)
+    figures.update(sampler=cfg.sampler, steps=cfg.sample_steps, network_calls=cfg.sample_steps + 1,
+                   examples=cfg.eval_samples, seconds=round(time.time() - start, 1))
+    show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
+    ctx.log(f"sample quality ({cfg.sampler}, {cfg.sample_steps} steps, {cfg.eval_samples} samples) | samples: "
+            f"{show(figures['samples'])} | test data: {show(figures['test'])}")
+    path = os.path.join(cfg.out_dir, "eval.json")
+    result = json.load(open(path)) if os.path.exists(path) else {}
+    result["samples"] = figures
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def cpu_notice(cfg, ctx, model, data):
     """On a CPU (or MPS) with no --preset and the paper-size model: one line with the measured cost of a step."""
     paper = Config()
@@ -880,12 +1048,16 @@ def main(argv=None):
                 run_eval(ema, data, "test", step, cfg, ctx)
             if ctx.master and cfg.sample_only:
                 sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            if ctx.master and cfg.eval_samples:
+                run_sample_quality(ema, data, cfg, ctx)
             return
         cpu_notice(cfg, ctx, model, data)
         step = train(cfg, ctx, data, model, ema, optimizer, step, data_id)
         if ctx.master:
             run_eval(ema, data, "test", step, cfg, ctx)
             sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            if cfg.eval_samples:
+                run_sample_quality(ema, data, cfg, ctx)
             ctx.log(f"done: {cfg.out_dir}")
         if ctx.ddp:
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples

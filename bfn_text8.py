@@ -91,6 +91,8 @@ class Config:
     eval_examples: int = opt(0, "evaluate on N test windows drawn with a fixed seed (0: all 19,531 of text8)")
     eval_repeats: int = opt(1, "passes over them, each with fresh noise")
     eval_batch_size: int = opt(256, "windows per evaluation batch")
+    eval_samples: int = opt(0, "sample quality: draw N samples and score them and N test windows by spelling (words "
+                               "of the training text) and by a character 5-gram model of the training text")
     sample_steps: int = opt(1000, "generation steps n of Algorithm 9")
     num_samples: int = opt(8, "samples in samples.txt")
     sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
@@ -153,6 +155,7 @@ def parse_args(argv=None):
          f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
+        (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
         (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
@@ -444,20 +447,28 @@ def summarise(losses, recon, cfg):
     return result
 
 
-@torch.no_grad()
-def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 9 (or the ODE solver): samples.txt and evolution.txt (the most likely characters of theta and p_O
-    at t = 0, 0.1, ..., 1)."""
-    g = torch.Generator(device).manual_seed(cfg.seed)
+def draw(net, n, cfg, autocast, device, generator, trajectory=False):
+    """n samples (n, L) of Algorithm 9 or the ODE solver (--sampler, --sample-steps, --final), in batches of
+    --eval-batch-size; with trajectory, one batch and also the trajectory (theta and p_O at each step)."""
     sampler = {"paper": discrete_sample, "ode": discrete_sample_ode}[cfg.sampler]
-    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", cfg.sample_steps + 1)
+    sizes = [n] if trajectory else [len(c) for c in torch.arange(n).split(cfg.eval_batch_size)]
+    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(sizes) * (cfg.sample_steps + 1))
 
     def probs_fn(theta, t):  # p_O(. | theta, t), counting the network calls for the progress line
         progress.tick()
         return output_log_probs(net, theta, t, autocast).exp()
 
-    x, trajectory = sampler(probs_fn, (cfg.num_samples, cfg.seq_len), cfg.sample_steps, cfg.beta_1, K, generator=g,
-                            device=device, return_trajectory=True, final_mode=cfg.final == "mode")
+    out = [sampler(probs_fn, (b, cfg.seq_len), cfg.sample_steps, cfg.beta_1, K, generator=generator, device=device,
+                   return_trajectory=trajectory, final_mode=cfg.final == "mode") for b in sizes]
+    return out[0] if trajectory else torch.cat(out)
+
+
+@torch.no_grad()
+def sample(net, cfg, autocast, device, out_dir):
+    """Algorithm 9 (or the ODE solver): samples.txt and evolution.txt (the most likely characters of theta and p_O
+    at t = 0, 0.1, ..., 1)."""
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    x, trajectory = draw(net, cfg.num_samples, cfg, autocast, device, g, trajectory=True)
     with open(os.path.join(out_dir, "samples.txt"), "w") as f:
         for b in range(len(x)):
             f.write(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{decode(x[b])}\n")
@@ -470,6 +481,76 @@ def sample(net, cfg, autocast, device, out_dir):
             f.write(f"t={s['t']:.2f} input  |{decode(s['input'][0].argmax(-1))}|\n"
                     f"       output |{decode(s['output'][0].argmax(-1))}|\n")
         f.write(f"final sample |{decode(x[0])}|\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sample quality (--eval-samples): how many sampled words are real words of the training text, and how likely the
+# samples are under a character 5-gram model of the training text; the same figures for real test windows beside them.
+
+def whole_words(text):
+    """The words of a window that are whole: split at spaces, without the first and the last (cut by the edges)."""
+    return [w for w in text.split(" ")[1:-1] if w]
+
+
+class NGram:
+    """A character n-gram model of a symbol sequence (N,), interpolated as Witten and Bell do: p_k(c | h) =
+    (C(h c) + T(h) p_{k-1}(c | h')) / (C(h) + T(h)), with T(h) the number of distinct symbols seen after h, h' the
+    context h without its oldest symbol, and p_0 = 1 / K."""
+
+    def __init__(self, x, order=5):
+        x = x.long().cpu()
+        self.order, self.tables = order, []
+        for k in range(1, order + 1):  # the k-grams as integers in base K, their contexts as the code // K
+            codes = sum(x[j:len(x) - k + 1 + j] * K ** (k - 1 - j) for j in range(k))
+            grams, counts = torch.unique(codes, return_counts=True)  # sorted
+            contexts, which = torch.unique(grams // K, return_inverse=True)
+            context_counts = torch.zeros(len(contexts), dtype=torch.long).index_add_(0, which, counts)
+            followers = torch.bincount(which, minlength=len(contexts))
+            self.tables.append((grams, counts, contexts, context_counts, followers))
+
+    @staticmethod
+    def lookup(keys, values, queries):
+        """values[i] where keys[i] == query (keys sorted), else 0."""
+        i = torch.searchsorted(keys, queries).clamp(max=len(keys) - 1)
+        return torch.where(keys[i] == queries, values[i], torch.zeros_like(values[i]))
+
+    def bits_per_char(self, windows):
+        """Mean -log2 p of each symbol given the order - 1 before it, over every position that has them.
+        windows (M, L) -> float."""
+        w = windows.long().cpu()
+        p = torch.full((len(w), w.shape[1] - self.order + 1), 1 / K, dtype=torch.float64)
+        for k, (grams, counts, contexts, context_counts, followers) in enumerate(self.tables, start=1):
+            start = self.order - k  # the k-gram ending at each scored position
+            codes = sum(w[:, start + j:w.shape[1] - k + 1 + j] * K ** (k - 1 - j) for j in range(k))
+            c_hc = self.lookup(grams, counts, codes).double()
+            c_h = self.lookup(contexts, context_counts, codes // K).double()
+            t_h = self.lookup(contexts, followers, codes // K).double()
+            p = torch.where(c_h > 0, (c_hc + t_h * p) / (c_h + t_h).clamp_min(1), p)
+        return -p.log2().mean().item()
+
+
+def text_figures(windows, vocabulary, ngram):
+    """Spelling accuracy (the fraction of whole words that occur in the training text), the number of words it is
+    over, and the bits/char of a 5-gram model of the training text. windows (M, L) -> dict."""
+    words = [w for x in windows for w in whole_words(decode(x))]
+    spelled = sum(w in vocabulary for w in words) / len(words) if words else float("nan")
+    return {"spelling_accuracy": spelled, "words": len(words), "ngram_bits_per_char": ngram.bits_per_char(windows)}
+
+
+def sample_quality(net, data, cfg, ctx):
+    """--eval-samples N: N sampled windows (the --sampler at --sample-steps) and N test windows, scored against the
+    training split's own vocabulary and 5-gram statistics, so that it works for any --text-file."""
+    n = cfg.eval_samples
+    test = data["test"][: len(data["test"]) // cfg.seq_len * cfg.seq_len].view(-1, cfg.seq_len)[:n]  # (n, L)
+    if len(test) < n:
+        raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs as many test windows; the test split has "
+                         f"{len(test)} of --seq-len {cfg.seq_len}")
+    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
+    x = draw(net, n, cfg, ctx.autocast, ctx.device, g)
+    train = data["train"].cpu()
+    vocabulary = set(bytes(torch.tensor(list(ALPHABET.encode()), dtype=torch.uint8)[train.long()]).decode().split(" "))
+    ngram = NGram(train)
+    return {"samples": text_figures(x, vocabulary, ngram), "test": text_figures(test, vocabulary, ngram)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -698,6 +779,23 @@ def run_eval(ema, data, split, step, cfg, ctx):
                    "n": result}, f, indent=1)
 
 
+def run_sample_quality(ema, data, cfg, ctx):
+    """--eval-samples: sample_quality's figures for the samples and for real test data, logged and added to eval.json
+    under "samples" (with the sampler, its steps and network calls, and the seconds it took)."""
+    start = time.time()
+    figures = sample_quality(ema, data, cfg, ctx)
+    figures.update(sampler=cfg.sampler, steps=cfg.sample_steps, network_calls=cfg.sample_steps + 1,
+                   examples=cfg.eval_samples, seconds=round(time.time() - start, 1))
+    show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
+    ctx.log(f"sample quality ({cfg.sampler}, {cfg.sample_steps} steps, {cfg.eval_samples} samples) | samples: "
+            f"{show(figures['samples'])} | test data: {show(figures['test'])}")
+    path = os.path.join(cfg.out_dir, "eval.json")
+    result = json.load(open(path)) if os.path.exists(path) else {}
+    result["samples"] = figures
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def cpu_notice(cfg, ctx, model, data):
     """On a CPU (or MPS) with no --preset and the paper-size model: one line with the measured cost of a step."""
     paper = Config()
@@ -829,12 +927,16 @@ def main(argv=None):
                 run_eval(ema, data, "test", step, cfg, ctx)
             if ctx.master and cfg.sample_only:
                 sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            if ctx.master and cfg.eval_samples:
+                run_sample_quality(ema, data, cfg, ctx)
             return
         cpu_notice(cfg, ctx, model, data)
         step = train(cfg, ctx, data, model, ema, optimizer, step, data_id)
         if ctx.master:
             run_eval(ema, data, "test", step, cfg, ctx)
             sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+            if cfg.eval_samples:
+                run_sample_quality(ema, data, cfg, ctx)
             ctx.log(f"done: {cfg.out_dir}")
         if ctx.ddp:
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples

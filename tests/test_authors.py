@@ -54,7 +54,8 @@ def close(ours, theirs, rel=1e-5):
 def test_mnist_network_and_losses_are_the_authors(tmp_path):
     fx = fixture("authors_mnist.pt")
     net = bfn_mnist.UNet(32, (1, 2, 2), 1).eval()
-    net.load_state_dict(bfn_mnist.from_authors(torch.load(authors_checkpoint(fx, tmp_path / "a.pt"))))
+    state = torch.load(authors_checkpoint(fx, tmp_path / "a.pt"), weights_only=True)
+    net.load_state_dict(bfn_mnist.from_authors(state))
     theta = torch.stack([fx["theta0"], 1 - fx["theta0"]], -1)  # (B, 28, 28, 2)
     x, t, off = fx["data"].long(), fx["t"], contextlib.nullcontext()
     with torch.no_grad():
@@ -83,7 +84,8 @@ def test_mnist_authors_checkpoint_through_init_from(mnist_dir, tmp_path):
 def test_text8_network_and_losses_are_the_authors(tmp_path):
     fx = fixture("authors_text8.pt")
     net = bfn_text8.Transformer(16, 2, 2, 32).eval()
-    net.load_state_dict(bfn_text8.from_authors(torch.load(authors_checkpoint(fx, tmp_path / "a.pt"))))
+    state = torch.load(authors_checkpoint(fx, tmp_path / "a.pt"), weights_only=True)
+    net.load_state_dict(bfn_text8.from_authors(state))
     x, t, theta, off = fx["data"], fx["t"], fx["theta"], contextlib.nullcontext()
     with torch.no_grad():
         close(net(2 * theta - 1, t), fx["logits"])
@@ -113,7 +115,8 @@ def test_cifar_network_and_losses_are_the_authors(output, tmp_path):
     fx = fixture(f"authors_cifar_{output}.pt")
     cfg = bfn_cifar.parse_args(fx["flags"])
     net = bfn_cifar.UNet(64, 2, n_out=2 if output == "discretised" else 1).eval()
-    net.load_state_dict(bfn_cifar.from_authors(torch.load(authors_checkpoint(fx, tmp_path / "a.pt"))))
+    state = torch.load(authors_checkpoint(fx, tmp_path / "a.pt"), weights_only=True)
+    net.load_state_dict(bfn_cifar.from_authors(state))
     x, t, off = fx["x"], fx["t"], contextlib.nullcontext()
     assert fx["exact"].all()  # their -ln p is exact (not their tail approximation) on every pixel of the fixture
     with torch.no_grad():

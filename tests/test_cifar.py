@@ -90,3 +90,15 @@ def test_torchrun_two_cpu_processes(cifar_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     log = open(os.path.join(out, "log.txt")).read()
     assert "processes 2" in log and "step 2 | loss" in log
+
+
+def test_sample_quality_figures(cifar_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run(cifar_dir, out, "--steps", "2", "--eval-samples", "4", "--output", "continuous")
+    q = json.load(open(os.path.join(out, "eval.json")))["samples"]
+    assert q["examples"] == 4 and q["network_calls"] == 4
+    for part in ("samples", "test"):
+        assert 0 <= q[part]["confident"] <= 1 and 0 <= q[part]["label_entropy_bits"] <= math.log2(10)
+        assert q[part]["frechet"] >= 0
+    folder = os.path.join(cifar_dir, "cifar-10-batches-py")
+    assert len([f for f in os.listdir(folder) if f.startswith("classifier-")]) == 1

@@ -132,3 +132,50 @@ def test_torchrun_two_cpu_processes(mnist_dir, tmp_path):
     log = open(os.path.join(out, "log.txt")).read()
     assert "processes 2" in log and "step 2 | loss" in log
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
+
+
+def test_sample_quality_figures(mnist_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run(mnist_dir, out, "--steps", "2", "--eval-samples", "8")
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "training the sample-quality classifier" in log and "sample quality (paper, 3 steps, 8 samples)" in log
+    q = json.load(open(os.path.join(out, "eval.json")))["samples"]
+    assert q["examples"] == 8 and q["network_calls"] == 4 and q["sampler"] == "paper" and q["steps"] == 3
+    for part in ("samples", "test"):
+        assert 0 <= q[part]["confident"] <= 1 and 0 <= q[part]["label_entropy_bits"] <= math.log2(10)
+        assert q[part]["frechet"] >= 0
+    assert len([f for f in os.listdir(os.path.join(mnist_dir, "MNIST")) if f.startswith("classifier-")]) == 1
+    run(mnist_dir, out, "--sample-only", "--sampler", "ode", "--eval-samples", "4")  # the cached classifier
+    log = open(os.path.join(out, "log.txt")).read()
+    assert log.count("training the sample-quality classifier") == 1
+    assert "sample quality (ode, 3 steps, 4 samples)" in log
+    assert "n" in json.load(open(os.path.join(out, "eval.json")))  # the losses are kept beside the new figures
+    with pytest.raises(SystemExit, match="--eval-samples 30 needs twice as many test images; the test split has 40"):
+        run(mnist_dir, out, "--sample-only", "--eval-samples", "30")
+
+
+def test_frechet_distance_of_gaussians_is_the_closed_form():
+    """Feature sets whose sample mean is m and sample covariance diag(s^2) exactly: the distance between them is
+    |m_a - m_b|^2 + sum (s_a - s_b)^2, and a rotation of both sets leaves it unchanged."""
+    def points(m, s):  # 2D points m +- c s_i e_i, c^2 = (2D - 1) / 2: unbiased covariance exactly diag(s^2)
+        d = len(m)
+        offsets = math.sqrt((2 * d - 1) / 2) * torch.diag(torch.tensor(s, dtype=torch.float64))
+        return torch.tensor(m, dtype=torch.float64) + torch.cat([offsets, -offsets])
+    a, b = points([0.0, 1.0, 2.0], [1.0, 2.0, 0.5]), points([1.0, 1.0, 0.0], [3.0, 0.5, 0.5])
+    expected = (1 + 0 + 4) + (4 + 2.25 + 0)
+    assert bfn_mnist.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert bfn_mnist.frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+    rotation, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert bfn_mnist.frechet_distance(a @ rotation, b @ rotation) == pytest.approx(expected, rel=1e-9)
+
+
+def test_digit_crops_centre_each_half():
+    x = torch.zeros(2, 64, 64, dtype=torch.long)
+    x[0, 10:18, 3:9] = 1  # left digit
+    x[0, 40:50, 45:55] = 1  # right digit
+    x[1, 30:38, 20:30] = 1
+    x[1, 0:6, 58:64] = 1
+    crops = bfn_mnist.digit_crops(x)  # (2, B, 28, 28)
+    assert crops.shape == (2, 2, 28, 28)
+    assert crops.sum((2, 3)).tolist() == [[48, 80], [100, 36]]  # every ink pixel of each half is inside its crop
+    assert crops[1, 0, 10:20, 10:20].all()  # the 10x10 square, centred at (14.5, 14.5) in its crop, to the pixel

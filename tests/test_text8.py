@@ -130,3 +130,24 @@ def test_torchrun_two_cpu_processes(text8_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     log = open(os.path.join(out, "log.txt")).read()
     assert "processes 2" in log and "step 2 | loss" in log
+
+
+def test_sample_quality_figures(text8_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run(text8_dir, out, "--steps", "2", "--eval-samples", "4")
+    q = json.load(open(os.path.join(out, "eval.json")))["samples"]
+    assert q["examples"] == 4 and q["network_calls"] == 4 and q["sampler"] == "paper"
+    assert 0 <= q["samples"]["spelling_accuracy"] <= 1 and q["test"]["spelling_accuracy"] == 1.0  # real words
+    assert q["test"]["ngram_bits_per_char"] < q["samples"]["ngram_bits_per_char"]  # an untrained model's letter soup
+    assert "sample quality (paper, 3 steps, 4 samples)" in open(os.path.join(out, "log.txt")).read()
+
+
+def test_ngram_model_is_witten_bell_by_hand():
+    """Training text a b a b a c (symbols 1 2 1 2 1 3), order 2; the window a b c scores b after a and c after b."""
+    ngram = bfn_text8.NGram(torch.tensor([1, 2, 1, 2, 1, 3]), order=2)
+    p1 = lambda count: (count + 3 / 27) / (6 + 3)  # noqa: E731  unigrams: N = 6, T = 3 distinct symbols
+    p_b_after_a = (2 + 2 * p1(2)) / (3 + 2)  # a is followed by b twice and c once: C(a) = 3, T(a) = 2
+    p_c_after_b = (0 + 1 * p1(1)) / (2 + 1)  # b is followed by a twice: C(b) = 2, T(b) = 1; c was seen once
+    expected = -(math.log2(p_b_after_a) + math.log2(p_c_after_b)) / 2
+    assert ngram.bits_per_char(torch.tensor([[1, 2, 3]])) == pytest.approx(expected, rel=1e-12)
+    assert bfn_text8.whole_words("xx the cat sa") == ["the", "cat"]
