@@ -15,7 +15,9 @@ Measured: --preset quick, 90.4 ± 0.7 nats/image on all 10,000 test images; 2 Xe
 
 Outputs in --out-dir (default runs/bfn_mnist): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.png (8x8
 final samples; 4x4 for --digits 2) and evolution.png (for each of 4 samples, two rows: the input probability theta of
-a black pixel, then the network's output probability, at t = 0, 0.1, ..., 1 left to right).
+a black pixel, then the network's output probability, at t = 0, 0.1, ..., 1 left to right), evolution.gif (the same
+at every step, for 8 samples). With --eval-samples N, sample quality through a digit classifier, in eval.json and
+samples.json (one row per --sampler and --sample-steps: `--sampler paper ode --sample-steps 10 25 100` runs each).
 Shapes: B batch, H x W image (28 or 64), K = 2 classes (0 = white, 1 = black ink), C channels.
 """
 import argparse
@@ -91,9 +93,10 @@ class Config:
     eval_batch_size: int = opt(500, "examples per evaluation batch")
     eval_samples: int = opt(0, "sample quality: draw N samples and compare them with N test images through a digit "
                                "classifier (Fréchet distance of its features, confident fraction, label entropy)")
-    sample_steps: int = opt(100, "generation steps n of Algorithm 9")
+    sample_steps: tuple = opt((100,), "generation steps n of Algorithm 9; several: each, with each --sampler")
     num_samples: int = opt(64, "images in samples.png")
-    sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
+    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver "
+                                     "(fast); several: each")
     final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
                                "likely value, as the authors' release)")
     # run
@@ -151,9 +154,9 @@ def parse_args(argv=None):
         (any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n),
          f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
-        (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
+        (min(cfg.sample_steps) < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
         (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
-        (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
+        (not set(cfg.sampler) <= {"paper", "ode"}, f"--sampler takes paper or ode, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
@@ -539,21 +542,38 @@ def draw(net, n, cfg, autocast, device, generator, trajectory=False):
 
 
 @torch.no_grad()
-def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 9 (or the ODE solver): samples.png (a grid of final samples) and evolution.png (theta and p_O of a
-    black pixel at t = 0, 0.1, ..., 1)."""
+def sample(net, cfg, autocast, device, out_dir, tag=""):
+    """Algorithm 9 (or the ODE solver): samples.png (a grid of final samples), evolution.png (theta and p_O of a
+    black pixel at t = 0, 0.1, ..., 1) and evolution.gif (the same at every step, for 8 samples)."""
     from torchvision.utils import save_image
     g = torch.Generator(device).manual_seed(cfg.seed)
     x, trajectory = draw(net, cfg.num_samples, cfg, autocast, device, g, trajectory=True)
     nrow = max(1, round(math.sqrt(cfg.num_samples)))
-    save_image(1 - x[:, None].float(), os.path.join(out_dir, "samples.png"), nrow=nrow, pad_value=0.5)
+    save_image(1 - x[:, None].float(), os.path.join(out_dir, f"samples{tag}.png"), nrow=nrow, pad_value=0.5)
     times = [k / 10 for k in range(11)]
     steps = [min(trajectory, key=lambda s: abs(s["t"] - tt)) for tt in times]
     rows = []
     for b in range(min(4, cfg.num_samples)):
         rows += [s["input"][b, ..., 1] for s in steps] + [s["output"][b, ..., 1] for s in steps]
     grid = 1 - torch.stack(rows)[:, None]  # (8 x 11, 1, H, W): ink is black
-    save_image(grid, os.path.join(out_dir, "evolution.png"), nrow=len(times), pad_value=0.5)
+    save_image(grid, os.path.join(out_dir, f"evolution{tag}.png"), nrow=len(times), pad_value=0.5)
+    shown = min(8, cfg.num_samples)  # evolution.gif: a frame per step, theta above p_O, then the samples
+    frames = [1 - torch.cat([s["input"][:shown, ..., 1], s["output"][:shown, ..., 1]])[:, None] for s in trajectory]
+    frames.append(1 - torch.cat([x[:shown], x[:shown]]).float()[:, None])
+    save_gif(frames, shown, os.path.join(out_dir, f"evolution{tag}.gif"))
+
+
+def save_gif(frames, nrow, path, max_frames=100):
+    """An animated GIF of image grids, at most max_frames of them evenly spaced (the last one kept, and held):
+    frames: a list of (N, C, H, W) in [0, 1]."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+    keep = sorted({round(k * (len(frames) - 1) / (max_frames - 1)) for k in range(max_frames)}) \
+        if len(frames) > max_frames else range(len(frames))
+    images = [Image.fromarray((make_grid(frames[k].float().cpu(), nrow=nrow, pad_value=0.5).clamp(0, 1) * 255)
+                              .round().byte().permute(1, 2, 0).numpy()) for k in keep]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=[80] * (len(images) - 1) + [2000],
+                   loop=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -900,21 +920,34 @@ def run_eval(ema, data, split, step, cfg, ctx):
                    "n": result}, f, indent=1)
 
 
-def run_sample_quality(ema, data, cfg, ctx):
-    """--eval-samples: sample_quality's figures for the samples and for real test data, logged and added to eval.json
-    under "samples" (with the sampler, its steps and network calls, and the seconds it took)."""
-    start = time.time()
-    figures = sample_quality(ema, data, cfg, ctx)
-    figures.update(sampler=cfg.sampler, steps=cfg.sample_steps, network_calls=cfg.sample_steps + 1,
-                   examples=cfg.eval_samples, seconds=round(time.time() - start, 1))
-    show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
-    ctx.log(f"sample quality ({cfg.sampler}, {cfg.sample_steps} steps, {cfg.eval_samples} samples) | samples: "
-            f"{show(figures['samples'])} | test data: {show(figures['test'])}")
-    path = os.path.join(cfg.out_dir, "eval.json")
-    result = json.load(open(path)) if os.path.exists(path) else {}
-    result["samples"] = figures
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+def sample_all(ema, data, cfg, ctx, quality):
+    """Sample with every combination of --sampler and --sample-steps: its grids (samples.png, evolution.png; named
+    samples-SAMPLER-STEPS.png and so on when there are several) and, with quality (--eval-samples N), its sample
+    quality: the figures of sample_quality for N samples and for real test data, logged, and a table of every
+    combination (sampler, steps, network calls, seconds for the N samples, figures) in samples.json and in eval.json
+    under "samples"."""
+    runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
+    table = []
+    for one in runs:
+        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, "" if len(runs) == 1 else
+               f"-{one.sampler}-{one.sample_steps}")
+        if quality:
+            start = time.time()
+            figures = sample_quality(ema, data, one, ctx)
+            table.append(dict(sampler=one.sampler, steps=one.sample_steps, network_calls=one.sample_steps + 1,
+                              examples=cfg.eval_samples, seconds=round(time.time() - start, 1), **figures))
+            show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
+            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps, {cfg.eval_samples} samples, "
+                    f"{table[-1]['seconds']} s) | samples: {show(figures['samples'])} | test data: "
+                    f"{show(figures['test'])}")
+    if quality:
+        with open(os.path.join(cfg.out_dir, "samples.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        path = os.path.join(cfg.out_dir, "eval.json")
+        result = json.load(open(path)) if os.path.exists(path) else {}
+        result["samples"] = table
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def cpu_notice(cfg, ctx, model, data):
@@ -1020,7 +1053,7 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
             if ctx.master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 run_eval(ema, data, "val", step, cfg, ctx)
             if ctx.master and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+                sample_all(ema, data, cfg, ctx, quality=False)
             t_last += time.time() - t_side
     return step
 
@@ -1046,18 +1079,14 @@ def main(argv=None):
         if cfg.eval_only or cfg.sample_only:
             if ctx.master and cfg.eval_only:
                 run_eval(ema, data, "test", step, cfg, ctx)
-            if ctx.master and cfg.sample_only:
-                sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
-            if ctx.master and cfg.eval_samples:
-                run_sample_quality(ema, data, cfg, ctx)
+            if ctx.master and (cfg.sample_only or cfg.eval_samples):
+                sample_all(ema, data, cfg, ctx, quality=cfg.eval_samples > 0)
             return
         cpu_notice(cfg, ctx, model, data)
         step = train(cfg, ctx, data, model, ema, optimizer, step, data_id)
         if ctx.master:
             run_eval(ema, data, "test", step, cfg, ctx)
-            sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
-            if cfg.eval_samples:
-                run_sample_quality(ema, data, cfg, ctx)
+            sample_all(ema, data, cfg, ctx, quality=cfg.eval_samples > 0)
             ctx.log(f"done: {cfg.out_dir}")
         if ctx.ddp:
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples

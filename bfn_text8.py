@@ -17,7 +17,9 @@ Data: text8.zip (downloaded into --data-dir and verified: 31,344,016 bytes, inne
 0x7d6be66f), symbols space = 0, a-z = 1..26, split first 90% / next 5% / last 5% (the standard 90M / 5M / 5M).
 Outputs in --out-dir (default runs/bfn_text8): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.txt
 (--num-samples samples of --seq-len characters) and evolution.txt (one sample's most likely characters under the
-input theta and under the network's output, at t = 0, 0.1, ..., 1).
+input theta and under the network's output, at t = 0, 0.1, ..., 1), evolution.gif (the same at every step, for 3
+samples). With --eval-samples N, sample quality (spelling, 5-gram bits/char) in eval.json and samples.json (one row
+per --sampler and --sample-steps: `--sampler paper ode --sample-steps 10 100` runs each).
 Shapes: B batch, L sequence length (--seq-len), K = 27 symbols, W transformer width.
 """
 import argparse
@@ -93,9 +95,10 @@ class Config:
     eval_batch_size: int = opt(256, "windows per evaluation batch")
     eval_samples: int = opt(0, "sample quality: draw N samples and score them and N test windows by spelling (words "
                                "of the training text) and by a character 5-gram model of the training text")
-    sample_steps: int = opt(1000, "generation steps n of Algorithm 9")
+    sample_steps: tuple = opt((1000,), "generation steps n of Algorithm 9; several: each, with each --sampler")
     num_samples: int = opt(8, "samples in samples.txt")
-    sampler: str = opt("paper", "paper: the paper's sampler; ode: the second-order probability-flow ODE solver (fast)")
+    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver "
+                                     "(fast); several: each")
     final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
                                "likely value, as the authors' release)")
     # run
@@ -118,7 +121,7 @@ class Config:
 # --preset quick: the measured CPU recipe of the README (≈9 minutes on 2 CPU cores); paper: the defaults above.
 PRESETS = {"paper": {}, "quick": dict(layers=4, heads=4, width=128, seq_len=128, batch_size=32, lr=1e-3, steps=3000,
                                       eval_every=0, sample_every=0, eval_examples=1000, num_samples=4,
-                                      sample_steps=100)}
+                                      sample_steps=(100,))}
 
 
 def parse_args(argv=None):
@@ -154,9 +157,9 @@ def parse_args(argv=None):
         (any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n),
          f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
-        (cfg.sample_steps < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
+        (min(cfg.sample_steps) < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
         (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
-        (cfg.sampler not in ("paper", "ode"), f"--sampler must be paper or ode, got {cfg.sampler}"),
+        (not set(cfg.sampler) <= {"paper", "ode"}, f"--sampler takes paper or ode, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
@@ -464,16 +467,16 @@ def draw(net, n, cfg, autocast, device, generator, trajectory=False):
 
 
 @torch.no_grad()
-def sample(net, cfg, autocast, device, out_dir):
-    """Algorithm 9 (or the ODE solver): samples.txt and evolution.txt (the most likely characters of theta and p_O
-    at t = 0, 0.1, ..., 1)."""
+def sample(net, cfg, autocast, device, out_dir, tag=""):
+    """Algorithm 9 (or the ODE solver): samples.txt, evolution.txt (the most likely characters of theta and p_O at
+    t = 0, 0.1, ..., 1) and evolution.gif (the same at every step, for 3 samples)."""
     g = torch.Generator(device).manual_seed(cfg.seed)
     x, trajectory = draw(net, cfg.num_samples, cfg, autocast, device, g, trajectory=True)
-    with open(os.path.join(out_dir, "samples.txt"), "w") as f:
+    with open(os.path.join(out_dir, f"samples{tag}.txt"), "w") as f:
         for b in range(len(x)):
             f.write(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{decode(x[b])}\n")
     times = [k / 10 for k in range(11)]
-    with open(os.path.join(out_dir, "evolution.txt"), "w") as f:
+    with open(os.path.join(out_dir, f"evolution{tag}.txt"), "w") as f:
         f.write(f"sample 0 over {cfg.sample_steps} steps: the most likely character under the input theta and "
                 f"under the output p_O\n")
         for tt in times:
@@ -481,6 +484,36 @@ def sample(net, cfg, autocast, device, out_dir):
             f.write(f"t={s['t']:.2f} input  |{decode(s['input'][0].argmax(-1))}|\n"
                     f"       output |{decode(s['output'][0].argmax(-1))}|\n")
         f.write(f"final sample |{decode(x[0])}|\n")
+    frames = []  # evolution.gif: a frame per step, the most likely characters of theta and p_O of 3 samples
+    final = {"t": 1.0, "input": F.one_hot(x, K), "output": F.one_hot(x, K), "label": ", the samples"}
+    for s in trajectory + [final]:
+        lines = [f"t = {s['t']:.3f}{s.get('label', '')}"]
+        for b in range(min(3, cfg.num_samples)):
+            for name in ("input", "output"):
+                text = decode(s[name][b].argmax(-1))
+                lines += [f"{name:6} |{text[k:k + 64]}|" for k in range(0, len(text), 64)]
+            lines.append("")
+        frames.append(lines)
+    save_text_gif(frames, os.path.join(out_dir, f"evolution{tag}.gif"))
+
+
+def save_text_gif(frames, path, max_frames=100):
+    """An animated GIF of text, at most max_frames frames evenly spaced (the last one kept, and held): frames, a list
+    of lists of lines, each drawn in Pillow's default font, black on white."""
+    from PIL import Image, ImageDraw
+    keep = sorted({round(k * (len(frames) - 1) / (max_frames - 1)) for k in range(max_frames)}) \
+        if len(frames) > max_frames else range(len(frames))
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    width = 8 + max(round(measure.textlength(line)) for k in keep for line in frames[k])
+    height = 8 + 12 * max(len(frames[k]) for k in keep)
+    images = []
+    for k in keep:
+        image = Image.new("L", (width, height), 255)
+        draw_text = ImageDraw.Draw(image)
+        for j, line in enumerate(frames[k]):
+            draw_text.text((4, 4 + 12 * j), line, fill=0)
+        images.append(image)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=[80] * (len(images) - 1) + [2000], loop=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -779,21 +812,34 @@ def run_eval(ema, data, split, step, cfg, ctx):
                    "n": result}, f, indent=1)
 
 
-def run_sample_quality(ema, data, cfg, ctx):
-    """--eval-samples: sample_quality's figures for the samples and for real test data, logged and added to eval.json
-    under "samples" (with the sampler, its steps and network calls, and the seconds it took)."""
-    start = time.time()
-    figures = sample_quality(ema, data, cfg, ctx)
-    figures.update(sampler=cfg.sampler, steps=cfg.sample_steps, network_calls=cfg.sample_steps + 1,
-                   examples=cfg.eval_samples, seconds=round(time.time() - start, 1))
-    show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
-    ctx.log(f"sample quality ({cfg.sampler}, {cfg.sample_steps} steps, {cfg.eval_samples} samples) | samples: "
-            f"{show(figures['samples'])} | test data: {show(figures['test'])}")
-    path = os.path.join(cfg.out_dir, "eval.json")
-    result = json.load(open(path)) if os.path.exists(path) else {}
-    result["samples"] = figures
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+def sample_all(ema, data, cfg, ctx, quality):
+    """Sample with every combination of --sampler and --sample-steps: its grids (samples.png, evolution.png; named
+    samples-SAMPLER-STEPS.png and so on when there are several) and, with quality (--eval-samples N), its sample
+    quality: the figures of sample_quality for N samples and for real test data, logged, and a table of every
+    combination (sampler, steps, network calls, seconds for the N samples, figures) in samples.json and in eval.json
+    under "samples"."""
+    runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
+    table = []
+    for one in runs:
+        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, "" if len(runs) == 1 else
+               f"-{one.sampler}-{one.sample_steps}")
+        if quality:
+            start = time.time()
+            figures = sample_quality(ema, data, one, ctx)
+            table.append(dict(sampler=one.sampler, steps=one.sample_steps, network_calls=one.sample_steps + 1,
+                              examples=cfg.eval_samples, seconds=round(time.time() - start, 1), **figures))
+            show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
+            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps, {cfg.eval_samples} samples, "
+                    f"{table[-1]['seconds']} s) | samples: {show(figures['samples'])} | test data: "
+                    f"{show(figures['test'])}")
+    if quality:
+        with open(os.path.join(cfg.out_dir, "samples.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        path = os.path.join(cfg.out_dir, "eval.json")
+        result = json.load(open(path)) if os.path.exists(path) else {}
+        result["samples"] = table
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def cpu_notice(cfg, ctx, model, data):
@@ -899,7 +945,7 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
             if ctx.master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 run_eval(ema, data, "val", step, cfg, ctx)
             if ctx.master and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
+                sample_all(ema, data, cfg, ctx, quality=False)
             t_last += time.time() - t_side
     return step
 
@@ -925,18 +971,14 @@ def main(argv=None):
         if cfg.eval_only or cfg.sample_only:
             if ctx.master and cfg.eval_only:
                 run_eval(ema, data, "test", step, cfg, ctx)
-            if ctx.master and cfg.sample_only:
-                sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
-            if ctx.master and cfg.eval_samples:
-                run_sample_quality(ema, data, cfg, ctx)
+            if ctx.master and (cfg.sample_only or cfg.eval_samples):
+                sample_all(ema, data, cfg, ctx, quality=cfg.eval_samples > 0)
             return
         cpu_notice(cfg, ctx, model, data)
         step = train(cfg, ctx, data, model, ema, optimizer, step, data_id)
         if ctx.master:
             run_eval(ema, data, "test", step, cfg, ctx)
-            sample(ema, cfg, ctx.autocast, ctx.device, cfg.out_dir)
-            if cfg.eval_samples:
-                run_sample_quality(ema, data, cfg, ctx)
+            sample_all(ema, data, cfg, ctx, quality=cfg.eval_samples > 0)
             ctx.log(f"done: {cfg.out_dir}")
         if ctx.ddp:
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples

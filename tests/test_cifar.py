@@ -28,7 +28,7 @@ def run(data, out, *extra):
 def test_three_steps_end_to_end(cifar_dir, tmp_path, output, bins):
     out = str(tmp_path / "run")
     run(cifar_dir, out, "--steps", "3", "--output", output, "--bins", bins)
-    for name in ["ckpt.pt", "log.txt", "eval.json", "samples.png", "evolution.png"]:
+    for name in ["ckpt.pt", "log.txt", "eval.json", "samples.png", "evolution.png", "evolution.gif"]:
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     ev = json.load(open(os.path.join(out, "eval.json")))
     assert ev["step"] == 3 and ev["unit"] == "bits/dim" and ev["examples"] == 6
@@ -95,7 +95,7 @@ def test_torchrun_two_cpu_processes(cifar_dir, tmp_path):
 def test_sample_quality_figures(cifar_dir, tmp_path):
     out = str(tmp_path / "run")
     run(cifar_dir, out, "--steps", "2", "--eval-samples", "4", "--output", "continuous")
-    q = json.load(open(os.path.join(out, "eval.json")))["samples"]
+    q, = json.load(open(os.path.join(out, "eval.json")))["samples"]
     assert q["examples"] == 4 and q["network_calls"] == 4
     for part in ("samples", "test"):
         assert 0 <= q[part]["confident"] <= 1 and 0 <= q[part]["label_entropy_bits"] <= math.log2(10)

@@ -26,7 +26,7 @@ def run(data, out, *extra):
 def test_three_steps_end_to_end(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     run(mnist_dir, out, "--steps", "3")
-    for name in ["ckpt.pt", "log.txt", "eval.json", "samples.png", "evolution.png"]:
+    for name in ["ckpt.pt", "log.txt", "eval.json", "samples.png", "evolution.png", "evolution.gif"]:
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     ev = json.load(open(os.path.join(out, "eval.json")))
     assert ev["step"] == 3 and ev["split"] == "test" and ev["unit"] == "nats/image" and ev["examples"] == 6
@@ -34,6 +34,8 @@ def test_three_steps_end_to_end(mnist_dir, tmp_path):
         r = ev["n"][n]
         assert all(math.isfinite(r[k]) for k in ["loss", "recon", "total", "stderr"])
         assert r["total"] == pytest.approx(r["loss"] + r["recon"])
+    from PIL import Image
+    assert Image.open(os.path.join(out, "evolution.gif")).n_frames == 3 + 2  # each of the n + 1 steps, the samples
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 3 and set(ckpt) == {"model", "ema", "optimizer", "step", "config", "data"}
     log = open(os.path.join(out, "log.txt")).read()
@@ -85,7 +87,7 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     (["--steps", "-5"], "--steps must be >= 0"),
     (["--eval-n", "inf", "ten"], "--eval-n takes 'inf' or positive integers"),
     (["--dtype", "float8"], "--dtype must be"),
-    (["--sampler", "ddpm"], "--sampler must be paper or ode"),
+    (["--sampler", "paper", "ddpm"], "--sampler takes paper or ode, got paper ddpm"),
     (["--final", "mean"], "--final must be sample or mode, got mean"),
     (["--eval-repeats", "0"], "--eval-repeats must be >= 1"),
     (["--no-such-flag"], "unrecognized arguments"),
@@ -138,8 +140,8 @@ def test_sample_quality_figures(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     run(mnist_dir, out, "--steps", "2", "--eval-samples", "8")
     log = open(os.path.join(out, "log.txt")).read()
-    assert "training the sample-quality classifier" in log and "sample quality (paper, 3 steps, 8 samples)" in log
-    q = json.load(open(os.path.join(out, "eval.json")))["samples"]
+    assert "training the sample-quality classifier" in log and "sample quality (paper, 3 steps, 8 samples, " in log
+    q, = json.load(open(os.path.join(out, "eval.json")))["samples"]
     assert q["examples"] == 8 and q["network_calls"] == 4 and q["sampler"] == "paper" and q["steps"] == 3
     for part in ("samples", "test"):
         assert 0 <= q[part]["confident"] <= 1 and 0 <= q[part]["label_entropy_bits"] <= math.log2(10)
@@ -148,7 +150,7 @@ def test_sample_quality_figures(mnist_dir, tmp_path):
     run(mnist_dir, out, "--sample-only", "--sampler", "ode", "--eval-samples", "4")  # the cached classifier
     log = open(os.path.join(out, "log.txt")).read()
     assert log.count("training the sample-quality classifier") == 1
-    assert "sample quality (ode, 3 steps, 4 samples)" in log
+    assert "sample quality (ode, 3 steps, 4 samples, " in log
     assert "n" in json.load(open(os.path.join(out, "eval.json")))  # the losses are kept beside the new figures
     with pytest.raises(SystemExit, match="--eval-samples 30 needs twice as many test images; the test split has 40"):
         run(mnist_dir, out, "--sample-only", "--eval-samples", "30")
@@ -179,3 +181,17 @@ def test_digit_crops_centre_each_half():
     assert crops.shape == (2, 2, 28, 28)
     assert crops.sum((2, 3)).tolist() == [[48, 80], [100, 36]]  # every ink pixel of each half is inside its crop
     assert crops[1, 0, 10:20, 10:20].all()  # the 10x10 square, centred at (14.5, 14.5) in its crop, to the pixel
+
+
+def test_every_sampler_and_step_count(mnist_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run(mnist_dir, out, "--steps", "1")
+    run(mnist_dir, out, "--sample-only", "--sampler", "paper", "ode", "--sample-steps", "2", "5", "--eval-samples", "4")
+    table = json.load(open(os.path.join(out, "samples.json")))
+    assert [(r["sampler"], r["steps"], r["network_calls"]) for r in table] == [
+        ("paper", 2, 3), ("paper", 5, 6), ("ode", 2, 3), ("ode", 5, 6)]
+    assert json.load(open(os.path.join(out, "eval.json")))["samples"] == table
+    for sampler in ("paper", "ode"):
+        for n in (2, 5):
+            assert os.path.exists(os.path.join(out, f"samples-{sampler}-{n}.png"))
+            assert os.path.exists(os.path.join(out, f"evolution-{sampler}-{n}.png"))

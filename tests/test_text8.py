@@ -38,7 +38,7 @@ def run(data, out, *extra):
 def test_three_steps_end_to_end(text8_dir, tmp_path):
     out = str(tmp_path / "run")
     run(text8_dir, out, "--steps", "3")
-    for name in ["ckpt.pt", "log.txt", "eval.json", "samples.txt", "evolution.txt"]:
+    for name in ["ckpt.pt", "log.txt", "eval.json", "samples.txt", "evolution.txt", "evolution.gif"]:
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     ev = json.load(open(os.path.join(out, "eval.json")))
     assert ev["step"] == 3 and ev["split"] == "test" and ev["unit"] == "bits/char" and ev["examples"] == 6
@@ -135,11 +135,11 @@ def test_torchrun_two_cpu_processes(text8_dir, tmp_path):
 def test_sample_quality_figures(text8_dir, tmp_path):
     out = str(tmp_path / "run")
     run(text8_dir, out, "--steps", "2", "--eval-samples", "4")
-    q = json.load(open(os.path.join(out, "eval.json")))["samples"]
+    q, = json.load(open(os.path.join(out, "eval.json")))["samples"]
     assert q["examples"] == 4 and q["network_calls"] == 4 and q["sampler"] == "paper"
     assert 0 <= q["samples"]["spelling_accuracy"] <= 1 and q["test"]["spelling_accuracy"] == 1.0  # real words
     assert q["test"]["ngram_bits_per_char"] < q["samples"]["ngram_bits_per_char"]  # an untrained model's letter soup
-    assert "sample quality (paper, 3 steps, 4 samples)" in open(os.path.join(out, "log.txt")).read()
+    assert "sample quality (paper, 3 steps, 4 samples, " in open(os.path.join(out, "log.txt")).read()
 
 
 def test_ngram_model_is_witten_bell_by_hand():
