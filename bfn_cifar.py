@@ -48,11 +48,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (bin_centres, continuous_flow, continuous_loss_inf, continuous_loss_n, continuous_recon_loss,
-                    continuous_sample, continuous_sample_ode, continuous_x_hat, discretised_loss_inf,
-                    discretised_log_probs, discretised_loss_n, discretised_output, discretised_probs,
-                    discretised_recon_loss, discretised_sample,
-                    discretised_sample_ode, stratified_steps)
+from common import (bin_centres, bin_index, continuous_flow, continuous_loss_inf, continuous_loss_n,
+                    continuous_recon_loss, continuous_sample, continuous_sample_ode, continuous_sample_sde,
+                    continuous_x_hat, discretised_loss_inf, discretised_log_probs, discretised_loss_n,
+                    discretised_output, discretised_probs, discretised_recon_loss, discretised_sample,
+                    discretised_sample_ode, discretised_sample_sde, stratified_steps)
 
 SCRIPT, UNIT = "bfn_cifar.py", "bits/dim"
 D = 3 * 32 * 32  # dimensions of an image
@@ -97,12 +97,14 @@ class Config:
     eval_examples: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
     eval_repeats: int = opt(1, "passes over them, each with fresh noise")
     eval_batch_size: int = opt(100, "examples per evaluation batch")
+    inpaint: str = opt("", "complete test images with a region missing: top, bottom, left, right or centre (that half, "
+                           "or the middle half each way, is generated), or a mask image (32 x 32, white = generate)")
     eval_samples: int = opt(0, "sample quality: draw N samples and compare them with N test images through an image "
                                "classifier (Fréchet distance of its features, confident fraction, label entropy)")
     sample_steps: tuple = opt((1000,), "generation steps n of Algorithms 3 and 6; several: each, with each --sampler")
     num_samples: int = opt(64, "images in samples.png")
-    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver "
-                                     "(fast); several: each")
+    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver; "
+                                     "sde: the second-order SDE solver (both for few steps); several: each")
     final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
                                "likely value, as the authors' release)")
     # run
@@ -164,8 +166,11 @@ def parse_args(argv=None):
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (min(cfg.sample_steps) < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
         (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
-        (not set(cfg.sampler) <= {"paper", "ode"}, f"--sampler takes paper or ode, got {' '.join(cfg.sampler)}"),
+        (not set(cfg.sampler) <= {"paper", "ode", "sde"},
+         f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
+        (cfg.inpaint not in ("", *INPAINT_REGIONS) and not os.path.isfile(cfg.inpaint),
+         f"--inpaint takes {', '.join(INPAINT_REGIONS)} or a mask image file, got {cfg.inpaint}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
@@ -482,27 +487,40 @@ def summarise(losses, recon, cfg):
     return result
 
 
-def draw(net, n, cfg, autocast, device, generator, trajectory=False):
+def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None):
     """n samples (n, 3, 32, 32) of Algorithm 3 or 6 or the ODE solver (--sampler, --sample-steps, --final), in batches
-    of --eval-batch-size; with trajectory, one batch and also the trajectory (mu and the prediction at each step)."""
-    sizes = [n] if trajectory else [len(c) for c in torch.arange(n).split(cfg.eval_batch_size)]
-    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(sizes) * (cfg.sample_steps + 1))
+    of --eval-batch-size; with trajectory, one batch and also the trajectory (mu and the prediction at each step).
+    given (n, 3, 32, 32): known values (NaN where unknown). There the prediction is replaced by the known value at
+    every step (x_hat, or p_O all on its bin), so that those dimensions follow the Bayesian flow of their true values,
+    the network sees them as it would in training, and it generates the rest consistently (inpainting); this works
+    alike for every sampler."""
+    chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(cfg.eval_batch_size)
+    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(chunks) * (cfg.sample_steps + 1))
 
-    def output_fn(mu, t):  # x_hat, or p_O(. | mu, t), counting the network calls for the progress line
-        progress.tick()
-        out = network_output(net, mu, t, cfg, autocast)
-        return out if cfg.output == "continuous" else discretised_probs(*out, cfg.bins)
+    def run(idx):
+        def output_fn(mu, t):  # x_hat, or p_O(. | mu, t), counting the network calls for the progress line
+            progress.tick()
+            out = network_output(net, mu, t, cfg, autocast)
+            out = out if cfg.output == "continuous" else discretised_probs(*out, cfg.bins)
+            if given is None:
+                return out
+            known = given[idx]
+            if cfg.output == "continuous":
+                return torch.where(known.isnan(), out, known)
+            on_bin = F.one_hot(bin_index(known.nan_to_num(), cfg.bins), cfg.bins).float()
+            return torch.where(known.isnan()[..., None], out, on_bin)
 
-    def run(b):
         if cfg.output == "continuous":  # p_O is a delta at x_hat: its sample and its mode are x_hat
-            sampler = {"paper": continuous_sample, "ode": continuous_sample_ode}[cfg.sampler]
-            return sampler(output_fn, (b, 3, 32, 32), cfg.sample_steps, cfg.sigma_1, generator=generator,
+            sampler = {"paper": continuous_sample, "ode": continuous_sample_ode,
+                       "sde": continuous_sample_sde}[cfg.sampler]
+            return sampler(output_fn, (len(idx), 3, 32, 32), cfg.sample_steps, cfg.sigma_1, generator=generator,
                            device=device, return_trajectory=trajectory)
-        sampler = {"paper": discretised_sample, "ode": discretised_sample_ode}[cfg.sampler]
-        return sampler(output_fn, (b, 3, 32, 32), cfg.sample_steps, cfg.sigma_1, cfg.bins, generator=generator,
+        sampler = {"paper": discretised_sample, "ode": discretised_sample_ode,
+                   "sde": discretised_sample_sde}[cfg.sampler]
+        return sampler(output_fn, (len(idx), 3, 32, 32), cfg.sample_steps, cfg.sigma_1, cfg.bins, generator=generator,
                        device=device, return_trajectory=trajectory, final_mode=cfg.final == "mode")
 
-    out = [run(b) for b in sizes]
+    out = [run(idx) for idx in chunks]
     return out[0] if trajectory else torch.cat(out)
 
 
@@ -526,6 +544,52 @@ def sample(net, cfg, autocast, device, out_dir, tag=""):
     frames = [(torch.cat([s["input"][:shown], s["output"][:shown]]).clamp(-1, 1) + 1) / 2 for s in trajectory]
     frames.append((torch.cat([x[:shown], x[:shown]]).clamp(-1, 1) + 1) / 2)
     save_gif(frames, shown, os.path.join(out_dir, f"evolution{tag}.gif"))
+
+
+INPAINT_REGIONS = ("top", "bottom", "left", "right", "centre")
+
+
+def inpaint_mask(cfg, size, device):
+    """--inpaint: (H, W) bool, True where pixels are generated: a half (top, bottom, left, right), the centre (the
+    middle half each way), or the white pixels of a mask image of H x W pixels."""
+    h, q = size // 2, size // 4
+    regions = {"top": (slice(0, h), slice(None)), "bottom": (slice(h, None), slice(None)),
+               "left": (slice(None), slice(0, h)), "right": (slice(None), slice(h, None)),
+               "centre": (slice(q, size - q), slice(q, size - q))}
+    if cfg.inpaint in regions:
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        mask[regions[cfg.inpaint]] = True
+        return mask.to(device)
+    from PIL import Image
+    image = Image.open(cfg.inpaint).convert("L")
+    if image.size != (size, size):
+        raise SystemExit(f"{SCRIPT}: error: --inpaint {cfg.inpaint} is {image.size[0]}x{image.size[1]} pixels; the "
+                         f"images are {size}x{size}")
+    return (torch.tensor(list(image.getdata())).view(size, size) >= 128).to(device)
+
+
+@torch.no_grad()
+def complete(net, data, cfg, ctx, tag=""):
+    """--inpaint: the first --num-samples test images completed with the region missing; inpaint.png shows, for each,
+    the known pixels (the missing region grey), the completion and the original. The log gives the fraction of
+    completions that the sample-quality classifier labels as the original's class."""
+    if not cfg.inpaint:
+        return
+    n = cfg.num_samples
+    missing = inpaint_mask(cfg, 32, ctx.device)
+    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 2)
+    original = quantise(data["test"][:n], cfg.bins)  # (n, 3, 32, 32)
+    x = draw(net, n, cfg, ctx.autocast, ctx.device, g, given=torch.where(missing, float("nan"), original))
+    from torchvision.utils import save_image
+    shown = torch.where(missing, 0.0, original)  # (n, 3, 32, 32): the missing region grey
+    rows = (torch.stack([shown, x.clamp(-1, 1), original], 1).flatten(0, 1) + 1) / 2  # (3n, 3, 32, 32) in [0, 1]
+    save_image(rows, os.path.join(cfg.out_dir, f"inpaint{tag}.png"), nrow=3 * max(1, round(math.sqrt(n) / 2)),
+               pad_value=1)
+    clf, labels = train_classifier(cfg, ctx), load_cifar_labels(cfg.data_dir)["test"][:n].to(ctx.device)
+    right = (clf(x.clamp(-1, 1)).argmax(-1) == labels).float().mean().item()
+    ctx.log(f"inpainting ({cfg.inpaint}, {cfg.sampler}, {cfg.sample_steps} steps): {n} test images completed, "
+            f"{right:.1%} of them labelled as the original's class (the originals: "
+            f"{(clf(original).argmax(-1) == labels).float().mean().item():.1%})")
 
 
 def save_gif(frames, nrow, path, max_frames=100):
@@ -589,15 +653,16 @@ def train_classifier(cfg, ctx, epochs=2):
     g = torch.Generator().manual_seed(0)
     x, targets = images["train"].to(ctx.device), labels["train"].long().to(ctx.device)
     optimizer = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(128):
-            batch = x[idx.to(ctx.device)].float() / 127.5 - 1
-            flip = torch.rand(len(batch), device=ctx.device) < 0.5
-            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-            loss = F.cross_entropy(clf(batch), targets[idx.to(ctx.device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with torch.enable_grad():  # also when called from inside sampling code
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=g).split(128):
+                batch = x[idx.to(ctx.device)].float() / 127.5 - 1
+                flip = torch.rand(len(batch), device=ctx.device) < 0.5
+                batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+                loss = F.cross_entropy(clf(batch), targets[idx.to(ctx.device)])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     clf.eval()
     with torch.no_grad():
         test = torch.cat([clf(b.float() / 127.5 - 1).argmax(-1) for b in images["test"].to(ctx.device).split(1000)])
@@ -888,8 +953,9 @@ def sample_all(ema, data, cfg, ctx, quality):
     runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
     table = []
     for one in runs:
-        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, "" if len(runs) == 1 else
-               f"-{one.sampler}-{one.sample_steps}")
+        tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}"
+        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
+        complete(ema, data, one, ctx, tag)
         if quality:
             start = time.time()
             figures = sample_quality(ema, data, one, ctx)

@@ -47,7 +47,7 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, \
-    discrete_sample_ode, stratified_steps
+    discrete_sample_ode, discrete_sample_sde, stratified_steps
 
 SCRIPT, UNIT = "bfn_mnist.py", "nats/image"
 K = 2  # white and black pixels
@@ -91,12 +91,14 @@ class Config:
     eval_examples: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
     eval_repeats: int = opt(1, "passes over them, with fresh binarisations and noise (the authors: 2000 at n = 784)")
     eval_batch_size: int = opt(500, "examples per evaluation batch")
+    inpaint: str = opt("", "complete test images with a region missing: top, bottom, left, right or centre (that half, "
+                           "or the middle half each way, is generated), or a mask image (H x W, white = generate)")
     eval_samples: int = opt(0, "sample quality: draw N samples and compare them with N test images through a digit "
                                "classifier (Fréchet distance of its features, confident fraction, label entropy)")
     sample_steps: tuple = opt((100,), "generation steps n of Algorithm 9; several: each, with each --sampler")
     num_samples: int = opt(64, "images in samples.png")
-    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver "
-                                     "(fast); several: each")
+    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver; "
+                                     "sde: the second-order SDE solver (both for few steps); several: each")
     final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
                                "likely value, as the authors' release)")
     # run
@@ -156,8 +158,11 @@ def parse_args(argv=None):
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (min(cfg.sample_steps) < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
         (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
-        (not set(cfg.sampler) <= {"paper", "ode"}, f"--sampler takes paper or ode, got {' '.join(cfg.sampler)}"),
+        (not set(cfg.sampler) <= {"paper", "ode", "sde"},
+         f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
+        (cfg.inpaint not in ("", *INPAINT_REGIONS) and not os.path.isfile(cfg.inpaint),
+         f"--inpaint takes {', '.join(INPAINT_REGIONS)} or a mask image file, got {cfg.inpaint}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
@@ -524,20 +529,30 @@ def summarise(losses, recon, cfg):
 
 
 @torch.no_grad()
-def draw(net, n, cfg, autocast, device, generator, trajectory=False):
+def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None):
     """n samples (n, H, W) of Algorithm 9 or the ODE solver (--sampler, --sample-steps, --final), in batches of
-    --eval-batch-size; with trajectory, one batch and also the trajectory (theta and p_O at each step)."""
+    --eval-batch-size; with trajectory, one batch and also the trajectory (theta and p_O at each step).
+    given (n, H, W): known pixels (0 or 1; -1 where unknown). There p_O is replaced by the known value at every step,
+    so that those pixels follow the Bayesian flow of their true values, the network sees them as it would in training,
+    and it generates the rest consistently (inpainting); this works alike for every sampler."""
     size = 28 if cfg.digits == 1 else 64
-    sampler = {"paper": discrete_sample, "ode": discrete_sample_ode}[cfg.sampler]
-    sizes = [n] if trajectory else [len(c) for c in torch.arange(n).split(cfg.eval_batch_size)]
-    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(sizes) * (cfg.sample_steps + 1))
+    sampler = {"paper": discrete_sample, "ode": discrete_sample_ode, "sde": discrete_sample_sde}[cfg.sampler]
+    chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(cfg.eval_batch_size)
+    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(chunks) * (cfg.sample_steps + 1))
 
-    def probs_fn(theta, t):  # p_O(. | theta, t), counting the network calls for the progress line
-        progress.tick()
-        return output_log_probs(net, theta, t, autocast).exp()
+    def run(idx):
+        def probs_fn(theta, t):  # p_O(. | theta, t), counting the network calls for the progress line
+            progress.tick()
+            probs = output_log_probs(net, theta, t, autocast).exp()
+            if given is None:
+                return probs
+            known = given[idx]
+            return torch.where(known[..., None] >= 0, F.one_hot(known.clamp_min(0), K).float(), probs)
 
-    out = [sampler(probs_fn, (b, size, size), cfg.sample_steps, cfg.beta_1, K, generator=generator, device=device,
-                   return_trajectory=trajectory, final_mode=cfg.final == "mode") for b in sizes]
+        return sampler(probs_fn, (len(idx), size, size), cfg.sample_steps, cfg.beta_1, K, generator=generator,
+                       device=device, return_trajectory=trajectory, final_mode=cfg.final == "mode")
+
+    out = [run(idx) for idx in chunks]
     return out[0] if trajectory else torch.cat(out)
 
 
@@ -561,6 +576,54 @@ def sample(net, cfg, autocast, device, out_dir, tag=""):
     frames = [1 - torch.cat([s["input"][:shown, ..., 1], s["output"][:shown, ..., 1]])[:, None] for s in trajectory]
     frames.append(1 - torch.cat([x[:shown], x[:shown]]).float()[:, None])
     save_gif(frames, shown, os.path.join(out_dir, f"evolution{tag}.gif"))
+
+
+INPAINT_REGIONS = ("top", "bottom", "left", "right", "centre")
+
+
+def inpaint_mask(cfg, size, device):
+    """--inpaint: (H, W) bool, True where pixels are generated: a half (top, bottom, left, right), the centre (the
+    middle half each way), or the white pixels of a mask image of H x W pixels."""
+    h, q = size // 2, size // 4
+    regions = {"top": (slice(0, h), slice(None)), "bottom": (slice(h, None), slice(None)),
+               "left": (slice(None), slice(0, h)), "right": (slice(None), slice(h, None)),
+               "centre": (slice(q, size - q), slice(q, size - q))}
+    if cfg.inpaint in regions:
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        mask[regions[cfg.inpaint]] = True
+        return mask.to(device)
+    from PIL import Image
+    image = Image.open(cfg.inpaint).convert("L")
+    if image.size != (size, size):
+        raise SystemExit(f"{SCRIPT}: error: --inpaint {cfg.inpaint} is {image.size[0]}x{image.size[1]} pixels; the "
+                         f"images are {size}x{size}")
+    return (torch.tensor(list(image.getdata())).view(size, size) >= 128).to(device)
+
+
+@torch.no_grad()
+def complete(net, data, cfg, ctx, tag=""):
+    """--inpaint: the first --num-samples test images completed with the region missing; inpaint.png shows, for each,
+    the known pixels (the missing region grey), the completion and the original. For single digits the log gives the
+    fraction of completions that the sample-quality classifier labels as the original's digit."""
+    if not cfg.inpaint:
+        return
+    size, n = data["test"].shape[-1], cfg.num_samples
+    missing = inpaint_mask(cfg, size, ctx.device)
+    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 2)
+    original = binarise(data["test"][:n], g)
+    x = draw(net, n, cfg, ctx.autocast, ctx.device, g, given=torch.where(missing, -1, original))
+    from torchvision.utils import save_image
+    shown = torch.where(missing, 0.5, 1 - original.float())  # (n, H, W): ink black, missing grey
+    rows = torch.stack([shown, 1 - x.float(), 1 - original.float()], 1).flatten(0, 1)[:, None]  # (3n, 1, H, W)
+    save_image(rows, os.path.join(cfg.out_dir, f"inpaint{tag}.png"), nrow=3 * max(1, round(math.sqrt(n) / 2)),
+               pad_value=0.5)
+    line = f"inpainting ({cfg.inpaint}, {cfg.sampler}, {cfg.sample_steps} steps): {n} test images completed"
+    if cfg.digits == 1:
+        clf, labels = train_classifier(cfg, ctx), load_mnist_labels(cfg.data_dir)["test"][:n].to(ctx.device)
+        right = (clf(x).argmax(-1) == labels).float().mean().item()
+        line += f", {right:.1%} of them labelled as the original's digit (the originals: " \
+                f"{(clf(original).argmax(-1) == labels).float().mean().item():.1%})"
+    ctx.log(line)
 
 
 def save_gif(frames, nrow, path, max_frames=100):
@@ -610,12 +673,13 @@ def train_classifier(cfg, ctx, epochs=2):
     g = torch.Generator().manual_seed(0)
     images, targets = mnist["train"].to(ctx.device), labels["train"].long().to(ctx.device)
     optimizer = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images), generator=g).split(128):
-            loss = F.cross_entropy(clf(binarise(images[idx.to(ctx.device)])), targets[idx.to(ctx.device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with torch.enable_grad():  # also when called from inside sampling code
+        for _ in range(epochs):
+            for idx in torch.randperm(len(images), generator=g).split(128):
+                loss = F.cross_entropy(clf(binarise(images[idx.to(ctx.device)])), targets[idx.to(ctx.device)])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     clf.eval()
     with torch.no_grad():
         test = torch.cat([clf(binarise(x)).argmax(-1) for x in mnist["test"].to(ctx.device).split(1000)])
@@ -929,8 +993,9 @@ def sample_all(ema, data, cfg, ctx, quality):
     runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
     table = []
     for one in runs:
-        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, "" if len(runs) == 1 else
-               f"-{one.sampler}-{one.sample_steps}")
+        tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}"
+        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
+        complete(ema, data, one, ctx, tag)
         if quality:
             start = time.time()
             figures = sample_quality(ema, data, one, ctx)

@@ -48,7 +48,7 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, \
-    discrete_sample_ode, stratified_steps
+    discrete_sample_ode, discrete_sample_sde, stratified_steps
 
 SCRIPT, UNIT = "bfn_text8.py", "bits/char"
 K = 27  # space and a-z
@@ -93,12 +93,15 @@ class Config:
     eval_examples: int = opt(0, "evaluate on N test windows drawn with a fixed seed (0: all 19,531 of text8)")
     eval_repeats: int = opt(1, "passes over them, each with fresh noise")
     eval_batch_size: int = opt(256, "windows per evaluation batch")
+    prompt: str = opt("", "sample continuations of this text (spaces and a-z), fixed at the start of every window")
+    infill: str = opt("", "fill in the underscores of this text (spaces, a-z and _), fixed at the start of every "
+                          "window; the rest of the window is generated too")
     eval_samples: int = opt(0, "sample quality: draw N samples and score them and N test windows by spelling (words "
                                "of the training text) and by a character 5-gram model of the training text")
     sample_steps: tuple = opt((1000,), "generation steps n of Algorithm 9; several: each, with each --sampler")
     num_samples: int = opt(8, "samples in samples.txt")
-    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver "
-                                     "(fast); several: each")
+    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver; "
+                                     "sde: the second-order SDE solver (both for few steps); several: each")
     final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
                                "likely value, as the authors' release)")
     # run
@@ -159,8 +162,14 @@ def parse_args(argv=None):
         (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
         (min(cfg.sample_steps) < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
         (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
-        (not set(cfg.sampler) <= {"paper", "ode"}, f"--sampler takes paper or ode, got {' '.join(cfg.sampler)}"),
+        (not set(cfg.sampler) <= {"paper", "ode", "sde"},
+         f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
+        (bool(cfg.prompt) and bool(cfg.infill), "--prompt and --infill exclude each other"),
+        (not set(cfg.prompt) <= set(ALPHABET) or not set(cfg.infill) <= set(ALPHABET + "_"),
+         "--prompt takes spaces and a-z, --infill spaces, a-z and _"),
+        (len(cfg.prompt or cfg.infill) > cfg.seq_len,
+         f"--prompt or --infill is longer than --seq-len {cfg.seq_len}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
         (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
          "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
@@ -450,19 +459,29 @@ def summarise(losses, recon, cfg):
     return result
 
 
-def draw(net, n, cfg, autocast, device, generator, trajectory=False):
+def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None):
     """n samples (n, L) of Algorithm 9 or the ODE solver (--sampler, --sample-steps, --final), in batches of
-    --eval-batch-size; with trajectory, one batch and also the trajectory (theta and p_O at each step)."""
-    sampler = {"paper": discrete_sample, "ode": discrete_sample_ode}[cfg.sampler]
-    sizes = [n] if trajectory else [len(c) for c in torch.arange(n).split(cfg.eval_batch_size)]
-    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(sizes) * (cfg.sample_steps + 1))
+    --eval-batch-size; with trajectory, one batch and also the trajectory (theta and p_O at each step).
+    given (n, L): known symbols (-1 where unknown). There p_O is replaced by the known symbol at every step, so that
+    those positions follow the Bayesian flow of their true values, the network sees them as it would in training, and
+    it generates the rest consistently (prompts, infilling); this works alike for every sampler."""
+    sampler = {"paper": discrete_sample, "ode": discrete_sample_ode, "sde": discrete_sample_sde}[cfg.sampler]
+    chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(cfg.eval_batch_size)
+    progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(chunks) * (cfg.sample_steps + 1))
 
-    def probs_fn(theta, t):  # p_O(. | theta, t), counting the network calls for the progress line
-        progress.tick()
-        return output_log_probs(net, theta, t, autocast).exp()
+    def run(idx):
+        def probs_fn(theta, t):  # p_O(. | theta, t), counting the network calls for the progress line
+            progress.tick()
+            probs = output_log_probs(net, theta, t, autocast).exp()
+            if given is None:
+                return probs
+            known = given[idx]
+            return torch.where(known[..., None] >= 0, F.one_hot(known.clamp_min(0), K).float(), probs)
 
-    out = [sampler(probs_fn, (b, cfg.seq_len), cfg.sample_steps, cfg.beta_1, K, generator=generator, device=device,
-                   return_trajectory=trajectory, final_mode=cfg.final == "mode") for b in sizes]
+        return sampler(probs_fn, (len(idx), cfg.seq_len), cfg.sample_steps, cfg.beta_1, K, generator=generator,
+                       device=device, return_trajectory=trajectory, final_mode=cfg.final == "mode")
+
+    out = [run(idx) for idx in chunks]
     return out[0] if trajectory else torch.cat(out)
 
 
@@ -495,6 +514,50 @@ def sample(net, cfg, autocast, device, out_dir, tag=""):
             lines.append("")
         frames.append(lines)
     save_text_gif(frames, os.path.join(out_dir, f"evolution{tag}.gif"))
+
+
+@torch.no_grad()
+def complete(net, data, cfg, ctx, tag=""):
+    """--prompt or --infill: --num-samples windows that start with the given text (its underscores, for --infill,
+    left to the network, as is everything after it), written to completions.txt; for --infill the log gives the
+    fraction of filled-in words that are words of the training text."""
+    text = cfg.prompt or cfg.infill
+    if not text:
+        return
+    known = torch.full((cfg.seq_len,), -1, dtype=torch.long)
+    for i, c in enumerate(text):
+        if c != "_":
+            known[i] = ALPHABET.index(c)
+    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 2)
+    n = cfg.num_samples
+    x = draw(net, n, cfg, ctx.autocast, ctx.device, g, given=known.to(ctx.device).expand(n, -1))
+    samples = [decode(row) for row in x]
+    with open(os.path.join(cfg.out_dir, f"completions{tag}.txt"), "w") as f:
+        kind = "prompt" if cfg.prompt else "infill"
+        f.write(f"{kind} |{text}| ({cfg.sampler} sampler, {cfg.sample_steps} steps)\n")
+        for b, sample_text in enumerate(samples):
+            f.write(f"--- {b}\n{sample_text}\n")
+    line = f"{'prompt' if cfg.prompt else 'infill'} ({cfg.sampler}, {cfg.sample_steps} steps): {n} completions"
+    if cfg.infill:
+        vocabulary = set(bytes(torch.tensor(list(ALPHABET.encode()), dtype=torch.uint8)[data["train"].cpu().long()])
+                         .decode().split(" "))
+        filled = [filled_words(text, s) for s in samples]
+        words = [w for ws in filled for w in ws]
+        right = sum(w in vocabulary for w in words) / len(words) if words else float("nan")
+        line += f"; the filled-in words are words of the training text for {right:.1%} of {len(words)}, e.g. " \
+                f"{', '.join(filled[0][:5])}"
+    ctx.log(line)
+
+
+def filled_words(pattern, text):
+    """The words of text that overlap the underscores of pattern (text has the pattern's known characters)."""
+    words, start = [], 0
+    for word in text.split(" "):
+        end = start + len(word)
+        if word and "_" in pattern[start:end]:
+            words.append(word)
+        start = end + 1
+    return words
 
 
 def save_text_gif(frames, path, max_frames=100):
@@ -821,8 +884,9 @@ def sample_all(ema, data, cfg, ctx, quality):
     runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
     table = []
     for one in runs:
-        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, "" if len(runs) == 1 else
-               f"-{one.sampler}-{one.sample_steps}")
+        tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}"
+        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
+        complete(ema, data, one, ctx, tag)
         if quality:
             start = time.time()
             figures = sample_quality(ema, data, one, ctx)

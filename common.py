@@ -507,3 +507,92 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
     trajectory.append({"t": 1.0, "input": theta, "output": probs})
     x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
     return (x, trajectory) if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Second-order SDE samplers (the SDE-BFN-Solver++2 of Xue et al., ICML 2024, arXiv:2404.15766).
+#
+# Continuous and discretised data. Write mu_t = a x + b z with a = gamma, b = sqrt(gamma (1 - gamma)) and
+# lambda = ln(a / b) = ln s. One step of Algorithm 3 from t to t' (y ~ N(x_hat, 1 / alpha), then the Bayesian update)
+# is exactly mu' = (b' / b) e^(-h) mu + a' (1 - e^(-2h)) x_hat + b' sqrt(1 - e^(-2h)) eps with h = lambda' - lambda:
+# (b' / b) e^(-h) = rho / rho' = (1 - gamma') / (1 - gamma), a' (1 - e^(-2h)) = alpha / rho' = (gamma' - gamma) /
+# (1 - gamma), and the noise variances agree. That is the first-order solver of the reverse SDE with x_hat held fixed
+# over the step (SDE-DPM-Solver++1, Lu et al. 2022, arXiv:2211.01095). Order 2 adds the change of x_hat over the last
+# step, 0.5 a' (1 - e^(-2h)) (x_hat - x_hat_prev) / r with r = h_prev / h (their 2M, midpoint form). From t = 0
+# (mu = 0, lambda = -inf) the first step is the flow itself, mu = a' x_hat + b' eps, and the second is first order.
+#
+# Discrete data. One step of Algorithm 9 adds y' = y + alpha (K e_k - 1) + sqrt(alpha K) eps to the logits, with
+# alpha = beta(t') - beta(t) and k drawn from p_O; the SDE solver uses the mean e_hat = p_O instead of a draw, and for
+# order 2 integrates e_hat linear in t, e_hat + (tau - t) D with D = (e_hat - e_hat_prev) / (t - t_prev), against
+# d beta = 2 beta(1) tau d tau: the added term is K beta(1) D (t' - t)^2 (2 t' + t) / 3.
+#
+# n_steps + 1 network calls at t = 0, 1/n, ..., (n - 1)/n and 1, as the paper's samplers.
+
+def _continuous_sde(pred_fn, shape, n_steps, sigma_1, generator, device, trajectory):
+    """The second-order SDE solver for mu; pred_fn(mu, t) -> x_hat (B, ...). Returns mu at t = 1."""
+    a_of = lambda t: continuous_gamma(torch.tensor(t, dtype=torch.float64), sigma_1).item()  # noqa: E731
+    b_of = lambda t: math.sqrt(a_of(t) * sigma_1 ** (2 * t))  # noqa: E731  sqrt(gamma (1 - gamma))
+    lam_of = lambda t: math.log(a_of(t) / b_of(t)) if t > 0 else -math.inf  # noqa: E731
+    mu, ones, prev = torch.zeros(shape, device=device), torch.ones(shape[0], device=device), None
+    for i in range(n_steps):
+        t, t_next = i / n_steps, (i + 1) / n_steps
+        pred = _full_precision(pred_fn(mu, t * ones))
+        trajectory.append({"t": t, "input": mu, "output": pred})
+        eps = _randn_like(mu, generator)
+        a, b, lam, lam_next = a_of(t_next), b_of(t_next), lam_of(t), lam_of(t_next)
+        if i == 0:  # from mu = 0 at lambda = -inf: the flow with the prediction as the data
+            mu = a * pred + b * eps
+        else:
+            h = lam_next - lam
+            d = pred if prev is None else pred + 0.5 * (pred - prev[0]) * h / (lam - prev[1])
+            kept = -math.expm1(-2 * h)  # 1 - e^(-2h)
+            mu = (b / b_of(t)) * math.exp(-h) * mu + a * kept * d + b * math.sqrt(kept) * eps
+        prev = (pred, lam) if i > 0 else None
+    return mu
+
+
+def continuous_sample_sde(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None, return_trajectory=False):
+    """Continuous data (§4), the second-order SDE sampler (Algorithm 3 plus the change of x_hat). x_hat_fn as in
+    continuous_sample; returns x_hat(mu, 1)."""
+    trajectory = []
+    mu = _continuous_sde(x_hat_fn, shape, n_steps, sigma_1, generator, device, trajectory)
+    x_hat = _full_precision(x_hat_fn(mu, torch.ones(shape[0], device=device)))
+    trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
+    return (x_hat, trajectory) if return_trajectory else x_hat
+
+
+def discretised_sample_sde(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None,
+                           return_trajectory=False, final_mode=False):
+    """Discretised data (§5), the second-order SDE sampler with the mean bin k_hat as the prediction; returns the
+    centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample."""
+    centres, trajectory = bin_centres(K, device=device), []
+    k_hat_fn = lambda mu, t: (_full_precision(probs_fn(mu, t)) * centres).sum(-1)  # noqa: E731
+    mu = _continuous_sde(k_hat_fn, shape, n_steps, sigma_1, generator, device, trajectory)
+    probs = _full_precision(probs_fn(mu, torch.ones(shape[0], device=device)))
+    trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
+    x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
+    return (x, trajectory) if return_trajectory else x
+
+
+def discrete_sample_sde(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None,
+                        return_trajectory=False, final_mode=False):
+    """Discrete data (§6), the second-order SDE sampler: Algorithm 9 with the mean e_hat = p_O in place of a drawn
+    class, integrated linear in t over each step. probs_fn as in discrete_sample."""
+    y = torch.zeros(tuple(shape) + (K,), device=device)
+    ones, prev, trajectory = torch.ones(shape[0], device=device), None, []
+    for i in range(n_steps):
+        t, t_next = i / n_steps, (i + 1) / n_steps
+        theta = torch.softmax(y, -1)
+        e_hat = _full_precision(probs_fn(theta, t * ones))
+        trajectory.append({"t": t, "input": theta, "output": e_hat})
+        alpha = beta_1 * (t_next ** 2 - t ** 2)
+        y = y + alpha * (K * e_hat - 1) + math.sqrt(alpha * K) * _randn_like(y, generator)
+        if prev is not None:
+            slope = (e_hat - prev[0]) / (t - prev[1])
+            y = y + K * beta_1 * slope * (t_next - t) ** 2 * (2 * t_next + t) / 3
+        prev = (e_hat, t)
+    theta = torch.softmax(y, -1)
+    probs = _full_precision(probs_fn(theta, ones))
+    trajectory.append({"t": 1.0, "input": theta, "output": probs})
+    x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
+    return (x, trajectory) if return_trajectory else x

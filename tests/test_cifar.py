@@ -2,6 +2,8 @@
 
     python -m pytest -q tests/test_cifar.py
 """
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -102,3 +104,16 @@ def test_sample_quality_figures(cifar_dir, tmp_path):
         assert q[part]["frechet"] >= 0
     folder = os.path.join(cifar_dir, "cifar-10-batches-py")
     assert len([f for f in os.listdir(folder) if f.startswith("classifier-")]) == 1
+
+
+@pytest.mark.parametrize("output", ["continuous", "discretised"])
+def test_inpainting_keeps_the_known_pixels(output):
+    cfg = bfn_cifar.parse_args(["--channels", "8", "--res-blocks", "1", "--output", output, "--bins", "16",
+                                "--sample-steps", "3", "--inpaint", "left"])
+    one = dataclasses.replace(cfg, sampler="ode", sample_steps=3)
+    net = bfn_cifar.UNet(8, 1, 0.0, n_out=1 if output == "continuous" else 2).eval()
+    original = bfn_cifar.quantise(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), 16)
+    missing = bfn_cifar.inpaint_mask(cfg, 32, torch.device("cpu"))
+    x = bfn_cifar.draw(net, 2, one, contextlib.nullcontext(), torch.device("cpu"), torch.Generator().manual_seed(0),
+                       given=torch.where(missing, float("nan"), original))
+    torch.testing.assert_close(x[..., 16:], original[..., 16:])

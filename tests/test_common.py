@@ -588,6 +588,47 @@ def test_discretised_ode_with_the_exact_posterior_reproduces_the_data():
     assert_frequencies(C.bin_index(x, K), pi)
 
 
+# ---------------------------------------------------------------------------------------------------- SDE samplers
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_sde_samplers_call_the_network_n_plus_one_times(n):
+    K = 3
+    cont = Counter(lambda mu, t: torch.zeros_like(mu))
+    disc = Counter(lambda mu, t: torch.full(mu.shape + (K,), 1 / K))
+    cat = Counter(lambda theta, t: theta)
+    x, traj = C.continuous_sample_sde(cont, (2, 3), n, 0.01, gen(), return_trajectory=True)
+    C.discretised_sample_sde(disc, (2, 3), n, 0.01, K, gen())
+    k = C.discrete_sample_sde(cat, (2, 3), n, 2.0, K, gen())
+    for c in (cont, disc, cat):
+        assert c.calls == n + 1 and c.ts == pytest.approx([i / n for i in range(n)] + [1.0])
+    assert [s["t"] for s in traj] == pytest.approx(cont.ts) and x.shape == k.shape == (2, 3)
+
+
+def test_continuous_sde_is_algorithm_3_when_the_prediction_does_not_change():
+    """With x_hat constant the second-order term vanishes, and each step is Algorithm 3's Bayesian update written in
+    closed form: the same noise gives the same mu at every step."""
+    fn = lambda mu, t: torch.full_like(mu, 0.3)  # noqa: E731
+    _, paper = C.continuous_sample(fn, (4, 5), 8, 0.01, gen(80), return_trajectory=True)
+    _, sde = C.continuous_sample_sde(fn, (4, 5), 8, 0.01, gen(80), return_trajectory=True)
+    for a, b in zip(paper, sde):
+        torch.testing.assert_close(a["input"], b["input"], rtol=1e-5, atol=1e-6)
+
+
+def test_discrete_sde_with_the_exact_posterior_reproduces_the_data():
+    pi = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    fn = lambda theta, t: pi * theta / (pi * theta).sum(-1, keepdim=True)  # noqa: E731
+    k = C.discrete_sample_sde(fn, (20_000,), 100, 4.0, len(pi), gen(81))
+    assert_frequencies(k, pi)
+
+
+def test_discretised_sde_with_the_exact_posterior_reproduces_the_data():
+    sigma_1, K = 0.05, 5
+    pi = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.15])
+    fn = lambda mu, t: exact_bin_posterior(mu, t, sigma_1, K, pi.log().double()).float()  # noqa: E731
+    x = C.discretised_sample_sde(fn, (40_000, 1), 100, sigma_1, K, generator=gen(82))
+    assert_frequencies(C.bin_index(x, K), pi)
+
+
 # ---------------------------------------------------------------------------------------------------- precision
 
 def test_one_minus_gamma_and_the_scales_are_exact_in_float32():

@@ -3,6 +3,7 @@
     python -m pytest -q tests/test_mnist.py
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -87,7 +88,7 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     (["--steps", "-5"], "--steps must be >= 0"),
     (["--eval-n", "inf", "ten"], "--eval-n takes 'inf' or positive integers"),
     (["--dtype", "float8"], "--dtype must be"),
-    (["--sampler", "paper", "ddpm"], "--sampler takes paper or ode, got paper ddpm"),
+    (["--sampler", "paper", "ddpm"], "--sampler takes paper, ode or sde, got paper ddpm"),
     (["--final", "mean"], "--final must be sample or mode, got mean"),
     (["--eval-repeats", "0"], "--eval-repeats must be >= 1"),
     (["--no-such-flag"], "unrecognized arguments"),
@@ -186,12 +187,44 @@ def test_digit_crops_centre_each_half():
 def test_every_sampler_and_step_count(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     run(mnist_dir, out, "--steps", "1")
-    run(mnist_dir, out, "--sample-only", "--sampler", "paper", "ode", "--sample-steps", "2", "5", "--eval-samples", "4")
+    run(mnist_dir, out, "--sample-only", "--sampler", "paper", "ode", "sde", "--sample-steps", "2", "5", "--eval-samples",
+        "4")
     table = json.load(open(os.path.join(out, "samples.json")))
     assert [(r["sampler"], r["steps"], r["network_calls"]) for r in table] == [
-        ("paper", 2, 3), ("paper", 5, 6), ("ode", 2, 3), ("ode", 5, 6)]
+        ("paper", 2, 3), ("paper", 5, 6), ("ode", 2, 3), ("ode", 5, 6), ("sde", 2, 3), ("sde", 5, 6)]
     assert json.load(open(os.path.join(out, "eval.json")))["samples"] == table
-    for sampler in ("paper", "ode"):
+    for sampler in ("paper", "ode", "sde"):
         for n in (2, 5):
             assert os.path.exists(os.path.join(out, f"samples-{sampler}-{n}.png"))
             assert os.path.exists(os.path.join(out, f"evolution-{sampler}-{n}.png"))
+
+
+@pytest.mark.parametrize("sampler", ["paper", "ode", "sde"])
+def test_inpainting_keeps_the_known_pixels(sampler):
+    cfg = bfn_mnist.parse_args(["--channels", "8", "--res-blocks", "1", "--sampler", sampler, "--sample-steps", "4",
+                                "--inpaint", "bottom"])
+    one = dataclasses.replace(cfg, sampler=sampler, sample_steps=4)
+    net = bfn_mnist.UNet(8, (1, 2, 2), 1, 0.0).eval()
+    original = torch.randint(0, 2, (3, 28, 28))
+    missing = bfn_mnist.inpaint_mask(cfg, 28, torch.device("cpu"))
+    assert missing[14:].all() and not missing[:14].any()
+    given = torch.where(missing, -1, original)
+    x = bfn_mnist.draw(net, 3, one, contextlib.nullcontext(), torch.device("cpu"), torch.Generator().manual_seed(0),
+                       given=given)
+    assert torch.equal(x[:, :14], original[:, :14])
+
+
+def test_inpainting_end_to_end(mnist_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run(mnist_dir, out, "--steps", "1")
+    run(mnist_dir, out, "--sample-only", "--inpaint", "centre", "--sampler", "paper", "ode")
+    for sampler in ("paper", "ode"):
+        assert os.path.exists(os.path.join(out, f"inpaint-{sampler}-3.png"))
+    assert "inpainting (centre, ode, 3 steps): 4 test images completed, " in open(os.path.join(out, "log.txt")).read()
+    from PIL import Image
+    mask = str(tmp_path / "mask.png")
+    Image.new("L", (20, 20), 255).save(mask)
+    with pytest.raises(SystemExit, match="is 20x20 pixels; the images are 28x28"):
+        run(mnist_dir, out, "--sample-only", "--inpaint", mask)
+    with pytest.raises(SystemExit):
+        bfn_mnist.parse_args(["--inpaint", "middle"])

@@ -151,3 +151,26 @@ def test_ngram_model_is_witten_bell_by_hand():
     expected = -(math.log2(p_b_after_a) + math.log2(p_c_after_b)) / 2
     assert ngram.bits_per_char(torch.tensor([[1, 2, 3]])) == pytest.approx(expected, rel=1e-12)
     assert bfn_text8.whole_words("xx the cat sa") == ["the", "cat"]
+
+
+@pytest.mark.parametrize("sampler", ["paper", "ode", "sde"])
+def test_prompt_and_infill_keep_the_given_text(text8_dir, tmp_path, sampler):
+    out = str(tmp_path / "run")
+    run(text8_dir, out, "--steps", "1")
+    run(text8_dir, out, "--sample-only", "--prompt", "the bayesian", "--sampler", sampler)
+    lines = open(os.path.join(out, "completions.txt")).read().splitlines()
+    assert lines[0].startswith("prompt |the bayesian|") and all(line.startswith("the bayesian") for line in lines[2::2])
+    run(text8_dir, out, "--sample-only", "--infill", "the ____ of flow", "--sampler", sampler)
+    lines = open(os.path.join(out, "completions.txt")).read().splitlines()
+    for line in lines[2::2]:
+        assert line[:4] == "the " and line[8:16] == " of flow"
+    assert "the filled-in words are words of the training text for " in open(os.path.join(out, "log.txt")).read()
+
+
+def test_filled_words():
+    assert bfn_text8.filled_words("the ____ of x", "the catsup of x") == ["catsup"]
+    assert bfn_text8.filled_words("a ___ b", "a c d b") == ["c", "d"]  # a space drawn inside the gap
+    with pytest.raises(SystemExit):
+        bfn_text8.parse_args(["--prompt", "Hello"])
+    with pytest.raises(SystemExit):
+        bfn_text8.parse_args(["--prompt", "a", "--infill", "_"])
