@@ -1,6 +1,6 @@
 """Bayesian Flow Network on CIFAR-10 (§4 and §5 of Graves et al., arXiv:2308.07037): continuous or discretised data.
 
-Trains the paper's VDM-style U-Net with the continuous-time loss L^inf (Algorithms 2 and 5), evaluates the test
+Trains the authors' VDM-style U-Net with the continuous-time loss L^inf (Algorithms 2 and 5), evaluates the test
 bound L^inf + L^r and L^n + L^r in bits/dim, and samples with Algorithms 3 and 6.
 `--output continuous`: the network predicts the noise and p_O is a delta at x_hat (§4).
 `--output discretised`: the network predicts (mu_eps, ln sigma_eps) and p_O is a clipped discretised Gaussian (§5).
@@ -13,8 +13,8 @@ bound L^inf + L^r and L^n + L^r in bits/dim, and samples with Algorithms 3 and 6
     torchrun --nproc_per_node=8 bfn_cifar.py --batch-size 4 # the paper's global batch of 32 on 8 GPUs
 
 Paper: 2.66 bits/dim with 256 bins (discretised, L^inf + L^r, test set); a uniform model scores 8 (256 bins) or 4 (16).
-Measured: --preset quick on MNIST digits in CIFAR-10's format, 0.179 ± 0.003 bits/dim (16 bins, discretised, 500 test
-images); 2 Xeon CPU cores, torch 2.14.1, 2026-11-23.
+Measured: --preset quick on MNIST digits in CIFAR-10's format, 0.178 ± 0.004 bits/dim (16 bins, discretised, 500 test
+images); 2 AMD EPYC CPU cores, torch 2.14.1, 2026-11-29.
 
 Outputs in --out-dir (default runs/bfn_cifar): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.png (8x8
 final samples) and evolution.png (for each of 4 samples, two rows: the input mean mu, then the prediction x_hat
@@ -192,8 +192,10 @@ def flag_value(value):
 
 
 def as_flag(name, value):
-    """A setting and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
-    return f"--{name.replace('_', '-')} {flag_value(value)}"
+    """A setting and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10",
+    as_flag("eval_only", True) = "--eval-only"."""
+    flag = f"--{name.replace('_', '-')}"
+    return flag if value is True else f"{flag} {flag_value(value)}"
 
 
 def preset_overrides(cfg):
@@ -708,14 +710,16 @@ def sample_quality(net, data, cfg, ctx):
                          f"{len(data['test'])}")
     clf = train_classifier(cfg, ctx)
     g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
+    start = time.time()
     x = draw(net, n, cfg, ctx.autocast, ctx.device, g).clamp(-1, 1)
+    seconds = time.time() - start
     test = quantise(data["test"][:2 * n], cfg.bins)
     f_samples, samples = image_figures(clf, x)
     f_test, test_figures = image_figures(clf, test[:n])
     f_other, _ = image_figures(clf, test[n:])
     samples["frechet"] = frechet_distance(f_samples, f_test)
     test_figures["frechet"] = frechet_distance(f_other, f_test)
-    return {"samples": samples, "test": test_figures}
+    return {"samples": samples, "test": test_figures, "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -850,7 +854,13 @@ def check_config(cfg, saved, ctx, source, log_changes=True):
     now = dataclasses.asdict(cfg)
     fixed = {f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]}
     modes = {"preset", "resume", "eval_only", "sample_only", "init_from"}
-    differ = [k for k in now if k not in modes and k in saved and now[k] != type(now[k])(saved[k])]
+
+    def as_now(k):  # the checkpoint's value in this version's type (it may hold one value where a list is allowed)
+        if isinstance(now[k], tuple):
+            return tuple(saved[k]) if isinstance(saved[k], (list, tuple)) else (saved[k],)
+        return type(now[k])(saved[k])
+
+    differ = [k for k in now if k not in modes and k in saved and now[k] != as_now(k)]
     if any(k in fixed for k in differ):
         changes = [f"{as_flag(k, saved[k])} in the checkpoint, {flag_value(now[k])} now" for k in differ if k in fixed]
         raise SystemExit(f"{SCRIPT}: error: {source} was made with other model or data settings: "
@@ -946,10 +956,10 @@ def run_eval(ema, data, split, step, cfg, ctx):
 
 def sample_all(ema, data, cfg, ctx, quality):
     """Sample with every combination of --sampler and --sample-steps: its grids (samples.png, evolution.png; named
-    samples-SAMPLER-STEPS.png and so on when there are several) and, with quality (--eval-samples N), its sample
-    quality: the figures of sample_quality for N samples and for real test data, logged, and a table of every
-    combination (sampler, steps, network calls, seconds for the N samples, figures) in samples.json and in eval.json
-    under "samples"."""
+    samples-SAMPLER-STEPS.png and so on when there are several), complete()'s conditional samples (--inpaint,
+    --prompt, --infill) and, with quality (--eval-samples N), its sample quality: the figures of sample_quality for N
+    samples and for real test data, logged, and a table of every combination (sampler, steps, network calls, seconds
+    to draw the N samples, figures) in samples.json and in eval.json under "samples"."""
     runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
     table = []
     for one in runs:
@@ -957,10 +967,9 @@ def sample_all(ema, data, cfg, ctx, quality):
         sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
         complete(ema, data, one, ctx, tag)
         if quality:
-            start = time.time()
             figures = sample_quality(ema, data, one, ctx)
             table.append(dict(sampler=one.sampler, steps=one.sample_steps, network_calls=one.sample_steps + 1,
-                              examples=cfg.eval_samples, seconds=round(time.time() - start, 1), **figures))
+                              examples=cfg.eval_samples, seconds=round(figures.pop("seconds"), 1), **figures))
             show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
             ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps, {cfg.eval_samples} samples, "
                     f"{table[-1]['seconds']} s) | samples: {show(figures['samples'])} | test data: "

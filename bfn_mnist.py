@@ -1,10 +1,11 @@
 """Bayesian Flow Network on dynamically binarised MNIST (§6 of Graves et al., arXiv:2308.07037): discrete data, K = 2.
 
-Trains the paper's U-Net with the continuous-time loss L^inf (Algorithm 8), evaluates the test negative
-log-likelihood bound L^inf + L^r and L^n + L^r in nats/image, and samples with Algorithm 9 or the ODE solver.
+Trains the authors' U-Net with the continuous-time loss L^inf (Algorithm 8), evaluates the test negative
+log-likelihood bound L^inf + L^r and L^n + L^r in nats/image, and samples with Algorithm 9 or the ODE or SDE solver.
 `--digits 2` trains on 64x64 images of two MNIST digits side by side instead.
 
     python bfn_mnist.py --preset quick       # a 1.08M-parameter U-Net for minutes on a laptop CPU
+    python bfn_mnist.py --preset quick --digits 2 --steps 1000 --eval-samples 200  # two digits, ≈35 min on 2 cores
     python bfn_mnist.py                      # the paper's model and optimiser (24.8M parameters, batch 512)
     torchrun --nproc_per_node=8 bfn_mnist.py --batch-size 64      # the same global batch on 8 GPUs
     python bfn_mnist.py --eval-only --eval-n inf 10 25 50 100 784  # the paper's table, from runs/bfn_mnist/ckpt.pt
@@ -182,8 +183,10 @@ def flag_value(value):
 
 
 def as_flag(name, value):
-    """A setting and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
-    return f"--{name.replace('_', '-')} {flag_value(value)}"
+    """A setting and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10",
+    as_flag("eval_only", True) = "--eval-only"."""
+    flag = f"--{name.replace('_', '-')}"
+    return flag if value is True else f"{flag} {flag_value(value)}"
 
 
 def preset_overrides(cfg):
@@ -748,14 +751,16 @@ def sample_quality(net, data, cfg, ctx):
                          f"{len(data['test'])}")
     clf = train_classifier(cfg, ctx)
     g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
+    start = time.time()
     x = draw(net, n, cfg, ctx.autocast, ctx.device, g)
+    seconds = time.time() - start
     test = binarise(data["test"][:2 * n], g)
     f_samples, samples = image_figures(clf, x)
     f_test, test_figures = image_figures(clf, test[:n])
     f_other, _ = image_figures(clf, test[n:])
     samples["frechet"] = frechet_distance(f_samples, f_test)
     test_figures["frechet"] = frechet_distance(f_other, f_test)
-    return {"samples": samples, "test": test_figures}
+    return {"samples": samples, "test": test_figures, "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -890,7 +895,13 @@ def check_config(cfg, saved, ctx, source, log_changes=True):
     now = dataclasses.asdict(cfg)
     fixed = {f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]}
     modes = {"preset", "resume", "eval_only", "sample_only", "init_from"}
-    differ = [k for k in now if k not in modes and k in saved and now[k] != type(now[k])(saved[k])]
+
+    def as_now(k):  # the checkpoint's value in this version's type (it may hold one value where a list is allowed)
+        if isinstance(now[k], tuple):
+            return tuple(saved[k]) if isinstance(saved[k], (list, tuple)) else (saved[k],)
+        return type(now[k])(saved[k])
+
+    differ = [k for k in now if k not in modes and k in saved and now[k] != as_now(k)]
     if any(k in fixed for k in differ):
         changes = [f"{as_flag(k, saved[k])} in the checkpoint, {flag_value(now[k])} now" for k in differ if k in fixed]
         raise SystemExit(f"{SCRIPT}: error: {source} was made with other model or data settings: "
@@ -986,10 +997,10 @@ def run_eval(ema, data, split, step, cfg, ctx):
 
 def sample_all(ema, data, cfg, ctx, quality):
     """Sample with every combination of --sampler and --sample-steps: its grids (samples.png, evolution.png; named
-    samples-SAMPLER-STEPS.png and so on when there are several) and, with quality (--eval-samples N), its sample
-    quality: the figures of sample_quality for N samples and for real test data, logged, and a table of every
-    combination (sampler, steps, network calls, seconds for the N samples, figures) in samples.json and in eval.json
-    under "samples"."""
+    samples-SAMPLER-STEPS.png and so on when there are several), complete()'s conditional samples (--inpaint,
+    --prompt, --infill) and, with quality (--eval-samples N), its sample quality: the figures of sample_quality for N
+    samples and for real test data, logged, and a table of every combination (sampler, steps, network calls, seconds
+    to draw the N samples, figures) in samples.json and in eval.json under "samples"."""
     runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
     table = []
     for one in runs:
@@ -997,10 +1008,9 @@ def sample_all(ema, data, cfg, ctx, quality):
         sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
         complete(ema, data, one, ctx, tag)
         if quality:
-            start = time.time()
             figures = sample_quality(ema, data, one, ctx)
             table.append(dict(sampler=one.sampler, steps=one.sample_steps, network_calls=one.sample_steps + 1,
-                              examples=cfg.eval_samples, seconds=round(time.time() - start, 1), **figures))
+                              examples=cfg.eval_samples, seconds=round(figures.pop("seconds"), 1), **figures))
             show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
             ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps, {cfg.eval_samples} samples, "
                     f"{table[-1]['seconds']} s) | samples: {show(figures['samples'])} | test data: "
