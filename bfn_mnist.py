@@ -12,7 +12,8 @@ log-likelihood bound L^inf + L^r and L^n + L^r in nats/image, and samples with A
 
 Paper: 77.87 nats/image (L^inf + L^r, test set); by steps n: 10 ≈ 95.2, 25 ≈ 84.4, 50 ≈ 81.1, 100 ≈ 79.5,
 784 ≈ 78.0.
-Measured: --preset quick, 90.4 ± 0.7 nats/image on all 10,000 test images; 2 Xeon CPU cores, torch 2.14.1, 2026-11-23.
+Measured: --preset quick, 90.95 ± 0.73 nats/image on all 10,000 test images; 2 AMD EPYC CPU cores, torch 2.14.1,
+2026-11-29.
 
 Outputs in --out-dir (default runs/bfn_mnist): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.png (8x8
 final samples; 4x4 for --digits 2) and evolution.png (for each of 4 samples, two rows: the input probability theta of
