@@ -994,10 +994,11 @@ def cpu_notice(cfg, ctx, model, data):
     train_loss(model, get_batch(data["train"], cfg)[:2], cfg, ctx.autocast).mean().backward()
     model.zero_grad(set_to_none=True)
     step_seconds = (time.time() - t0) * cfg.batch_size / 2 * cfg.grad_accum
+    total = cfg.steps * step_seconds
+    total = f"{total / 3600:.0f} h" if total >= 3600 else f"{total / 60:.0f} min" if total >= 60 else f"{total:.0f} s"
     ctx.log(f"notice: the paper-size model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
             f"{cfg.batch_size} x {cfg.grad_accum}) on {ctx.device.type}: ≈{step_seconds:.0f} s per step (timed on 2 "
-            f"examples), ≈{cfg.steps * step_seconds / 3600:.0f} h for {cfg.steps} steps; --preset quick runs a small "
-            f"model in minutes")
+            f"examples), ≈{total} for {cfg.steps} steps; --preset quick runs a small model in minutes")
 
 
 @contextlib.contextmanager

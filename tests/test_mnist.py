@@ -187,8 +187,8 @@ def test_digit_crops_centre_each_half():
 def test_every_sampler_and_step_count(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     run(mnist_dir, out, "--steps", "1")
-    run(mnist_dir, out, "--sample-only", "--sampler", "paper", "ode", "sde", "--sample-steps", "2", "5", "--eval-samples",
-        "4")
+    run(mnist_dir, out, "--sample-only", "--sampler", "paper", "ode", "sde", "--sample-steps", "2", "5",
+        "--eval-samples", "4")
     table = json.load(open(os.path.join(out, "samples.json")))
     assert [(r["sampler"], r["steps"], r["network_calls"]) for r in table] == [
         ("paper", 2, 3), ("paper", 5, 6), ("ode", 2, 3), ("ode", 5, 6), ("sde", 2, 3), ("sde", 5, 6)]
