@@ -203,40 +203,28 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.
                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def read_idx_images(path):
-    """An idx3 file of MNIST images (gzip's CRC-32 checks the bytes) -> (N, 28, 28) uint8."""
+def read_idx(path, magic, kind):
+    """An MNIST idx file (gzip's CRC-32 checks the bytes): images (magic 2051) -> (N, rows, cols) uint8, or labels
+    (magic 2049) -> (N,) uint8; kind names it in errors."""
     fix = "Delete it and run again to re-download."
+    dims = 3 if magic == 2051 else 1
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-        magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
+        found, *shape = struct.unpack(f">{1 + dims}I", raw[:4 + 4 * dims])
     except (OSError, EOFError, struct.error) as e:
         raise SystemExit(f"{SCRIPT}: error: {path} is corrupt or truncated ({e}). {fix}")
-    if magic != 2051 or len(raw) != 16 + n * rows * cols:
-        raise SystemExit(f"{SCRIPT}: error: {path} is not an MNIST idx3 image file (magic {magic}, {len(raw)} bytes "
-                         f"for {n}x{rows}x{cols}). {fix}")
-    return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, rows, cols)
-
-
-def read_idx_labels(path):
-    """An idx1 file of MNIST labels -> (N,) uint8 in 0..9."""
-    fix = "Delete it and run again to re-download."
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-        magic, n = struct.unpack(">II", raw[:8])
-    except (OSError, EOFError, struct.error) as e:
-        raise SystemExit(f"{SCRIPT}: error: {path} is corrupt or truncated ({e}). {fix}")
-    if magic != 2049 or len(raw) != 8 + n:
-        raise SystemExit(f"{SCRIPT}: error: {path} is not an MNIST idx1 label file (magic {magic}, {len(raw)} bytes "
-                         f"for {n} labels). {fix}")
-    return torch.frombuffer(bytearray(raw[8:]), dtype=torch.uint8)
+    header = 4 + 4 * dims
+    if found != magic or len(raw) != header + math.prod(shape):
+        raise SystemExit(f"{SCRIPT}: error: {path} is not an MNIST {kind} file (magic {found}, {len(raw)} bytes for "
+                         f"{'x'.join(map(str, shape))}). {fix}")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
 def load_mnist_labels(data_dir):
     """{train, test}: (N,) uint8 digit labels (files found or downloaded by load_mnist)."""
     raw = os.path.join(data_dir, "MNIST", "raw")
-    return {split: read_idx_labels(os.path.join(raw, files[1])) for split, files in MNIST_FILES.items()}
+    return {split: read_idx(os.path.join(raw, files[1]), 2049, "idx1 label") for split, files in MNIST_FILES.items()}
 
 
 def load_mnist(data_dir):
@@ -250,7 +238,7 @@ def load_mnist(data_dir):
         except Exception as e:
             raise SystemExit(f"{SCRIPT}: error: downloading MNIST into {raw} failed ({e}). Check the network, or put "
                              f"the four MNIST .gz files there by hand.")
-    return {split: read_idx_images(os.path.join(raw, files[0])) for split, files in MNIST_FILES.items()}
+    return {split: read_idx(os.path.join(raw, files[0]), 2051, "idx3 image") for split, files in MNIST_FILES.items()}
 
 
 def two_digit_images(digits, n, seed):

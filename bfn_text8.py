@@ -534,15 +534,14 @@ def complete(net, data, cfg, ctx, tag=""):
     n = cfg.num_samples
     x = draw(net, n, cfg, ctx.autocast, ctx.device, g, given=known.to(ctx.device).expand(n, -1))
     samples = [decode(row) for row in x]
+    kind = "prompt" if cfg.prompt else "infill"
     with open(os.path.join(cfg.out_dir, f"completions{tag}.txt"), "w") as f:
-        kind = "prompt" if cfg.prompt else "infill"
         f.write(f"{kind} |{text}| ({cfg.sampler} sampler, {cfg.sample_steps} steps)\n")
         for b, sample_text in enumerate(samples):
             f.write(f"--- {b}\n{sample_text}\n")
-    line = f"{'prompt' if cfg.prompt else 'infill'} ({cfg.sampler}, {cfg.sample_steps} steps): {n} completions"
+    line = f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps): {n} completions"
     if cfg.infill:
-        vocabulary = set(bytes(torch.tensor(list(ALPHABET.encode()), dtype=torch.uint8)[data["train"].cpu().long()])
-                         .decode().split(" "))
+        vocabulary, _ = training_text_models(data["train"])
         filled = [filled_words(text, s) for s in samples]
         words = [w for ws in filled for w in ws]
         right = sum(w in vocabulary for w in words) / len(words) if words else float("nan")
@@ -629,6 +628,19 @@ class NGram:
         return -p.log2().mean().item()
 
 
+TRAINING_TEXT_MODELS = {}  # (the training split's address, length) -> (its words, its NGram)
+
+
+def training_text_models(train):
+    """The set of words of the training split and its character 5-gram model, built once per process: a sampling run
+    scores every sampler and step count against the same ones. train (N,) symbols -> (set, NGram)."""
+    key = (train.data_ptr(), len(train))
+    if key not in TRAINING_TEXT_MODELS:
+        text = bytes(torch.tensor(list(ALPHABET.encode()), dtype=torch.uint8)[train.cpu().long()]).decode()
+        TRAINING_TEXT_MODELS[key] = set(text.split(" ")), NGram(train)
+    return TRAINING_TEXT_MODELS[key]
+
+
 def text_figures(windows, vocabulary, ngram):
     """Spelling accuracy (the fraction of whole words that occur in the training text), the number of words it is
     over, and the bits/char of a 5-gram model of the training text. windows (M, L) -> dict."""
@@ -649,9 +661,7 @@ def sample_quality(net, data, cfg, ctx):
     start = time.time()
     x = draw(net, n, cfg, ctx.autocast, ctx.device, g)
     seconds = time.time() - start
-    train = data["train"].cpu()
-    vocabulary = set(bytes(torch.tensor(list(ALPHABET.encode()), dtype=torch.uint8)[train.long()]).decode().split(" "))
-    ngram = NGram(train)
+    vocabulary, ngram = training_text_models(data["train"])
     return {"samples": text_figures(x, vocabulary, ngram), "test": text_figures(test, vocabulary, ngram),
             "seconds": seconds}
 
