@@ -11,6 +11,8 @@ bound L^inf + L^r and L^n + L^r in bits/dim, and samples with Algorithms 3 and 6
     python bfn_cifar.py --output discretised --bins 16      # sigma_1 = sqrt(0.001)
     python bfn_cifar.py --output continuous --bins 256      # the same data treated as continuous
     torchrun --nproc_per_node=8 bfn_cifar.py --batch-size 4 # the paper's global batch of 32 on 8 GPUs
+    python bfn_cifar.py --conditional                       # class-conditional; then sample with guidance:
+    python bfn_cifar.py --conditional --sample-only --sampler ode --sample-steps 20 --guidance 1 --sample-class 3 5
 
 Paper: 2.66 bits/dim with 256 bins (discretised, L^inf + L^r, test set); a uniform model scores 8 (256 bins) or 4 (16).
 Measured: --preset quick on MNIST digits in CIFAR-10's format, 0.178 ± 0.004 bits/dim (16 bins, discretised, 500 test
@@ -21,6 +23,8 @@ final samples) and evolution.png (for each of 4 samples, two rows: the input mea
 (continuous) or the mean bin k_hat (discretised), at t = 0, 0.1, ..., 1 left to right), evolution.gif (the same at
 every step, for 8 samples). With --eval-samples N, sample quality through an image classifier, in eval.json and
 samples.json (one row per --sampler and --sample-steps: `--sampler paper ode --sample-steps 10 100` runs each).
+With --conditional, samples.png has one row per class (--sample-class), each --guidance weight is sampled in turn, and
+the sample quality adds the fraction classified as the requested class; --inpaint completes test images (inpaint.png).
 Shapes: B batch, C = 3 colour channels, H = W = 32, K bins.
 """
 import argparse
@@ -29,6 +33,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -74,6 +79,10 @@ class Config:
     data_dir: str = opt("data", "where CIFAR-10 is downloaded / found (torchvision's layout: DIR/cifar-10-batches-py)")
     bins: int = opt(256, "K: 256 (8-bit pixels) or 16 (pixels quantised to 4 bits)", fixed=True)
     output: str = opt("discretised", "the output distribution: continuous (§4) or discretised (§5)", fixed=True)
+    conditional: bool = opt(False, "class-conditional: the network also sees the class label (0-9), or a null label "
+                                   "(--label-drop of the time)", fixed=True)
+    label_drop: float = opt(0.1, "with --conditional: the fraction of training labels replaced by the null label, so "
+                                 "that one network is both p(x | class) and p(x) (classifier-free guidance)")
     # BFN
     sigma_1: float = opt(0.0, "final input std sigma_1 (§4.5); 0: 0.001 for 256 bins, sqrt(0.001) for 16", fixed=True)
     # network
@@ -105,6 +114,10 @@ class Config:
     num_samples: int = opt(64, "images in samples.png")
     sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver; "
                                      "sde: the second-order SDE solver (both for few steps); several: each")
+    sample_class: tuple = opt(("all",), "with --conditional: the classes to sample (e.g. 3 5), one grid row each; "
+                                        "all: every class")
+    guidance: tuple = opt((0.0,), "with --conditional: the classifier-free guidance weight w (0: the conditional "
+                                  "model, no guidance); several: each")
     final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
                                "likely value, as the authors' release)")
     # run
@@ -169,6 +182,12 @@ def parse_args(argv=None):
         (not set(cfg.sampler) <= {"paper", "ode", "sde"},
          f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
+        (not 0 <= cfg.label_drop < 1, f"--label-drop must be in [0, 1), got {cfg.label_drop}"),
+        (not cfg.conditional and (cfg.sample_class != ("all",) or any(cfg.guidance)),
+         "--sample-class and --guidance need a --conditional model"),
+        (any(c != "all" and not (c.isdigit() and int(c) < 10) for c in cfg.sample_class),
+         f"--sample-class takes all or classes 0..9, got {' '.join(cfg.sample_class)}"),
+        (min(cfg.guidance) < -1, f"--guidance must be >= -1 (-1: the unconditional model), got {min(cfg.guidance)}"),
         (cfg.inpaint not in ("", *INPAINT_REGIONS) and not os.path.isfile(cfg.inpaint),
          f"--inpaint takes {', '.join(INPAINT_REGIONS)} or a mask image file, got {cfg.inpaint}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
@@ -240,12 +259,15 @@ def load_cifar(data_dir):
 
 
 def load_data(cfg, device):
-    """{train, val, test}: uint8 pixels (N, 3, 32, 32) on the device; train/val is a fixed 99% / 1% split."""
+    """{train, val, test}: uint8 pixels (N, 3, 32, 32) on the device; train/val is a fixed 99% / 1% split. With
+    --conditional also {train, val, test}_labels: (N,) classes 0..9."""
     cifar = load_cifar(cfg.data_dir)
     perm = torch.randperm(len(cifar["train"]), generator=torch.Generator().manual_seed(0))
     n_val = len(perm) // 100  # 500 of 50,000
-    return {"train": cifar["train"][perm[n_val:]].to(device), "val": cifar["train"][perm[:n_val]].to(device),
-            "test": cifar["test"].to(device)}
+    splits = {"": cifar} if not cfg.conditional else {"": cifar, "_labels": load_cifar_labels(cfg.data_dir)}
+    return {name + suffix: part.to(device) for suffix, d in splits.items()
+            for name, part in [("train", d["train"][perm[n_val:]]), ("val", d["train"][perm[:n_val]]),
+                               ("test", d["test"])]}
 
 
 def quantise(pixels, K):
@@ -254,9 +276,21 @@ def quantise(pixels, K):
 
 
 def get_batch(data, cfg):
-    """A random training batch (B, 3, 32, 32) of bin centres; the global RNG is seeded per step."""
-    idx = torch.randint(len(data), (cfg.batch_size,), device=data.device)
-    return quantise(data[idx], cfg.bins)
+    """A random training batch: (B, 3, 32, 32) bin centres and, with --conditional, their (B,) labels (else None);
+    the global RNG is seeded per step."""
+    idx = torch.randint(len(data["train"]), (cfg.batch_size,), device=data["train"].device)
+    return quantise(data["train"][idx], cfg.bins), data["train_labels"][idx].long() if cfg.conditional else None
+
+
+def swept(cfg):
+    """The sampling settings that take several values, each sampled in turn (sample_all)."""
+    return ("sampler", "sample_steps", "guidance") if cfg.conditional else ("sampler", "sample_steps")
+
+
+def num_classes(cfg):
+    """The labels of --conditional: the 10 classes; index num_classes is the null label (no class given). 0 when
+    unconditional."""
+    return 10 if cfg.conditional else 0
 
 
 def evaluation_set(images, cfg):
@@ -335,13 +369,17 @@ def fourier_features(x, exponents=(6, 7)):
 class UNet(nn.Module):
     """Psi(mu, t): input mean mu (B, 3, 32, 32) and t (B,); output (B, n_out, 3, 32, 32): the noise eps_hat (n_out = 1,
     continuous) or (mu_eps, ln sigma_eps) (n_out = 2, discretised).
-    The U-Net's output features are concatenated with mu, and a linear layer gives each pixel's n_out x 3 outputs."""
+    The U-Net's output features are concatenated with mu, and a linear layer gives each pixel's n_out x 3 outputs.
+    With classes > 0 (class-conditional), a label y (B,) in 0..classes (classes: the null label, also used when y is
+    None) adds a learned embedding to the time embedding; with classes = 0 it is the authors' network exactly."""
 
-    def __init__(self, channels=128, res_blocks=32, dropout=0.1, n_out=1):
+    def __init__(self, channels=128, res_blocks=32, dropout=0.1, n_out=1, classes=0):
         super().__init__()
         c_emb, ch = 4 * channels, channels
-        self.channels, self.n_out = channels, n_out
+        self.channels, self.n_out, self.classes = channels, n_out, classes
         self.embed_conditioning = nn.Sequential(nn.Linear(ch, c_emb), nn.SiLU(), nn.Linear(c_emb, c_emb), nn.SiLU())
+        if classes:
+            self.label_embed = nn.Embedding(classes + 1, c_emb)
         self.conv_in = nn.Conv2d(3 * 5, ch, 3, padding=1)  # the input and its 4 Fourier features per channel
         self.down_blocks = nn.ModuleList([ResBlock(ch, ch, c_emb, dropout) for _ in range(res_blocks)])
         self.mid_resnet_block_1 = ResBlock(ch, ch, c_emb, dropout)
@@ -351,8 +389,10 @@ class UNet(nn.Module):
         self.conv_out = nn.Sequential(group_norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, ch, 3, padding=1)))
         self.output_projection = nn.Linear(3 + ch, 3 * n_out)
 
-    def forward(self, x, t):  # (B, 3, H, W), (B,) -> (B, n_out, 3, H, W)
+    def forward(self, x, t, y=None):  # (B, 3, H, W), (B,), (B,) or None -> (B, n_out, 3, H, W)
         emb = self.embed_conditioning(time_embedding(t, self.channels))  # (B, 4 channels)
+        if self.classes:
+            emb = emb + self.label_embed(torch.full_like(t, self.classes, dtype=torch.long) if y is None else y)
         h = self.conv_in(torch.cat([x, fourier_features(x)], 1))  # (B, 15, H, W) -> (B, channels, H, W)
         hs = [h]
         for block in self.down_blocks:
@@ -378,17 +418,26 @@ def from_authors(state):
     return state
 
 
-NETWORK_FLAGS = "--channels, --res-blocks, --output"
+NETWORK_FLAGS = "--channels, --res-blocks, --output, --conditional"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # BFN glue: the network as the output distribution of continuous (§4.6) or discretised (§5.3) data, and the losses.
 
-def network_output(net, mu, t, cfg, autocast):
+def network_output(net, mu, t, cfg, autocast, y=None, guidance=0.0):
     """x_hat (B, 3, 32, 32) for --output continuous; for discretised, (mu_x, sigma_x) (B, 3, 32, 32) each, the
-    parameters of p_O (§5.3). In float32."""
+    parameters of p_O (§5.3). In float32. y (B,): the labels of a conditional network (None: the null label).
+    With labels and guidance w: classifier-free guidance on the network's outputs, (1 + w) out(y) - w out(null)
+    (eps_hat, or (mu_eps, ln sigma_eps)), from one call on both batches. For continuous data x_hat and the Bayesian
+    update of mu are linear in eps_hat, so this is also guidance on the input parameters mu."""
     with autocast:
-        out = net(mu, t)
+        if y is not None and guidance:
+            both = net(mu.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([y, torch.full_like(y, num_classes(cfg))]))
+        else:
+            out = net(mu, t) if y is None else net(mu, t, y)
+    if y is not None and guidance:
+        cond, uncond = both.float().chunk(2)
+        out = (1 + guidance) * cond - guidance * uncond
     out = out.float()  # (B, 1 or 2, 3, 32, 32)
     if cfg.output == "continuous":
         return continuous_x_hat(mu, t, out[:, 0], cfg.sigma_1)
@@ -418,10 +467,21 @@ def recon_loss(x, out, cfg):
     return discretised_recon_loss(x, discretised_log_probs(*out, cfg.bins))
 
 
-def train_loss(net, x, cfg, autocast):
-    """L^inf (Algorithms 2 and 5) of a batch x (B, 3, 32, 32): t ~ U(0, 1), mu ~ p_F(. | x; t). (B,) nats/image."""
+def drop_labels(y, cfg):
+    """Training labels (B,) with a fraction --label-drop replaced by the null label, so that one network learns both
+    p(x | class) and p(x); None (unconditional) stays None."""
+    if y is None:
+        return None
+    return torch.where(torch.rand(len(y), device=y.device) < cfg.label_drop, num_classes(cfg), y)
+
+
+def train_loss(net, batch, cfg, autocast):
+    """L^inf (Algorithms 2 and 5) of a batch (x (B, 3, 32, 32), labels (B,) or None): t ~ U(0, 1),
+    mu ~ p_F(. | x; t). (B,) nats/image."""
+    x, y = batch
     t = torch.rand(len(x), device=x.device)
-    return loss_inf(x, network_output(net, continuous_flow(x, t, cfg.sigma_1), t, cfg, autocast), t, cfg)
+    mu = continuous_flow(x, t, cfg.sigma_1)
+    return loss_inf(x, network_output(net, mu, t, cfg, autocast, drop_labels(y, cfg)), t, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -489,20 +549,21 @@ def summarise(losses, recon, cfg):
     return result
 
 
-def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None):
+def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None, labels=None):
     """n samples (n, 3, 32, 32) of Algorithm 3 or 6 or the ODE solver (--sampler, --sample-steps, --final), in batches
     of --eval-batch-size; with trajectory, one batch and also the trajectory (mu and the prediction at each step).
     given (n, 3, 32, 32): known values (NaN where unknown). There the prediction is replaced by the known value at
     every step (x_hat, or p_O all on its bin), so that those dimensions follow the Bayesian flow of their true values,
     the network sees them as it would in training, and it generates the rest consistently (inpainting); this works
-    alike for every sampler."""
+    alike for every sampler.
+    labels (n,): the class of each sample, for a --conditional network (with --guidance); None: unconditional."""
     chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(cfg.eval_batch_size)
     progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(chunks) * (cfg.sample_steps + 1))
 
     def run(idx):
         def output_fn(mu, t):  # x_hat, or p_O(. | mu, t), counting the network calls for the progress line
             progress.tick()
-            out = network_output(net, mu, t, cfg, autocast)
+            out = network_output(net, mu, t, cfg, autocast, None if labels is None else labels[idx], cfg.guidance)
             out = out if cfg.output == "continuous" else discretised_probs(*out, cfg.bins)
             if given is None:
                 return out
@@ -532,20 +593,33 @@ def sample(net, cfg, autocast, device, out_dir, tag=""):
     prediction at t = 0, 0.1, ..., 1) and evolution.gif (the same at every step, for 8 samples)."""
     from torchvision.utils import save_image
     g = torch.Generator(device).manual_seed(cfg.seed)
-    x, trajectory = draw(net, cfg.num_samples, cfg, autocast, device, g, trajectory=True)
-    nrow = max(1, round(math.sqrt(cfg.num_samples)))
+    labels, nrow = sample_labels(cfg, cfg.num_samples, device)
+    x, trajectory = draw(net, len(labels) if labels is not None else cfg.num_samples, cfg, autocast, device, g,
+                         trajectory=True, labels=labels)
     save_image((x.clamp(-1, 1) + 1) / 2, os.path.join(out_dir, f"samples{tag}.png"), nrow=nrow, pad_value=1)
     times = [k / 10 for k in range(11)]
     steps = [min(trajectory, key=lambda s: abs(s["t"] - tt)) for tt in times]
     rows = []
-    for b in range(min(4, cfg.num_samples)):
+    for b in range(min(4, len(x))):
         rows += [s["input"][b] for s in steps] + [s["output"][b] for s in steps]
     grid = (torch.stack(rows).clamp(-1, 1) + 1) / 2  # (8 x 11, 3, 32, 32) in [0, 1]
     save_image(grid, os.path.join(out_dir, f"evolution{tag}.png"), nrow=len(times), pad_value=1)
-    shown = min(8, cfg.num_samples)  # evolution.gif: a frame per step, mu above the prediction, then the samples
+    shown = min(8, len(x))  # evolution.gif: a frame per step, mu above the prediction, then the samples
     frames = [(torch.cat([s["input"][:shown], s["output"][:shown]]).clamp(-1, 1) + 1) / 2 for s in trajectory]
     frames.append((torch.cat([x[:shown], x[:shown]]).clamp(-1, 1) + 1) / 2)
     save_gif(frames, shown, os.path.join(out_dir, f"evolution{tag}.gif"))
+
+
+def sample_labels(cfg, n, device):
+    """With --conditional: the class of each of about n samples, each --sample-class (every class for all) n / classes
+    times (at least once) in turn, and the columns of a grid with one row per class. Unconditional: None and the
+    columns of a square grid of n."""
+    if not cfg.conditional:
+        return None, max(1, round(math.sqrt(n)))
+    classes = range(num_classes(cfg)) if "all" in cfg.sample_class else [int(c) for c in cfg.sample_class]
+    each = max(1, n // len(classes))
+    labels = torch.tensor(list(classes), device=device).repeat_interleave(each)
+    return labels, each if each > 1 else max(1, round(math.sqrt(len(labels))))
 
 
 INPAINT_REGIONS = ("top", "bottom", "left", "right", "centre")
@@ -690,35 +764,61 @@ def frechet_distance(a, b):
 
 @torch.no_grad()
 def image_figures(clf, x):
-    """Features (N, D), the fraction labelled with probability > 0.9 and the entropy of the label histogram (bits) of
-    images x (N, 3, 32, 32) in [-1, 1]."""
+    """Features (N, D), labels (N,) and {the fraction labelled with probability > 0.9, the entropy of the label
+    histogram (bits)} of images x (N, 3, 32, 32) in [-1, 1]."""
     logits = torch.cat([clf(c) for c in x.split(500)])
     feats = torch.cat([clf.features(c) for c in x.split(500)])
     p = torch.bincount(logits.argmax(-1), minlength=10).double() / len(x)
     entropy = -(p[p > 0] * p[p > 0].log2()).sum().item()
     confident = (logits.softmax(-1).amax(-1) > 0.9).float().mean().item()
-    return feats, {"confident": confident, "label_entropy_bits": entropy}
+    return feats, logits.argmax(-1), {"confident": confident, "label_entropy_bits": entropy}
 
 
 def sample_quality(net, data, cfg, ctx):
     """--eval-samples N: N samples (the --sampler at --sample-steps) against N test images, and N test images against
     N others as the floor: the Fréchet distance of the classifier's features, the confident fraction and the label
-    entropy. The test images are quantised to the --bins, as the samples are."""
+    entropy. The test images are quantised to the --bins, as the samples are. With --conditional: samples of each
+    --sample-class in equal numbers, against as many test images of each class, and also the accuracy (the fraction
+    labelled as the requested class), the Fréchet distance within each class (frechet_by_class) and the diversity
+    (within each class, the total variance of the features over that of the test images, averaged: 1 is as varied as
+    real data)."""
     n = cfg.eval_samples
-    if 2 * n > len(data["test"]):
-        raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs twice as many test images; the test split has "
-                         f"{len(data['test'])}")
+    labels, _ = sample_labels(cfg, n, ctx.device)
+    if labels is None:
+        if 2 * n > len(data["test"]):
+            raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs twice as many test images; the test split "
+                             f"has {len(data['test'])}")
+        reference, other = torch.arange(n), torch.arange(n, 2 * n)
+    else:  # for each class in turn, its first m test images as the reference and the next m as the floor
+        reference, other = [], []
+        for c, m in zip(*labels.unique_consecutive(return_counts=True)):
+            idx = (data["test_labels"] == c).nonzero()[:, 0].cpu()
+            if 2 * m > len(idx):
+                raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs {2 * m} test images of class {c}; the "
+                                 f"test split has {len(idx)}")
+            reference, other = reference + [idx[:m]], other + [idx[m:2 * m]]
+        reference, other = torch.cat(reference), torch.cat(other)
     clf = train_classifier(cfg, ctx)
     g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     start = time.time()
-    x = draw(net, n, cfg, ctx.autocast, ctx.device, g).clamp(-1, 1)
+    x = draw(net, len(reference), cfg, ctx.autocast, ctx.device, g, labels=labels).clamp(-1, 1)
     seconds = time.time() - start
-    test = quantise(data["test"][:2 * n], cfg.bins)
-    f_samples, samples = image_figures(clf, x)
-    f_test, test_figures = image_figures(clf, test[:n])
-    f_other, _ = image_figures(clf, test[n:])
+    test = quantise(data["test"][torch.cat([reference, other]).to(ctx.device)], cfg.bins)
+    f_samples, l_samples, samples = image_figures(clf, x)
+    f_test, l_test, test_figures = image_figures(clf, test[:len(reference)])
+    f_other, _, _ = image_figures(clf, test[len(reference):])
     samples["frechet"] = frechet_distance(f_samples, f_test)
     test_figures["frechet"] = frechet_distance(f_other, f_test)
+    if labels is not None:
+        samples["accuracy"] = (l_samples == labels).float().mean().item()
+        test_figures["accuracy"] = (l_test == labels).float().mean().item()
+        spread = lambda f: torch.cov(f.double().T).trace()  # noqa: E731  the total variance of features (M, D)
+        classes = [c for c in labels.unique().tolist() if (labels == c).sum() > 1]
+        for figures, f in ((samples, f_samples), (test_figures, f_other)):
+            figures["frechet_by_class"] = {str(c): frechet_distance(f[labels == c], f_test[labels == c])
+                                           for c in classes}
+            figures["diversity"] = sum(spread(f[labels == c]) / spread(f_test[labels == c]) for c in classes).item() \
+                / max(1, len(classes))
     return {"samples": samples, "test": test_figures, "seconds": seconds}
 
 
@@ -796,7 +896,8 @@ def setup(cfg):
 def build(cfg, device):
     """The network, its EMA copy (evaluation and sampling) and AdamW, with weight decay on weights only."""
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = UNet(cfg.channels, cfg.res_blocks, cfg.dropout, n_out=1 if cfg.output == "continuous" else 2).to(device)
+    model = UNet(cfg.channels, cfg.res_blocks, cfg.dropout, 1 if cfg.output == "continuous" else 2,
+                 num_classes(cfg)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, positions
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
@@ -955,23 +1056,28 @@ def run_eval(ema, data, split, step, cfg, ctx):
 
 
 def sample_all(ema, data, cfg, ctx, quality):
-    """Sample with every combination of --sampler and --sample-steps: its grids (samples.png, evolution.png; named
-    samples-SAMPLER-STEPS.png and so on when there are several), complete()'s conditional samples (--inpaint,
-    --prompt, --infill) and, with quality (--eval-samples N), its sample quality: the figures of sample_quality for N
-    samples and for real test data, logged, and a table of every combination (sampler, steps, network calls, seconds
-    to draw the N samples, figures) in samples.json and in eval.json under "samples"."""
-    runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
-    table = []
-    for one in runs:
-        tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}"
+    """Sample with every combination of --sampler, --sample-steps and the script's other swept settings: its grids
+    (samples.png, evolution.png; samples-SAMPLER-STEPS.png and so on when there are several, with -gW for --guidance W
+    when there are several weights), complete()'s conditional samples (--inpaint, --prompt, --infill) and, with
+    quality (--eval-samples N), its sample quality: the figures of sample_quality for N samples and for real test
+    data, logged, and a table of every combination (sampler, steps, the swept settings, network calls, seconds to
+    draw the N samples, figures) in samples.json and in eval.json under "samples"."""
+    table, settings = [], {k: getattr(cfg, k) for k in swept(cfg)}  # {name: its values}
+    runs = [dict(zip(settings, values)) for values in itertools.product(*settings.values())]
+    for run in runs:
+        one = dataclasses.replace(cfg, **run)
+        extra = {k: v for k, v in run.items() if k not in ("sampler", "sample_steps")}  # e.g. guidance
+        tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}" + "".join(
+            f"-{k[0]}{v:g}" for k, v in extra.items() if len(settings[k]) > 1)
         sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
         complete(ema, data, one, ctx, tag)
         if quality:
             figures = sample_quality(ema, data, one, ctx)
-            table.append(dict(sampler=one.sampler, steps=one.sample_steps, network_calls=one.sample_steps + 1,
+            table.append(dict(sampler=one.sampler, steps=one.sample_steps, **extra, network_calls=one.sample_steps + 1,
                               examples=cfg.eval_samples, seconds=round(figures.pop("seconds"), 1), **figures))
-            show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
-            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps, {cfg.eval_samples} samples, "
+            show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, float))  # noqa: E731
+            shown = "".join(f", {k} {v:g}" for k, v in extra.items())
+            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps{shown}, {cfg.eval_samples} samples, "
                     f"{table[-1]['seconds']} s) | samples: {show(figures['samples'])} | test data: "
                     f"{show(figures['test'])}")
     if quality:
@@ -991,7 +1097,7 @@ def cpu_notice(cfg, ctx, model, data):
             getattr(cfg, f.name) != getattr(paper, f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"]):
         return
     t0 = time.time()
-    train_loss(model, get_batch(data["train"], cfg)[:2], cfg, ctx.autocast).mean().backward()
+    train_loss(model, get_batch(data, dataclasses.replace(cfg, batch_size=2)), cfg, ctx.autocast).mean().backward()
     model.zero_grad(set_to_none=True)
     step_seconds = (time.time() - t0) * cfg.batch_size / 2 * cfg.grad_accum
     total = cfg.steps * step_seconds
@@ -1031,10 +1137,10 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
             model.train()
             step_loss = torch.zeros((), device=ctx.device)
             for micro in range(cfg.grad_accum):
-                x = get_batch(data["train"], cfg)
+                batch = get_batch(data, cfg)
                 last_micro = micro == cfg.grad_accum - 1
                 with net.no_sync() if ctx.ddp and not last_micro else contextlib.nullcontext():
-                    loss = train_loss(net, x, cfg, ctx.autocast).mean() / cfg.grad_accum
+                    loss = train_loss(net, batch, cfg, ctx.autocast).mean() / cfg.grad_accum
                     loss.backward()
                 step_loss += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -9,6 +9,9 @@ log-likelihood bound L^inf + L^r and L^n + L^r in nats/image, and samples with A
     python bfn_mnist.py                      # the paper's model and optimiser (24.8M parameters, batch 512)
     torchrun --nproc_per_node=8 bfn_mnist.py --batch-size 64      # the same global batch on 8 GPUs
     python bfn_mnist.py --eval-only --eval-n inf 10 25 50 100 784  # the paper's table, from runs/bfn_mnist/ckpt.pt
+    python bfn_mnist.py --preset quick --conditional         # class-conditional (labels dropped 10% of the time), then:
+    python bfn_mnist.py --preset quick --conditional --sample-only --sampler ode --sample-steps 10 --guidance 3
+    python bfn_mnist.py --preset quick --digits 2 --conditional --steps 1000 --sample-class 42   # "write 42"
 
 Paper: 77.87 nats/image (L^inf + L^r, test set); by steps n: 10 ≈ 95.2, 25 ≈ 84.4, 50 ≈ 81.1, 100 ≈ 79.5,
 784 ≈ 78.0.
@@ -20,6 +23,8 @@ final samples; 4x4 for --digits 2) and evolution.png (for each of 4 samples, two
 a black pixel, then the network's output probability, at t = 0, 0.1, ..., 1 left to right), evolution.gif (the same
 at every step, for 8 samples). With --eval-samples N, sample quality through a digit classifier, in eval.json and
 samples.json (one row per --sampler and --sample-steps: `--sampler paper ode --sample-steps 10 25 100` runs each).
+With --conditional, samples.png has one row per class (--sample-class), each --guidance weight is sampled in turn, and
+the sample quality adds the fraction classified as the requested class; --inpaint completes test images (inpaint.png).
 Shapes: B batch, H x W image (28 or 64), K = 2 classes (0 = white, 1 = black ink), C channels.
 """
 import argparse
@@ -29,6 +34,7 @@ import ctypes
 import dataclasses
 import datetime
 import gzip
+import itertools
 import json
 import math
 import os
@@ -70,6 +76,10 @@ class Config:
     # data
     data_dir: str = opt("data", "where MNIST is downloaded / found (torchvision's layout: DIR/MNIST/raw/*.gz)")
     digits: int = opt(1, "1: 28x28 MNIST; 2: 64x64 images of two digits side by side", fixed=True)
+    conditional: bool = opt(False, "class-conditional: the network also sees the label (the digit; the number 00-99 "
+                                   "for --digits 2), or a null label (--label-drop of the time)", fixed=True)
+    label_drop: float = opt(0.1, "with --conditional: the fraction of training labels replaced by the null label, so "
+                                 "that one network is both p(x | class) and p(x) (classifier-free guidance)")
     # BFN
     beta_1: float = opt(9.0, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8)", fixed=True)
     # network
@@ -101,6 +111,13 @@ class Config:
     num_samples: int = opt(64, "images in samples.png")
     sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver; "
                                      "sde: the second-order SDE solver (both for few steps); several: each")
+    sample_class: tuple = opt(("all",), "with --conditional: the classes to sample (e.g. 4 2; for --digits 2 the "
+                                        "number, e.g. 42), one grid row each; all: every class")
+    guidance: tuple = opt((0.0,), "with --conditional: the classifier-free guidance weight w (0: the conditional "
+                                  "model, no guidance); several: each")
+    guide_on: str = opt("inputs", "inputs: guidance on the Bayesian updates of theta, (1 + w) p_cond - w p_uncond, for "
+                                  "the ode and sde samplers (measured better); outputs: (1 + w) ln p_cond - w ln "
+                                  "p_uncond (always for the paper's sampler, which draws a class from p_O)")
     final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
                                "likely value, as the authors' release)")
     # run
@@ -163,6 +180,13 @@ def parse_args(argv=None):
         (not set(cfg.sampler) <= {"paper", "ode", "sde"},
          f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
+        (not 0 <= cfg.label_drop < 1, f"--label-drop must be in [0, 1), got {cfg.label_drop}"),
+        (not cfg.conditional and (cfg.sample_class != ("all",) or any(cfg.guidance)),
+         "--sample-class and --guidance need a --conditional model"),
+        (any(c != "all" and not (c.isdigit() and int(c) < 10 ** cfg.digits) for c in cfg.sample_class),
+         f"--sample-class takes all or classes 0..{10 ** cfg.digits - 1}, got {' '.join(cfg.sample_class)}"),
+        (min(cfg.guidance) < -1, f"--guidance must be >= -1 (-1: the unconditional model), got {min(cfg.guidance)}"),
+        (cfg.guide_on not in ("outputs", "inputs"), f"--guide-on takes inputs or outputs, got {cfg.guide_on}"),
         (cfg.inpaint not in ("", *INPAINT_REGIONS) and not os.path.isfile(cfg.inpaint),
          f"--inpaint takes {', '.join(INPAINT_REGIONS)} or a mask image file, got {cfg.inpaint}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
@@ -241,32 +265,39 @@ def load_mnist(data_dir):
     return {split: read_idx(os.path.join(raw, files[0]), 2051, "idx3 image") for split, files in MNIST_FILES.items()}
 
 
-def two_digit_images(digits, n, seed):
+def two_digit_images(digits, labels, n, seed):
     """n 64x64 images of two random digits side by side, each at a random vertical offset (0..36) and a horizontal
-    jitter (0..4) within its half; deterministic given the seed. (N, 28, 28) -> (n, 64, 64) uint8."""
+    jitter (0..4) within its half, and their labels, the numbers 10 left + right; deterministic given the seed.
+    (N, 28, 28), (N,) -> (n, 64, 64) uint8, (n,) uint8."""
     g = torch.Generator().manual_seed(seed)
-    canvas = torch.zeros(n, 64, 64, dtype=torch.uint8)
+    canvas, number = torch.zeros(n, 64, 64, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
     for half in (0, 32):
         which = torch.randint(len(digits), (n,), generator=g)
+        number = 10 * number + labels[which]
         dy = torch.randint(0, 37, (n,), generator=g)
         dx = half + torch.randint(0, 5, (n,), generator=g)
         for y in range(37):
             for x in range(half, half + 5):
                 m = (dy == y) & (dx == x)
                 canvas[m, y:y + 28, x:x + 28] = digits[which[m]]
-    return canvas
+    return canvas, number
 
 
 def load_data(cfg, device):
-    """{train, val, test}: uint8 grey levels (N, H, W) on the device; train/val is a fixed 99% / 1% split."""
+    """{train, val, test}: uint8 grey levels (N, H, W) on the device; train/val is a fixed 99% / 1% split. With
+    --conditional also {train, val, test}_labels: (N,) uint8 classes (the digit, or the number 00-99)."""
     mnist = load_mnist(cfg.data_dir)
+    labels = load_mnist_labels(cfg.data_dir) if cfg.conditional or cfg.digits == 2 else None
     if cfg.digits == 2:
-        mnist = {"train": two_digit_images(mnist["train"], 60_000, cfg.seed),
-                 "test": two_digit_images(mnist["test"], 10_000, cfg.seed + 1)}
+        (train, train_labels), (test, test_labels) = [two_digit_images(mnist[s], labels[s], n, cfg.seed + k)
+                                                      for k, (s, n) in enumerate([("train", 60_000), ("test", 10_000)])]
+        mnist, labels = {"train": train, "test": test}, {"train": train_labels, "test": test_labels}
     perm = torch.randperm(len(mnist["train"]), generator=torch.Generator().manual_seed(0))
     n_val = len(perm) // 100  # 600 of 60,000
-    return {"train": mnist["train"][perm[n_val:]].to(device), "val": mnist["train"][perm[:n_val]].to(device),
-            "test": mnist["test"].to(device)}
+    splits = {"": mnist} if not cfg.conditional else {"": mnist, "_labels": labels}
+    return {name + suffix: part.to(device) for suffix, d in splits.items()
+            for name, part in [("train", d["train"][perm[n_val:]]), ("val", d["train"][perm[:n_val]]),
+                               ("test", d["test"])]}
 
 
 def binarise(images, generator=None):
@@ -275,9 +306,21 @@ def binarise(images, generator=None):
 
 
 def get_batch(data, cfg):
-    """A random training batch (B, H, W) of class indices; the global RNG is seeded per step."""
-    idx = torch.randint(len(data), (cfg.batch_size,), device=data.device)
-    return binarise(data[idx])
+    """A random training batch: (B, H, W) pixel classes and, with --conditional, their (B,) labels (else None); the
+    global RNG is seeded per step."""
+    idx = torch.randint(len(data["train"]), (cfg.batch_size,), device=data["train"].device)
+    return binarise(data["train"][idx]), data["train_labels"][idx].long() if cfg.conditional else None
+
+
+def swept(cfg):
+    """The sampling settings that take several values, each sampled in turn (sample_all)."""
+    return ("sampler", "sample_steps", "guidance") if cfg.conditional else ("sampler", "sample_steps")
+
+
+def num_classes(cfg):
+    """The labels of --conditional: 10 digits, or the numbers 00-99 for --digits 2; index num_classes is the null
+    label (no class given). 0 when unconditional."""
+    return 10 ** cfg.digits if cfg.conditional else 0
 
 
 def evaluation_set(images, cfg):
@@ -380,14 +423,18 @@ class UNet(nn.Module):
     """Psi(theta, t): the input 2 theta_0 - 1 (theta_0: the probability of a white pixel, the authors' convention)
     (B, H, W) and t (B,); output the logit of a black pixel (B, H, W).
     Each pixel's [2 theta_0 - 1, 2 t - 1] is projected to `channels` features; the U-Net's output features are
-    concatenated with those projected inputs and a linear layer gives the logit."""
+    concatenated with those projected inputs and a linear layer gives the logit.
+    With classes > 0 (class-conditional), a label y (B,) in 0..classes (classes: the null label, also used when y is
+    None) adds a learned embedding to the time embedding; with classes = 0 it is the authors' network exactly."""
 
-    def __init__(self, channels=128, mults=(1, 2, 2), res_blocks=2, dropout=0.5):
+    def __init__(self, channels=128, mults=(1, 2, 2), res_blocks=2, dropout=0.5, classes=0):
         super().__init__()
         c_emb, ch = 4 * channels, channels
-        self.channels = channels
+        self.channels, self.classes = channels, classes
         self.input_projection = nn.Linear(2, channels)
         self.time_embed = nn.Sequential(nn.Linear(channels, c_emb), nn.SiLU(), nn.Linear(c_emb, c_emb))
+        if classes:
+            self.label_embed = nn.Embedding(classes + 1, c_emb)
         self.input_blocks = nn.ModuleList([Layers([nn.Conv2d(ch, ch, 3, padding=1)])])
         skips = [ch]
         for level, mult in enumerate(mults):
@@ -410,10 +457,12 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, channels, 3, padding=1)))
         self.output_projection = nn.Linear(2 * channels, 1)
 
-    def forward(self, x, t):  # (B, H, W), (B,) -> (B, H, W)
+    def forward(self, x, t, y=None):  # (B, H, W), (B,), (B,) or None -> (B, H, W)
         features = torch.stack([x, (2 * t - 1)[:, None, None].expand_as(x)], -1)  # (B, H, W, 2)
         x = self.input_projection(features)  # (B, H, W, channels)
         emb = self.time_embed(time_embedding(t, self.channels))  # (B, 4 channels)
+        if self.classes:
+            emb = emb + self.label_embed(torch.full_like(t, self.classes, dtype=torch.long) if y is None else y)
         h, hs = x.permute(0, 3, 1, 2), []  # (B, channels, H, W)
         for layers in self.input_blocks:
             h = layers(h, emb)
@@ -433,26 +482,61 @@ def from_authors(state):
     return {k: v for k, v in state.items() if not k.startswith("input_adapter.")}
 
 
-NETWORK_FLAGS = "--channels, --res-blocks"
+NETWORK_FLAGS = "--channels, --res-blocks, --conditional"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # BFN glue: the network as the output distribution p_O(. | theta, t) of discrete data (§6.4), and the losses.
 
-def output_log_probs(net, theta, t, autocast):
-    """ln p_O(k | theta, t) from one logit per pixel, as log-sigmoids in float32 (exact for confident pixels):
-    theta (B, H, W, 2), t (B,) -> (B, H, W, 2)."""
+def output_log_probs(net, theta, t, autocast, y=None):
+    """ln p_O(k | theta, t) (given the labels y (B,) of a conditional network) from one logit per pixel, as
+    log-sigmoids in float32 (exact for confident pixels): theta (B, H, W, 2), t (B,) -> (B, H, W, 2)."""
     with autocast:
-        logit = net(2 * theta[..., 0] - 1, t)  # (B, H, W)
+        logit = net(2 * theta[..., 0] - 1, t) if y is None else net(2 * theta[..., 0] - 1, t, y)  # (B, H, W)
     logit = logit.float()  # the log-odds of black
     return torch.stack([F.logsigmoid(-logit), F.logsigmoid(logit)], -1)
 
 
-def train_loss(net, x, cfg, autocast):
-    """L^inf (§6.7, Algorithm 8) of a batch x (B, H, W): t ~ U(0, 1), theta ~ p_F(. | x; t). (B,) nats/image."""
+def drop_labels(y, cfg):
+    """Training labels (B,) with a fraction --label-drop replaced by the null label, so that one network learns both
+    p(x | class) and p(x); None (unconditional) stays None."""
+    if y is None:
+        return None
+    return torch.where(torch.rand(len(y), device=y.device) < cfg.label_drop, num_classes(cfg), y)
+
+
+def guided_probs(net, theta, t, y, cfg, autocast):
+    """p_O(. | theta, t) for sampling: unconditional if y is None, else given the labels y (B,) with classifier-free
+    guidance w = --guidance (one network call on the conditional and the null-label batch together).
+    On the inputs (--guide-on inputs, the default, for the ODE and SDE samplers): (1 + w) p_O(. | y) - w p_O(. | null).
+    These samplers use p_O only through the mean of the Bayesian update of the logits of theta, so this is exactly
+    (1 + w) times the conditional update of ln theta minus w times the unconditional one, with the same noise:
+    guidance on the input parameters (tests/test_common.py checks it). At t = 1 a value outside [0, 1] draws as if
+    clipped. On the outputs (--guide-on outputs, and always for the paper's sampler, whose update needs a class drawn
+    from a distribution): ln p = (1 + w) ln p_O(. | y) - w ln p_O(. | null), normalised.
+    Measured on conditional MNIST (README; 10-step ODE and SDE, 1000 samples): at the same w both put about as many
+    samples in the requested class (98.5-99.9%), and guidance on the inputs stays closer to the real digits of that
+    class (Fréchet distance 37.8 against 52.9 at w = 1, 104.7 against 198.1 at w = 3, ODE): it sharpens the update
+    linearly in probability, where the outputs' log-space extrapolation pushes every uncertain pixel to one side.
+    Hence the default."""
+    w = cfg.guidance
+    if y is None or w == 0:
+        return output_log_probs(net, theta, t, autocast, y).exp()
+    null = torch.full_like(y, num_classes(cfg))
+    both = output_log_probs(net, theta.repeat(2, 1, 1, 1), t.repeat(2), autocast, torch.cat([y, null]))
+    log_cond, log_uncond = both.chunk(2)
+    if cfg.guide_on == "inputs" and cfg.sampler != "paper":
+        return (1 + w) * log_cond.exp() - w * log_uncond.exp()
+    return torch.softmax((1 + w) * log_cond - w * log_uncond, -1)
+
+
+def train_loss(net, batch, cfg, autocast):
+    """L^inf (§6.7, Algorithm 8) of a batch (x (B, H, W), labels (B,) or None): t ~ U(0, 1),
+    theta ~ p_F(. | x; t). (B,) nats/image."""
+    x, y = batch
     t = torch.rand(len(x), device=x.device)
     theta = discrete_flow(x, t, cfg.beta_1, K)
-    return discrete_loss_inf(x, output_log_probs(net, theta, t, autocast).exp(), t, cfg.beta_1)
+    return discrete_loss_inf(x, output_log_probs(net, theta, t, autocast, drop_labels(y, cfg)).exp(), t, cfg.beta_1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -521,12 +605,13 @@ def summarise(losses, recon, cfg):
 
 
 @torch.no_grad()
-def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None):
+def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None, labels=None):
     """n samples (n, H, W) of Algorithm 9 or the ODE solver (--sampler, --sample-steps, --final), in batches of
     --eval-batch-size; with trajectory, one batch and also the trajectory (theta and p_O at each step).
     given (n, H, W): known pixels (0 or 1; -1 where unknown). There p_O is replaced by the known value at every step,
     so that those pixels follow the Bayesian flow of their true values, the network sees them as it would in training,
-    and it generates the rest consistently (inpainting); this works alike for every sampler."""
+    and it generates the rest consistently (inpainting); this works alike for every sampler.
+    labels (n,): the class of each sample, for a --conditional network (with --guidance); None: unconditional."""
     size = 28 if cfg.digits == 1 else 64
     sampler = {"paper": discrete_sample, "ode": discrete_sample_ode, "sde": discrete_sample_sde}[cfg.sampler]
     chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(cfg.eval_batch_size)
@@ -535,7 +620,7 @@ def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None)
     def run(idx):
         def probs_fn(theta, t):  # p_O(. | theta, t), counting the network calls for the progress line
             progress.tick()
-            probs = output_log_probs(net, theta, t, autocast).exp()
+            probs = guided_probs(net, theta, t, None if labels is None else labels[idx], cfg, autocast)
             if given is None:
                 return probs
             known = given[idx]
@@ -554,20 +639,33 @@ def sample(net, cfg, autocast, device, out_dir, tag=""):
     black pixel at t = 0, 0.1, ..., 1) and evolution.gif (the same at every step, for 8 samples)."""
     from torchvision.utils import save_image
     g = torch.Generator(device).manual_seed(cfg.seed)
-    x, trajectory = draw(net, cfg.num_samples, cfg, autocast, device, g, trajectory=True)
-    nrow = max(1, round(math.sqrt(cfg.num_samples)))
+    labels, nrow = sample_labels(cfg, cfg.num_samples, device)
+    x, trajectory = draw(net, len(labels) if labels is not None else cfg.num_samples, cfg, autocast, device, g,
+                         trajectory=True, labels=labels)
     save_image(1 - x[:, None].float(), os.path.join(out_dir, f"samples{tag}.png"), nrow=nrow, pad_value=0.5)
     times = [k / 10 for k in range(11)]
     steps = [min(trajectory, key=lambda s: abs(s["t"] - tt)) for tt in times]
     rows = []
-    for b in range(min(4, cfg.num_samples)):
+    for b in range(min(4, len(x))):
         rows += [s["input"][b, ..., 1] for s in steps] + [s["output"][b, ..., 1] for s in steps]
     grid = 1 - torch.stack(rows)[:, None]  # (8 x 11, 1, H, W): ink is black
     save_image(grid, os.path.join(out_dir, f"evolution{tag}.png"), nrow=len(times), pad_value=0.5)
-    shown = min(8, cfg.num_samples)  # evolution.gif: a frame per step, theta above p_O, then the samples
+    shown = min(8, len(x))  # evolution.gif: a frame per step, theta above p_O, then the samples
     frames = [1 - torch.cat([s["input"][:shown, ..., 1], s["output"][:shown, ..., 1]])[:, None] for s in trajectory]
     frames.append(1 - torch.cat([x[:shown], x[:shown]]).float()[:, None])
     save_gif(frames, shown, os.path.join(out_dir, f"evolution{tag}.gif"))
+
+
+def sample_labels(cfg, n, device):
+    """With --conditional: the class of each of about n samples, each --sample-class (every class for all) n / classes
+    times (at least once) in turn, and the columns of a grid with one row per class. Unconditional: None and the
+    columns of a square grid of n."""
+    if not cfg.conditional:
+        return None, max(1, round(math.sqrt(n)))
+    classes = range(num_classes(cfg)) if "all" in cfg.sample_class else [int(c) for c in cfg.sample_class]
+    each = max(1, n // len(classes))
+    labels = torch.tensor(list(classes), device=device).repeat_interleave(each)
+    return labels, each if each > 1 else max(1, round(math.sqrt(len(labels))))
 
 
 INPAINT_REGIONS = ("top", "bottom", "left", "right", "centre")
@@ -711,9 +809,9 @@ def frechet_distance(a, b):
 
 @torch.no_grad()
 def image_figures(clf, x):
-    """Features (N, D), the fraction labelled with probability > 0.9 and the entropy of the label histogram (bits)
-    of binarised images x (N, H, W); two-digit images count as confident when both digits are, and their label is the
-    number 00-99."""
+    """Features (N, D), labels (N,) and {the fraction labelled with probability > 0.9, the entropy of the label
+    histogram (bits)} of binarised images x (N, H, W); two-digit images count as confident when both digits are, and
+    their label is the number 00-99."""
     if x.shape[-1] == 64:
         parts = [[clf(c) for c in crop.split(500)] for crop in digit_crops(x)]
         logits = [torch.cat(p) for p in parts]  # 2 x (N, 10)
@@ -727,28 +825,53 @@ def image_figures(clf, x):
         confident, labels, classes = logits.softmax(-1).amax(-1) > 0.9, logits.argmax(-1), 10
     p = torch.bincount(labels, minlength=classes).double() / len(labels)
     entropy = -(p[p > 0] * p[p > 0].log2()).sum().item()
-    return feats, {"confident": confident.float().mean().item(), "label_entropy_bits": entropy}
+    return feats, labels, {"confident": confident.float().mean().item(), "label_entropy_bits": entropy}
 
 
 def sample_quality(net, data, cfg, ctx):
     """--eval-samples N: N samples (the --sampler at --sample-steps) against N test images, and N test images against
     N others as the floor: the Fréchet distance of the classifier's features, the confident fraction and the label
-    entropy."""
+    entropy. With --conditional: samples of each --sample-class in equal numbers, against as many test images of
+    each class, and also the accuracy (the fraction labelled as the requested class; for --digits 2, both digits
+    right), the Fréchet distance within each class (frechet_by_class) and the diversity (within each class, the
+    total variance of the features over that of the test images, averaged: 1 is as varied as real data)."""
     n = cfg.eval_samples
-    if 2 * n > len(data["test"]):
-        raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs twice as many test images; the test split has "
-                         f"{len(data['test'])}")
+    labels, _ = sample_labels(cfg, n, ctx.device)
+    if labels is None:
+        if 2 * n > len(data["test"]):
+            raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs twice as many test images; the test split "
+                             f"has {len(data['test'])}")
+        reference, other = torch.arange(n), torch.arange(n, 2 * n)
+    else:  # for each class in turn, its first m test images as the reference and the next m as the floor
+        reference, other = [], []
+        for c, m in zip(*labels.unique_consecutive(return_counts=True)):
+            idx = (data["test_labels"] == c).nonzero()[:, 0].cpu()
+            if 2 * m > len(idx):
+                raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs {2 * m} test images of class {c}; the "
+                                 f"test split has {len(idx)}")
+            reference, other = reference + [idx[:m]], other + [idx[m:2 * m]]
+        reference, other = torch.cat(reference), torch.cat(other)
     clf = train_classifier(cfg, ctx)
     g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     start = time.time()
-    x = draw(net, n, cfg, ctx.autocast, ctx.device, g)
+    x = draw(net, len(reference), cfg, ctx.autocast, ctx.device, g, labels=labels)
     seconds = time.time() - start
-    test = binarise(data["test"][:2 * n], g)
-    f_samples, samples = image_figures(clf, x)
-    f_test, test_figures = image_figures(clf, test[:n])
-    f_other, _ = image_figures(clf, test[n:])
+    test = binarise(data["test"][torch.cat([reference, other]).to(ctx.device)], g)
+    f_samples, l_samples, samples = image_figures(clf, x)
+    f_test, l_test, test_figures = image_figures(clf, test[:len(reference)])
+    f_other, _, _ = image_figures(clf, test[len(reference):])
     samples["frechet"] = frechet_distance(f_samples, f_test)
     test_figures["frechet"] = frechet_distance(f_other, f_test)
+    if labels is not None:
+        samples["accuracy"] = (l_samples == labels).float().mean().item()
+        test_figures["accuracy"] = (l_test == labels).float().mean().item()
+        spread = lambda f: torch.cov(f.double().T).trace()  # noqa: E731  the total variance of features (M, D)
+        classes = [c for c in labels.unique().tolist() if (labels == c).sum() > 1]
+        for figures, f in ((samples, f_samples), (test_figures, f_other)):
+            figures["frechet_by_class"] = {str(c): frechet_distance(f[labels == c], f_test[labels == c])
+                                           for c in classes}
+            figures["diversity"] = sum(spread(f[labels == c]) / spread(f_test[labels == c]) for c in classes).item() \
+                / max(1, len(classes))
     return {"samples": samples, "test": test_figures, "seconds": seconds}
 
 
@@ -826,7 +949,7 @@ def setup(cfg):
 def build(cfg, device):
     """The network, its EMA copy (evaluation and sampling) and AdamW, with weight decay on weights only."""
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = UNet(cfg.channels, (1, 2, 2), cfg.res_blocks, cfg.dropout).to(device)
+    model = UNet(cfg.channels, (1, 2, 2), cfg.res_blocks, cfg.dropout, num_classes(cfg)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, positions
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
@@ -985,23 +1108,28 @@ def run_eval(ema, data, split, step, cfg, ctx):
 
 
 def sample_all(ema, data, cfg, ctx, quality):
-    """Sample with every combination of --sampler and --sample-steps: its grids (samples.png, evolution.png; named
-    samples-SAMPLER-STEPS.png and so on when there are several), complete()'s conditional samples (--inpaint,
-    --prompt, --infill) and, with quality (--eval-samples N), its sample quality: the figures of sample_quality for N
-    samples and for real test data, logged, and a table of every combination (sampler, steps, network calls, seconds
-    to draw the N samples, figures) in samples.json and in eval.json under "samples"."""
-    runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
-    table = []
-    for one in runs:
-        tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}"
+    """Sample with every combination of --sampler, --sample-steps and the script's other swept settings: its grids
+    (samples.png, evolution.png; samples-SAMPLER-STEPS.png and so on when there are several, with -gW for --guidance W
+    when there are several weights), complete()'s conditional samples (--inpaint, --prompt, --infill) and, with
+    quality (--eval-samples N), its sample quality: the figures of sample_quality for N samples and for real test
+    data, logged, and a table of every combination (sampler, steps, the swept settings, network calls, seconds to
+    draw the N samples, figures) in samples.json and in eval.json under "samples"."""
+    table, settings = [], {k: getattr(cfg, k) for k in swept(cfg)}  # {name: its values}
+    runs = [dict(zip(settings, values)) for values in itertools.product(*settings.values())]
+    for run in runs:
+        one = dataclasses.replace(cfg, **run)
+        extra = {k: v for k, v in run.items() if k not in ("sampler", "sample_steps")}  # e.g. guidance
+        tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}" + "".join(
+            f"-{k[0]}{v:g}" for k, v in extra.items() if len(settings[k]) > 1)
         sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
         complete(ema, data, one, ctx, tag)
         if quality:
             figures = sample_quality(ema, data, one, ctx)
-            table.append(dict(sampler=one.sampler, steps=one.sample_steps, network_calls=one.sample_steps + 1,
+            table.append(dict(sampler=one.sampler, steps=one.sample_steps, **extra, network_calls=one.sample_steps + 1,
                               examples=cfg.eval_samples, seconds=round(figures.pop("seconds"), 1), **figures))
-            show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
-            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps, {cfg.eval_samples} samples, "
+            show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, float))  # noqa: E731
+            shown = "".join(f", {k} {v:g}" for k, v in extra.items())
+            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps{shown}, {cfg.eval_samples} samples, "
                     f"{table[-1]['seconds']} s) | samples: {show(figures['samples'])} | test data: "
                     f"{show(figures['test'])}")
     if quality:
@@ -1021,7 +1149,7 @@ def cpu_notice(cfg, ctx, model, data):
             getattr(cfg, f.name) != getattr(paper, f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"]):
         return
     t0 = time.time()
-    train_loss(model, get_batch(data["train"], cfg)[:2], cfg, ctx.autocast).mean().backward()
+    train_loss(model, get_batch(data, dataclasses.replace(cfg, batch_size=2)), cfg, ctx.autocast).mean().backward()
     model.zero_grad(set_to_none=True)
     step_seconds = (time.time() - t0) * cfg.batch_size / 2 * cfg.grad_accum
     total = cfg.steps * step_seconds
@@ -1061,10 +1189,10 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
             model.train()
             step_loss = torch.zeros((), device=ctx.device)
             for micro in range(cfg.grad_accum):
-                x = get_batch(data["train"], cfg)
+                batch = get_batch(data, cfg)
                 last_micro = micro == cfg.grad_accum - 1
                 with net.no_sync() if ctx.ddp and not last_micro else contextlib.nullcontext():
-                    loss = train_loss(net, x, cfg, ctx.autocast).mean() / cfg.grad_accum
+                    loss = train_loss(net, batch, cfg, ctx.autocast).mean() / cfg.grad_accum
                     loss.backward()
                 step_loss += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -2,12 +2,15 @@
 
 Trains the authors' non-causal transformer with the continuous-time loss L^inf (Algorithm 8), evaluates the test
 bound L^inf + L^r and L^n + L^r in bits/char, and samples text with Algorithm 9. `--text-file PATH` trains on any
-text made of spaces and the letters a-z instead of text8.
+UTF-8 text instead: its alphabet is the file's own characters (space and a-z, as text8, if it uses no others), and
+beta(1) follows the rule of common.discrete_beta_1 for the alphabet's size K (0.5625, the paper's, at K = 27).
 
     python bfn_text8.py --preset quick                # a 0.80M-parameter transformer, minutes on a CPU
     python bfn_text8.py                               # the paper's model (170.2M parameters), 128 windows per step
     python bfn_text8.py --grad-accum 26               # the paper's batch, 3328 windows of 256 characters, on one GPU
     torchrun --nproc_per_node=8 bfn_text8.py --batch-size 104 --grad-accum 4     # the paper's batch on 8 GPUs
+    python bfn_text8.py --preset quick --text-file book.txt   # any UTF-8 text: its own characters, beta(1) by rule
+    python bfn_text8.py --preset quick --sample-only --infill "the ____ of the united states" --sampler ode
 
 Paper: 1.41 bits/char (L^inf + L^r, test set); a uniform model scores log2(27) = 4.75 bits/char.
 Measured: --preset quick on the first 12.5M characters of text8, 3.493 ± 0.026 bits/char (all 4,902 test windows);
@@ -20,7 +23,7 @@ Outputs in --out-dir (default runs/bfn_text8): log.txt, ckpt.pt (and ckpt-prev.p
 input theta and under the network's output, at t = 0, 0.1, ..., 1), evolution.gif (the same at every step, for 3
 samples). With --eval-samples N, sample quality (spelling, 5-gram bits/char) in eval.json and samples.json (one row
 per --sampler and --sample-steps: `--sampler paper ode --sample-steps 10 100` runs each).
-Shapes: B batch, L sequence length (--seq-len), K = 27 symbols, W transformer width.
+Shapes: B batch, L sequence length (--seq-len), K symbols (27 for text8), W transformer width.
 """
 import argparse
 import contextlib
@@ -28,6 +31,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -47,11 +51,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, \
-    discrete_sample_ode, discrete_sample_sde, stratified_steps
+from common import discrete_beta_1, discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, \
+    discrete_sample, discrete_sample_ode, discrete_sample_sde, stratified_steps
 
 SCRIPT, UNIT = "bfn_text8.py", "bits/char"
-K = 27  # space and a-z
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config: every field is a command-line flag (--batch-size for batch_size); defaults are the paper's.
@@ -68,10 +71,13 @@ class Config:
     preset: str = opt("", "paper: the authors' model and optimiser (the defaults); quick: the README's CPU recipe")
     # data
     data_dir: str = opt("data", "where text8.zip is downloaded / found")
-    text_file: str = opt("", "train on this text file (spaces and a-z only) instead of text8")
+    text_file: str = opt("", "train on this UTF-8 text file instead of text8")
+    alphabet: str = opt("", "the K symbols in order (empty: space and a-z, text8's; with --text-file, the file's own "
+                            "characters if it has others); stored with the model", fixed=True)
     seq_len: int = opt(256, "characters per window", fixed=True)
     # BFN
-    beta_1: float = opt(0.5625, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8)", fixed=True)
+    beta_1: float = opt(0.0, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8); 0: the rule of "
+                             "discrete_beta_1 for K symbols, 0.5625 (the paper's) for K = 27", fixed=True)
     # network
     layers: int = opt(24, "transformer layers", fixed=True)
     heads: int = opt(12, "attention heads", fixed=True)
@@ -93,8 +99,8 @@ class Config:
     eval_examples: int = opt(0, "evaluate on N test windows drawn with a fixed seed (0: all 19,531 of text8)")
     eval_repeats: int = opt(1, "passes over them, each with fresh noise")
     eval_batch_size: int = opt(256, "windows per evaluation batch")
-    prompt: str = opt("", "sample continuations of this text (spaces and a-z), fixed at the start of every window")
-    infill: str = opt("", "fill in the underscores of this text (spaces, a-z and _), fixed at the start of every "
+    prompt: str = opt("", "sample continuations of this text (of the alphabet), fixed at the start of every window")
+    infill: str = opt("", "fill in the underscores of this text (of the alphabet, and _), fixed at the start of every "
                           "window; the rest of the window is generated too")
     eval_samples: int = opt(0, "sample quality: draw N samples and score them and N test windows by spelling (words "
                                "of the training text) and by a character 5-gram model of the training text")
@@ -144,14 +150,22 @@ def parse_args(argv=None):
         p.error(f"--preset must be {' or '.join(PRESETS)}, got {preset}")
     p.set_defaults(**PRESETS[preset or "paper"])  # explicit flags still win
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
+    if not cfg.alphabet:  # the text's own characters, or text8's when it has no others
+        alphabet = "".join(sorted(set(read_text(cfg.text_file)))) if cfg.text_file else ALPHABET
+        cfg = dataclasses.replace(cfg, alphabet=ALPHABET if set(alphabet) <= set(ALPHABET) else alphabet)
+    if cfg.beta_1 == 0:
+        cfg = dataclasses.replace(cfg, beta_1=discrete_beta_1(len(cfg.alphabet)))
     for bad, message in [
+        (len(set(cfg.alphabet)) != len(cfg.alphabet) or not 2 <= len(cfg.alphabet) <= MAX_K,
+         f"--alphabet needs 2 to {MAX_K} different symbols, got {len(cfg.alphabet)} ({len(set(cfg.alphabet))} "
+         f"different)"),
         (cfg.seq_len < 1, f"--seq-len must be >= 1, got {cfg.seq_len}"),
         (cfg.steps < 0, f"--steps must be >= 0, got {cfg.steps}"),
         (cfg.batch_size < 1 or cfg.grad_accum < 1, "--batch-size and --grad-accum must be >= 1"),
         (min(cfg.layers, cfg.heads, cfg.width) < 1, "--layers, --heads and --width must be >= 1"),
         (cfg.width % cfg.heads != 0 or cfg.width // cfg.heads % 2 != 0,
          f"--width must be a multiple of 2 x --heads, got width {cfg.width} and heads {cfg.heads}"),
-        (cfg.beta_1 <= 0, f"--beta-1 must be > 0, got {cfg.beta_1}"),
+        (cfg.beta_1 < 0, f"--beta-1 must be > 0 (0: the rule), got {cfg.beta_1}"),
         (cfg.lr <= 0 or cfg.grad_clip <= 0, "--lr and --grad-clip must be > 0"),
         (cfg.lr_warmup < 0 or cfg.lr_decay not in ("none", "cosine", "linear") or not 0 <= cfg.lr_final <= 1,
          "--lr-warmup must be >= 0, --lr-decay none, cosine or linear, --lr-final in [0, 1]"),
@@ -166,8 +180,8 @@ def parse_args(argv=None):
          f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
         (bool(cfg.prompt) and bool(cfg.infill), "--prompt and --infill exclude each other"),
-        (not set(cfg.prompt) <= set(ALPHABET) or not set(cfg.infill) <= set(ALPHABET + "_"),
-         "--prompt takes spaces and a-z, --infill spaces, a-z and _"),
+        (not set(cfg.prompt) <= set(cfg.alphabet) or not set(cfg.infill) <= set(cfg.alphabet + "_"),
+         f"--prompt and --infill take the symbols of the alphabet {cfg.alphabet!r} (and _ for --infill)"),
         (len(cfg.prompt or cfg.infill) > cfg.seq_len,
          f"--prompt or --infill is longer than --seq-len {cfg.seq_len}"),
         (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
@@ -196,17 +210,19 @@ def as_flag(name, value):
 
 
 def preset_overrides(cfg):
-    """The settings whose values differ from the preset's, as '--flag value' strings."""
-    base = dataclasses.asdict(parse_args(["--preset", cfg.preset] if cfg.preset else []))
+    """The settings whose values differ from the preset's (with the same --text-file), as '--flag value' strings."""
+    base = dataclasses.asdict(parse_args((["--preset", cfg.preset] if cfg.preset else []) +
+                                         (["--text-file", cfg.text_file] if cfg.text_file else [])))
     return [as_flag(k, v) for k, v in dataclasses.asdict(cfg).items() if k != "preset" and v != base[k]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: text8 (or any a-z text) as one uint8 tensor of symbols on the device; batches are random windows.
+# Data: text8 (or any UTF-8 text) as one tensor of symbols on the device; batches are random windows.
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 TEXT8_ZIP_BYTES, TEXT8_BYTES, TEXT8_CRC32 = 31_344_016, 100_000_000, 0x7D6BE66F
-ALPHABET = " abcdefghijklmnopqrstuvwxyz"  # symbol k is ALPHABET[k]
+ALPHABET = " abcdefghijklmnopqrstuvwxyz"  # text8's symbols: symbol k is ALPHABET[k]
+MAX_K = 4096  # the most symbols an alphabet may have
 
 
 def download(url, path):
@@ -251,29 +267,45 @@ def load_text8(data_dir):
     return raw
 
 
-def encode(raw, source):
-    """bytes of spaces and a-z -> (N,) uint8 symbols; any other character stops with its position."""
-    lut = torch.full((256,), 255, dtype=torch.uint8)
-    lut[list(ALPHABET.encode())] = torch.arange(K, dtype=torch.uint8)
-    x = lut[torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()]
-    bad = (x == 255).nonzero()
+def read_text(path):
+    """A UTF-8 text file as str, without one final newline."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise SystemExit(f"{SCRIPT}: error: --text-file {path} does not exist")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{SCRIPT}: error: --text-file {path} is not UTF-8 text (byte {e.start:,}: {e.reason})")
+    return text[:-1] if text.endswith("\n") else text
+
+
+def encode(text, alphabet, source):
+    """text (str, or bytes for the a-z alphabet) -> (N,) symbols, uint8 (int16 beyond 256 symbols); a character not
+    in the alphabet stops with its position."""
+    if isinstance(text, bytes):  # text8's 100M characters: through a byte table
+        codes, table = torch.frombuffer(bytearray(text), dtype=torch.uint8).long(), torch.full((256,), -1)
+    else:
+        codes = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()
+        table = torch.full((max(map(ord, alphabet)) + 1,), -1)
+    known = [ord(c) for c in alphabet if ord(c) < len(table)]
+    table[known] = torch.tensor([alphabet.index(chr(c)) for c in known], dtype=torch.long)
+    x = table[codes.clamp_max(len(table) - 1)].masked_fill(codes >= len(table), -1)
+    bad = (x < 0).nonzero()
     if len(bad):
         pos = bad[0].item()
-        raise SystemExit(f"{SCRIPT}: error: {source} has the character {chr(raw[pos])!r} (byte {raw[pos]}) at "
-                         f"position {pos:,}; only spaces and the letters a-z are allowed")
-    return x
+        raise SystemExit(f"{SCRIPT}: error: {source} has the character {chr(codes[pos])!r} at position {pos:,}, which "
+                         f"is not in the alphabet {alphabet!r}")
+    return x.to(torch.uint8 if len(alphabet) <= 256 else torch.int16)
 
 
 def load_data(cfg, device):
-    """{train, val, test}: (N,) uint8 symbols on the device; the first 90%, the next 5%, the last 5%."""
+    """{train, val, test}: (N,) symbols on the device; the first 90%, the next 5%, the last 5%."""
     if cfg.text_file:
-        if not os.path.exists(cfg.text_file):
-            raise SystemExit(f"{SCRIPT}: error: --text-file {cfg.text_file} does not exist")
-        with open(cfg.text_file, "rb") as f:
-            raw = f.read()
-        x = encode(raw[:-1] if raw.endswith(b"\n") else raw, cfg.text_file)  # one final newline is allowed
+        text = read_text(cfg.text_file)
+        x = encode(text.encode() if cfg.alphabet == ALPHABET and text.isascii() else text, cfg.alphabet,
+                   cfg.text_file)
     else:
-        x = encode(load_text8(cfg.data_dir), "text8")
+        x = encode(load_text8(cfg.data_dir), cfg.alphabet, "text8")
     a, b = len(x) * 90 // 100, len(x) * 95 // 100
     if len(x) - b < cfg.seq_len:
         raise SystemExit(f"{SCRIPT}: error: the text is too short ({len(x):,} characters) for 5% of it to hold a "
@@ -282,9 +314,15 @@ def load_data(cfg, device):
 
 
 def get_batch(data, cfg):
-    """Random windows (B, L) of symbols (long); the global RNG is seeded per step."""
-    start = torch.randint(len(data) - cfg.seq_len + 1, (cfg.batch_size, 1), device=data.device)
-    return data[start + torch.arange(cfg.seq_len, device=data.device)].long()
+    """Random training windows (B, L) of symbols (long), and None (no labels); the global RNG is seeded per step."""
+    train = data["train"]
+    start = torch.randint(len(train) - cfg.seq_len + 1, (cfg.batch_size, 1), device=train.device)
+    return train[start + torch.arange(cfg.seq_len, device=train.device)].long(), None
+
+
+def swept(cfg):
+    """The sampling settings that take several values, each sampled in turn (sample_all)."""
+    return ("sampler", "sample_steps")
 
 
 def evaluation_set(data, cfg):
@@ -301,9 +339,9 @@ def to_unit(nats, cfg):
     return nats / (cfg.seq_len * math.log(2))
 
 
-def decode(x):
+def decode(x, alphabet):
     """(L,) symbols -> str."""
-    return "".join(ALPHABET[k] for k in x.tolist())
+    return "".join(alphabet[k] for k in x.tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,7 +380,7 @@ class Transformer(nn.Module):
     The input embedding is a linear map of 2 theta - 1, plus fixed positions, plus a linear map of 2 t - 1; the output
     layer reads the final LayerNorm's output and the input embedding side by side."""
 
-    def __init__(self, seq_len=256, layers=24, heads=12, width=768):
+    def __init__(self, seq_len=256, layers=24, heads=12, width=768, K=27):
         super().__init__()
         self.inp_embedding, self.t_embedding = nn.Linear(K, width), nn.Linear(1, width)
         self.register_buffer("pos_embedding", positions(seq_len, width), persistent=False)
@@ -389,10 +427,12 @@ def output_log_probs(net, theta, t, autocast):
     return torch.log_softmax(logits.float(), -1)
 
 
-def train_loss(net, x, cfg, autocast):
-    """L^inf (§6.7, Algorithm 8) of a batch x (B, L): t ~ U(0, 1), theta ~ p_F(. | x; t). Returns (B,) nats/window."""
+def train_loss(net, batch, cfg, autocast):
+    """L^inf (§6.7, Algorithm 8) of a batch (x (B, L), None): t ~ U(0, 1), theta ~ p_F(. | x; t). Returns (B,)
+    nats/window."""
+    x, _ = batch
     t = torch.rand(len(x), device=x.device)
-    theta = discrete_flow(x, t, cfg.beta_1, K)
+    theta = discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet))
     return discrete_loss_inf(x, output_log_probs(net, theta, t, autocast).exp(), t, cfg.beta_1)
 
 
@@ -405,7 +445,7 @@ def evaluate(net, windows, cfg, autocast, seed):
     noise; the steps i of L^n are stratified over the examples. windows (N, L) uint8 ->
     {n: {loss, recon, total, stderr}}."""
     g = torch.Generator(windows.device).manual_seed(seed)
-    flow = lambda x, t: discrete_flow(x, t, cfg.beta_1, K, g)  # noqa: E731
+    flow = lambda x, t: discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet), g)  # noqa: E731
     log_p = lambda x, t: output_log_probs(net, flow(x, t), t, autocast)  # noqa: E731  ln p_O at theta ~ p_F(. | x; t)
     losses, recon = {n: [] for n in cfg.eval_n}, []
     progress = Progress("evaluating", cfg.eval_repeats * math.ceil(len(windows) / cfg.eval_batch_size))
@@ -468,6 +508,7 @@ def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None)
     those positions follow the Bayesian flow of their true values, the network sees them as it would in training, and
     it generates the rest consistently (prompts, infilling); this works alike for every sampler."""
     sampler = {"paper": discrete_sample, "ode": discrete_sample_ode, "sde": discrete_sample_sde}[cfg.sampler]
+    K = len(cfg.alphabet)
     chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(cfg.eval_batch_size)
     progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(chunks) * (cfg.sample_steps + 1))
 
@@ -493,25 +534,28 @@ def sample(net, cfg, autocast, device, out_dir, tag=""):
     t = 0, 0.1, ..., 1) and evolution.gif (the same at every step, for 3 samples)."""
     g = torch.Generator(device).manual_seed(cfg.seed)
     x, trajectory = draw(net, cfg.num_samples, cfg, autocast, device, g, trajectory=True)
+    decode_line = lambda x: decode(x, cfg.alphabet).replace("\n", "¶")  # noqa: E731  one line, also for new lines
     with open(os.path.join(out_dir, f"samples{tag}.txt"), "w") as f:
         for b in range(len(x)):
-            f.write(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{decode(x[b])}\n")
+            f.write(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n"
+                    f"{decode(x[b], cfg.alphabet)}\n")
     times = [k / 10 for k in range(11)]
     with open(os.path.join(out_dir, f"evolution{tag}.txt"), "w") as f:
         f.write(f"sample 0 over {cfg.sample_steps} steps: the most likely character under the input theta and "
                 f"under the output p_O\n")
         for tt in times:
             s = min(trajectory, key=lambda s: abs(s["t"] - tt))
-            f.write(f"t={s['t']:.2f} input  |{decode(s['input'][0].argmax(-1))}|\n"
-                    f"       output |{decode(s['output'][0].argmax(-1))}|\n")
-        f.write(f"final sample |{decode(x[0])}|\n")
+            f.write(f"t={s['t']:.2f} input  |{decode_line(s['input'][0].argmax(-1))}|\n"
+                    f"       output |{decode_line(s['output'][0].argmax(-1))}|\n")
+        f.write(f"final sample |{decode_line(x[0])}|\n")
     frames = []  # evolution.gif: a frame per step, the most likely characters of theta and p_O of 3 samples
-    final = {"t": 1.0, "input": F.one_hot(x, K), "output": F.one_hot(x, K), "label": ", the samples"}
+    one_hot = F.one_hot(x, len(cfg.alphabet))
+    final = {"t": 1.0, "input": one_hot, "output": one_hot, "label": ", the samples"}
     for s in trajectory + [final]:
         lines = [f"t = {s['t']:.3f}{s.get('label', '')}"]
         for b in range(min(3, cfg.num_samples)):
             for name in ("input", "output"):
-                text = decode(s[name][b].argmax(-1))
+                text = decode_line(s[name][b].argmax(-1))
                 lines += [f"{name:6} |{text[k:k + 64]}|" for k in range(0, len(text), 64)]
             lines.append("")
         frames.append(lines)
@@ -529,11 +573,11 @@ def complete(net, data, cfg, ctx, tag=""):
     known = torch.full((cfg.seq_len,), -1, dtype=torch.long)
     for i, c in enumerate(text):
         if c != "_":
-            known[i] = ALPHABET.index(c)
+            known[i] = cfg.alphabet.index(c)
     g = torch.Generator(ctx.device).manual_seed(cfg.seed + 2)
     n = cfg.num_samples
     x = draw(net, n, cfg, ctx.autocast, ctx.device, g, given=known.to(ctx.device).expand(n, -1))
-    samples = [decode(row) for row in x]
+    samples = [decode(row, cfg.alphabet) for row in x]
     kind = "prompt" if cfg.prompt else "infill"
     with open(os.path.join(cfg.out_dir, f"completions{tag}.txt"), "w") as f:
         f.write(f"{kind} |{text}| ({cfg.sampler} sampler, {cfg.sample_steps} steps)\n")
@@ -541,7 +585,7 @@ def complete(net, data, cfg, ctx, tag=""):
             f.write(f"--- {b}\n{sample_text}\n")
     line = f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps): {n} completions"
     if cfg.infill:
-        vocabulary, _ = training_text_models(data["train"])
+        vocabulary, _ = training_text_models(data["train"], cfg.alphabet)
         filled = [filled_words(text, s) for s in samples]
         words = [w for ws in filled for w in ws]
         right = sum(w in vocabulary for w in words) / len(words) if words else float("nan")
@@ -587,18 +631,20 @@ def save_text_gif(frames, path, max_frames=100):
 # samples are under a character 5-gram model of the training text; the same figures for real test windows beside them.
 
 def whole_words(text):
-    """The words of a window that are whole: split at spaces, without the first and the last (cut by the edges)."""
-    return [w for w in text.split(" ")[1:-1] if w]
+    """The words of a window that are whole: split at white space, without the first and the last (cut by the
+    edges)."""
+    words = text.split()
+    return words[1 if text[:1].strip() else 0:len(words) - (1 if text[-1:].strip() else 0)]
 
 
 class NGram:
     """A character n-gram model of a symbol sequence (N,), interpolated as Witten and Bell do: p_k(c | h) =
     (C(h c) + T(h) p_{k-1}(c | h')) / (C(h) + T(h)), with T(h) the number of distinct symbols seen after h, h' the
-    context h without its oldest symbol, and p_0 = 1 / K."""
+    context h without its oldest symbol, and p_0 = 1 / K (x's symbols: 0..K-1)."""
 
-    def __init__(self, x, order=5):
+    def __init__(self, x, K, order=5):
         x = x.long().cpu()
-        self.order, self.tables = order, []
+        self.order, self.tables, self.K = order, [], K
         for k in range(1, order + 1):  # the k-grams as integers in base K, their contexts as the code // K
             codes = sum(x[j:len(x) - k + 1 + j] * K ** (k - 1 - j) for j in range(k))
             grams, counts = torch.unique(codes, return_counts=True)  # sorted
@@ -616,7 +662,7 @@ class NGram:
     def bits_per_char(self, windows):
         """Mean -log2 p of each symbol given the order - 1 before it, over every position that has them.
         windows (M, L) -> float."""
-        w = windows.long().cpu()
+        w, K = windows.long().cpu(), self.K
         p = torch.full((len(w), w.shape[1] - self.order + 1), 1 / K, dtype=torch.float64)
         for k, (grams, counts, contexts, context_counts, followers) in enumerate(self.tables, start=1):
             start = self.order - k  # the k-gram ending at each scored position
@@ -631,20 +677,21 @@ class NGram:
 TRAINING_TEXT_MODELS = {}  # (the training split's address, length) -> (its words, its NGram)
 
 
-def training_text_models(train):
+def training_text_models(train, alphabet):
     """The set of words of the training split and its character 5-gram model, built once per process: a sampling run
     scores every sampler and step count against the same ones. train (N,) symbols -> (set, NGram)."""
     key = (train.data_ptr(), len(train))
     if key not in TRAINING_TEXT_MODELS:
-        text = bytes(torch.tensor(list(ALPHABET.encode()), dtype=torch.uint8)[train.cpu().long()]).decode()
-        TRAINING_TEXT_MODELS[key] = set(text.split(" ")), NGram(train)
+        codes = torch.tensor([ord(c) for c in alphabet], dtype=torch.int32)[train.cpu().long()]
+        text = bytes(codes.numpy().tobytes()).decode("utf-32-le")
+        TRAINING_TEXT_MODELS[key] = set(text.split()), NGram(train, len(alphabet))
     return TRAINING_TEXT_MODELS[key]
 
 
-def text_figures(windows, vocabulary, ngram):
+def text_figures(windows, vocabulary, ngram, alphabet):
     """Spelling accuracy (the fraction of whole words that occur in the training text), the number of words it is
     over, and the bits/char of a 5-gram model of the training text. windows (M, L) -> dict."""
-    words = [w for x in windows for w in whole_words(decode(x))]
+    words = [w for x in windows for w in whole_words(decode(x, alphabet))]
     spelled = sum(w in vocabulary for w in words) / len(words) if words else float("nan")
     return {"spelling_accuracy": spelled, "words": len(words), "ngram_bits_per_char": ngram.bits_per_char(windows)}
 
@@ -661,9 +708,9 @@ def sample_quality(net, data, cfg, ctx):
     start = time.time()
     x = draw(net, n, cfg, ctx.autocast, ctx.device, g)
     seconds = time.time() - start
-    vocabulary, ngram = training_text_models(data["train"])
-    return {"samples": text_figures(x, vocabulary, ngram), "test": text_figures(test, vocabulary, ngram),
-            "seconds": seconds}
+    vocabulary, ngram = training_text_models(data["train"], cfg.alphabet)
+    return {"samples": text_figures(x, vocabulary, ngram, cfg.alphabet),
+            "test": text_figures(test, vocabulary, ngram, cfg.alphabet), "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -740,7 +787,7 @@ def setup(cfg):
 def build(cfg, device):
     """The network, its EMA copy (evaluation and sampling) and AdamW, with weight decay on weights only."""
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width).to(device)
+    model = Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width, len(cfg.alphabet)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, positions
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
@@ -899,23 +946,28 @@ def run_eval(ema, data, split, step, cfg, ctx):
 
 
 def sample_all(ema, data, cfg, ctx, quality):
-    """Sample with every combination of --sampler and --sample-steps: its grids (samples.png, evolution.png; named
-    samples-SAMPLER-STEPS.png and so on when there are several), complete()'s conditional samples (--inpaint,
-    --prompt, --infill) and, with quality (--eval-samples N), its sample quality: the figures of sample_quality for N
-    samples and for real test data, logged, and a table of every combination (sampler, steps, network calls, seconds
-    to draw the N samples, figures) in samples.json and in eval.json under "samples"."""
-    runs = [dataclasses.replace(cfg, sampler=s, sample_steps=n) for s in cfg.sampler for n in cfg.sample_steps]
-    table = []
-    for one in runs:
-        tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}"
+    """Sample with every combination of --sampler, --sample-steps and the script's other swept settings: its grids
+    (samples.png, evolution.png; samples-SAMPLER-STEPS.png and so on when there are several, with -gW for --guidance W
+    when there are several weights), complete()'s conditional samples (--inpaint, --prompt, --infill) and, with
+    quality (--eval-samples N), its sample quality: the figures of sample_quality for N samples and for real test
+    data, logged, and a table of every combination (sampler, steps, the swept settings, network calls, seconds to
+    draw the N samples, figures) in samples.json and in eval.json under "samples"."""
+    table, settings = [], {k: getattr(cfg, k) for k in swept(cfg)}  # {name: its values}
+    runs = [dict(zip(settings, values)) for values in itertools.product(*settings.values())]
+    for run in runs:
+        one = dataclasses.replace(cfg, **run)
+        extra = {k: v for k, v in run.items() if k not in ("sampler", "sample_steps")}  # e.g. guidance
+        tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}" + "".join(
+            f"-{k[0]}{v:g}" for k, v in extra.items() if len(settings[k]) > 1)
         sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
         complete(ema, data, one, ctx, tag)
         if quality:
             figures = sample_quality(ema, data, one, ctx)
-            table.append(dict(sampler=one.sampler, steps=one.sample_steps, network_calls=one.sample_steps + 1,
+            table.append(dict(sampler=one.sampler, steps=one.sample_steps, **extra, network_calls=one.sample_steps + 1,
                               examples=cfg.eval_samples, seconds=round(figures.pop("seconds"), 1), **figures))
-            show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items())  # noqa: E731
-            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps, {cfg.eval_samples} samples, "
+            show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, float))  # noqa: E731
+            shown = "".join(f", {k} {v:g}" for k, v in extra.items())
+            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps{shown}, {cfg.eval_samples} samples, "
                     f"{table[-1]['seconds']} s) | samples: {show(figures['samples'])} | test data: "
                     f"{show(figures['test'])}")
     if quality:
@@ -935,7 +987,7 @@ def cpu_notice(cfg, ctx, model, data):
             getattr(cfg, f.name) != getattr(paper, f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"]):
         return
     t0 = time.time()
-    train_loss(model, get_batch(data["train"], cfg)[:2], cfg, ctx.autocast).mean().backward()
+    train_loss(model, get_batch(data, dataclasses.replace(cfg, batch_size=2)), cfg, ctx.autocast).mean().backward()
     model.zero_grad(set_to_none=True)
     step_seconds = (time.time() - t0) * cfg.batch_size / 2 * cfg.grad_accum
     total = cfg.steps * step_seconds
@@ -975,10 +1027,10 @@ def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
             model.train()
             step_loss = torch.zeros((), device=ctx.device)
             for micro in range(cfg.grad_accum):
-                x = get_batch(data["train"], cfg)
+                batch = get_batch(data, cfg)
                 last_micro = micro == cfg.grad_accum - 1
                 with net.no_sync() if ctx.ddp and not last_micro else contextlib.nullcontext():
-                    loss = train_loss(net, x, cfg, ctx.autocast).mean() / cfg.grad_accum
+                    loss = train_loss(net, batch, cfg, ctx.autocast).mean() / cfg.grad_accum
                     loss.backward()
                 step_loss += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

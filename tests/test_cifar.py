@@ -68,6 +68,8 @@ def test_data_quantisation(cifar_dir):
     (["--output", "gaussian"], "--output must be continuous or discretised"),
     (["--sigma-1", "2"], "--sigma-1 must be in (0, 1)"),
     (["--channels", "12"], "--channels must be a positive multiple of 8"),
+    (["--sample-class", "3"], "--sample-class and --guidance need a --conditional model"),
+    (["--conditional", "--sample-class", "cat"], "--sample-class takes all or classes 0..9, got cat"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -117,3 +119,41 @@ def test_inpainting_keeps_the_known_pixels(output):
     x = bfn_cifar.draw(net, 2, one, contextlib.nullcontext(), torch.device("cpu"), torch.Generator().manual_seed(0),
                        given=torch.where(missing, float("nan"), original))
     torch.testing.assert_close(x[..., 16:], original[..., 16:])
+
+
+@pytest.mark.parametrize("output", ["continuous", "discretised"])
+def test_guidance_combines_the_network_outputs(output):
+    """A stand-in network whose outputs are the label: with guidance w, (1 + w) out(y) - w out(null) goes through
+    the output distribution, from one call on both batches."""
+    calls = []
+
+    def net(mu, t, y):
+        calls.append(len(mu))
+        return y.float()[:, None, None, None, None].expand(len(mu), 2 if output == "discretised" else 1, 3, 32, 32) / 20
+
+    cfg = bfn_cifar.parse_args(["--conditional", "--output", output, "--bins", "16"])
+    mu, t, y = torch.zeros(2, 3, 32, 32), torch.full((2,), 0.5), torch.tensor([4, 4])
+    guided = bfn_cifar.network_output(net, mu, t, cfg, contextlib.nullcontext(), y, 2.0)
+    assert calls == [4]
+    raw = torch.full((2, 3, 32, 32), (3 * 4 - 2 * 10) / 20)  # (1 + w) 4 - w 10 (the null label), over 20
+    if output == "continuous":
+        expected = bfn_cifar.continuous_x_hat(mu, t, raw, cfg.sigma_1)
+    else:
+        expected = bfn_cifar.discretised_output(mu, t, raw, raw, cfg.sigma_1)
+    torch.testing.assert_close(guided, expected)
+
+
+@pytest.mark.parametrize("output", ["continuous", "discretised"])
+def test_conditional_training_and_guided_sampling(cifar_dir, tmp_path, output):
+    counts = torch.bincount(bfn_cifar.load_cifar_labels(cifar_dir)["test"], minlength=10)
+    a = (counts >= 4).nonzero()[0, 0].item()  # a class with 2 + 2 test images
+    out = str(tmp_path / "run")
+    run(cifar_dir, out, "--steps", "2", "--conditional", "--output", output, "--bins", "16")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["model"]["label_embed.weight"].shape == (11, 32)
+    run(cifar_dir, out, "--sample-only", "--conditional", "--output", output, "--bins", "16", "--sample-class",
+        str(a), "--guidance", "0", "3", "--sampler", "paper", "ode", "sde", "--eval-samples", "2")
+    table = json.load(open(os.path.join(out, "samples.json")))
+    assert [(r["sampler"], r["guidance"]) for r in table] == [(s, w) for s in ("paper", "ode", "sde") for w in (0, 3)]
+    assert all(r["samples"]["accuracy"] in (0, 0.5, 1) and str(a) in r["samples"]["frechet_by_class"] for r in table)
+    assert os.path.getsize(os.path.join(out, "samples-ode-3-g3.png")) > 0

@@ -71,15 +71,20 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     data = bfn_mnist.load_data(cfg, torch.device("cpu"))
     assert data["train"].shape == (59_400, 64, 64) and data["val"].shape == (600, 64, 64)
     assert data["test"].shape == (10_000, 64, 64) and data["train"].dtype == torch.uint8
-    again = bfn_mnist.load_data(cfg, torch.device("cpu"))
-    assert torch.equal(data["test"], again["test"])  # deterministic given the seed
+    again = bfn_mnist.load_data(dataclasses.replace(cfg, conditional=True), torch.device("cpu"))
+    assert torch.equal(data["test"], again["test"])  # deterministic given the seed, with or without labels
+    assert again["test_labels"].shape == (10_000,) and again["test_labels"].max() <= 99 and "test_labels" not in data
     ink_left, ink_right = data["test"][:, :, :32].float().sum((1, 2)), data["test"][:, :, 32:].float().sum((1, 2))
     assert (ink_left > 0).all() and (ink_right > 0).all()  # a digit in each half
     x = bfn_mnist.binarise(data["test"][:8])
     assert set(x.unique().tolist()) <= {0, 1}
-    out = str(tmp_path / "two")
-    run(mnist_dir, out, "--digits", "2", "--steps", "1", "--eval-examples", "2", "--num-samples", "2")
-    assert os.path.exists(os.path.join(out, "samples.png"))
+    out = str(tmp_path / "two")  # "write 42", with guidance
+    run(mnist_dir, out, "--digits", "2", "--steps", "1", "--eval-examples", "2", "--num-samples", "2", "--conditional",
+        "--sample-class", "42", "--guidance", "1")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["model"]["label_embed.weight"].shape[0] == 101  # the numbers 00-99 and the null label
+    from PIL import Image
+    assert Image.open(os.path.join(out, "samples.png")).size == (2 * 66 + 2, 68)  # one row of 2
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -92,6 +97,10 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     (["--final", "mean"], "--final must be sample or mode, got mean"),
     (["--eval-repeats", "0"], "--eval-repeats must be >= 1"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--guidance", "2"], "--sample-class and --guidance need a --conditional model"),
+    (["--conditional", "--sample-class", "10"], "--sample-class takes all or classes 0..9, got 10"),
+    (["--conditional", "--label-drop", "1"], "--label-drop must be in [0, 1)"),
+    (["--conditional", "--guide-on", "both"], "--guide-on takes inputs or outputs, got both"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -228,3 +237,80 @@ def test_inpainting_end_to_end(mnist_dir, tmp_path):
         run(mnist_dir, out, "--sample-only", "--inpaint", mask)
     with pytest.raises(SystemExit):
         bfn_mnist.parse_args(["--inpaint", "middle"])
+
+
+def test_two_digit_labels_are_the_numbers_shown():
+    """Digit image k is filled with the value k + 1 and labelled k mod 10: each half of each image shows its digit."""
+    digits = (torch.arange(20, dtype=torch.uint8) + 1)[:, None, None].expand(20, 28, 28).contiguous()
+    images, numbers = bfn_mnist.two_digit_images(digits, torch.arange(20, dtype=torch.uint8) % 10, 50, seed=3)
+    left, right = images[:, :, :32].amax((1, 2)), images[:, :, 32:].amax((1, 2))  # the value each half shows
+    assert torch.equal(numbers.long(), 10 * ((left.long() - 1) % 10) + (right.long() - 1) % 10)
+
+
+def test_conditional_network_sees_its_labels():
+    net = bfn_mnist.UNet(64, (1,), 1, 0.0, classes=10).eval()  # 64 channels: GroupNorm(32) keeps the embedding
+    theta, t = torch.full((2, 28, 28, 2), 0.5), torch.full((2,), 0.5)
+    with torch.no_grad():
+        for p in net.parameters():  # random weights: the zero-initialised output layers hide the label at first
+            p.normal_(0, 0.1)
+        out = {y: bfn_mnist.output_log_probs(net, theta, t, contextlib.nullcontext(), torch.tensor([y, y]))
+               for y in (3, 7, 10)}
+        null = bfn_mnist.output_log_probs(net, theta, t, contextlib.nullcontext())
+    assert not torch.allclose(out[3], out[7]) and torch.equal(out[10], null)  # no label: the null label
+    assert "label_embed.weight" not in bfn_mnist.UNet(8, (1, 2, 2), 1, 0.0).state_dict()  # the authors' network
+    cfg = bfn_mnist.parse_args(["--conditional", "--label-drop", "0.3"])
+    torch.manual_seed(0)
+    dropped = bfn_mnist.drop_labels(torch.zeros(10_000, dtype=torch.long), cfg) == 10
+    assert abs(dropped.float().mean().item() - 0.3) < 0.02 and bfn_mnist.drop_labels(None, cfg) is None
+
+
+@pytest.mark.parametrize("on,sampler", [("outputs", "ode"), ("inputs", "ode"), ("inputs", "sde"), ("inputs", "paper")])
+def test_guided_probabilities_are_the_formula(on, sampler):
+    """A stand-in network whose logit of black is the label: guidance w combines the label-7 and null-label (10)
+    predictions, in log space (outputs, and the paper's sampler) or linearly (inputs), from one call on both
+    batches."""
+    calls = []
+
+    def net(x, t, y):
+        calls.append(len(x))
+        return y.float()[:, None, None].expand_as(x) / 4
+
+    cfg = dataclasses.replace(bfn_mnist.parse_args(["--conditional", "--guide-on", on]), guidance=1.5,
+                              sampler=sampler)
+    theta, t, y = torch.full((2, 28, 28, 2), 0.5), torch.zeros(2), torch.tensor([7, 7])
+    probs = bfn_mnist.guided_probs(net, theta, t, y, cfg, contextlib.nullcontext())
+    cond, uncond = torch.tensor(7 / 4), torch.tensor(10 / 4)  # logits of black
+    black = torch.sigmoid(2.5 * cond - 1.5 * uncond) if on == "outputs" or sampler == "paper" else \
+        2.5 * torch.sigmoid(cond) - 1.5 * torch.sigmoid(uncond)
+    torch.testing.assert_close(probs[..., 1], black.expand(2, 28, 28))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 28, 28))
+    assert calls == [4]
+    cfg = dataclasses.replace(cfg, guidance=0.0)  # w = 0: the conditional model alone, one plain call
+    torch.testing.assert_close(bfn_mnist.guided_probs(net, theta, t, y, cfg, contextlib.nullcontext())[..., 1],
+                               torch.sigmoid(cond).expand(2, 28, 28))
+
+
+def test_conditional_training_and_guided_sampling(mnist_dir, tmp_path):
+    """--conditional end to end: labels in the data fingerprint and the checkpoint's network; a grid row per
+    requested class; every sampler with every guidance weight; accuracy and per-class Fréchet distances."""
+    counts = torch.bincount(bfn_mnist.load_mnist_labels(mnist_dir)["test"].long(), minlength=10)
+    a, b = (counts >= 4).nonzero()[:2, 0].tolist()  # two classes with 2 + 2 test images each
+    out = str(tmp_path / "run")
+    run(mnist_dir, out, "--steps", "2", "--conditional")
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "train_labels 198" in log and "test_labels 40" in log
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["model"]["label_embed.weight"].shape == (11, 32)  # 10 digits and the null label, 4 x 8 channels
+    run(mnist_dir, out, "--sample-only", "--conditional", "--sample-class", str(a), str(b), "--num-samples", "6",
+        "--guidance", "0", "2", "--sampler", "paper", "ode", "sde", "--eval-samples", "4")
+    table = json.load(open(os.path.join(out, "samples.json")))
+    assert [(r["sampler"], r["guidance"]) for r in table] == [(s, w) for s in ("paper", "ode", "sde") for w in (0, 2)]
+    for r in table:
+        assert 0 <= r["samples"]["accuracy"] <= 1 and r["test"]["accuracy"] >= 0
+        assert set(r["samples"]["frechet_by_class"]) == {str(a), str(b)}
+    from PIL import Image
+    assert Image.open(os.path.join(out, "samples-sde-3-g2.png")).size == (3 * 30 + 2, 2 * 30 + 2)  # 2 rows of 3
+    assert "sample quality (ode, 3 steps, guidance 2, 4 samples, " in open(os.path.join(out, "log.txt")).read()
+    with pytest.raises(SystemExit, match="--conditional"):  # the checkpoint's network has a label embedding
+        run(mnist_dir, out, "--sample-only")
+

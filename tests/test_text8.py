@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -58,14 +59,16 @@ def test_data_split_and_windows(text8_dir):
     n = sum(len(v) for v in data.values())
     assert n == 40_000 and len(data["train"]) == 36_000 and len(data["val"]) == len(data["test"]) == 2_000
     assert data["train"].dtype == torch.uint8 and data["train"].max() < 27
-    assert bfn_text8.decode(data["train"][:4]) == " " + open_text(text8_dir)[1:4]
+    assert cfg.alphabet == bfn_text8.ALPHABET and cfg.beta_1 == 0.5625  # text8 as the paper has it
+    assert bfn_text8.decode(data["train"][:4], cfg.alphabet) == " " + open_text(text8_dir)[1:4]
     windows = bfn_text8.evaluation_set(data["test"], cfg)
     assert windows.shape == (62, 32)
     cfg.eval_examples = 10
     some = bfn_text8.evaluation_set(data["test"], cfg)
     assert some.shape == (10, 32) and torch.equal(some, bfn_text8.evaluation_set(data["test"], cfg))
     torch.manual_seed(0)
-    assert bfn_text8.get_batch(data["train"], cfg).shape == (cfg.batch_size, 32)
+    x, labels = bfn_text8.get_batch(data, cfg)
+    assert x.shape == (cfg.batch_size, 32) and labels is None
 
 
 def open_text(root):
@@ -82,11 +85,40 @@ def test_text_file(tmp_path):
     assert "train 4320, val 240" in open(os.path.join(out, "log.txt")).read()
 
 
-def test_text_file_with_a_bad_character(tmp_path):
+def test_text_file_with_a_character_outside_the_alphabet(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("hello world " * 10 + "Hello")
-    with pytest.raises(SystemExit, match=r"character 'H' \(byte 72\) at position 120"):
+    with pytest.raises(SystemExit, match=r"character 'H' at position 120, which is not in the alphabet ' abc"):
+        bfn_text8.main(["--text-file", str(path), "--alphabet", bfn_text8.ALPHABET, "--out-dir",
+                        str(tmp_path / "run"), *TINY])
+    path.write_bytes(b"caf\xe9 " * 100)  # Latin-1, not UTF-8
+    with pytest.raises(SystemExit, match=r"is not UTF-8 text \(byte 3: invalid continuation byte\)"):
         bfn_text8.main(["--text-file", str(path), "--out-dir", str(tmp_path / "run"), *TINY])
+
+
+def test_any_utf8_text_has_its_own_alphabet(tmp_path):
+    """A text beyond a-z (capitals, digits, punctuation, new lines, accents, Greek): its characters are the alphabet,
+    kept in the checkpoint; beta(1) follows the rule for its K; training, sampling, prompts and quality all run."""
+    line = "Ångström wrote 42 lines; α + β = γ, Noël? Ω!\n"
+    path = tmp_path / "mixed.txt"
+    path.write_text(line * 200, encoding="utf-8")
+    out = str(tmp_path / "run")
+    bfn_text8.main(["--text-file", str(path), "--out-dir", out, *TINY, "--steps", "2", "--eval-samples", "2"])
+    cfg = bfn_text8.parse_args(["--text-file", str(path)])
+    assert cfg.alphabet == "".join(sorted(set(line))) and len(cfg.alphabet) == 29
+    assert cfg.beta_1 == bfn_text8.discrete_beta_1(29) < 0.5625  # more classes, a smaller beta(1)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["config"]["alphabet"] == cfg.alphabet and ckpt["model"]["lm_head.weight"].shape[0] == 29
+    samples = open(os.path.join(out, "samples.txt"), encoding="utf-8").read()
+    assert samples.count("--- sample ") == 2 and set(re.sub(r"--- sample \d \(3 steps, paper sampler\)\n", "",
+                                                           samples)) <= set(cfg.alphabet)
+    bfn_text8.main(["--text-file", str(path), "--out-dir", out, *TINY, "--sample-only", "--prompt", "Noël?\nÅ"])
+    lines = open(os.path.join(out, "completions.txt"), encoding="utf-8").read().split("\n--- ")
+    assert all(chunk.split("\n", 1)[1].startswith("Noël?\nÅ") for chunk in lines[1:])
+    other = tmp_path / "other.txt"  # another alphabet does not fit this checkpoint
+    other.write_text("Ωmega " * 300, encoding="utf-8")
+    with pytest.raises(SystemExit, match="--alphabet"):
+        bfn_text8.main(["--text-file", str(other), "--out-dir", out, *TINY, "--sample-only"])
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -144,7 +176,7 @@ def test_sample_quality_figures(text8_dir, tmp_path):
 
 def test_ngram_model_is_witten_bell_by_hand():
     """Training text a b a b a c (symbols 1 2 1 2 1 3), order 2; the window a b c scores b after a and c after b."""
-    ngram = bfn_text8.NGram(torch.tensor([1, 2, 1, 2, 1, 3]), order=2)
+    ngram = bfn_text8.NGram(torch.tensor([1, 2, 1, 2, 1, 3]), 27, order=2)
     p1 = lambda count: (count + 3 / 27) / (6 + 3)  # noqa: E731  unigrams: N = 6, T = 3 distinct symbols
     p_b_after_a = (2 + 2 * p1(2)) / (3 + 2)  # a is followed by b twice and c once: C(a) = 3, T(a) = 2
     p_c_after_b = (0 + 1 * p1(1)) / (2 + 1)  # b is followed by a twice: C(b) = 2, T(b) = 1; c was seen once
