@@ -183,6 +183,8 @@ def parse_args(argv=None):
          f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
         (not 0 <= cfg.label_drop < 1, f"--label-drop must be in [0, 1), got {cfg.label_drop}"),
+        (cfg.conditional and cfg.channels < 64, "--conditional needs --channels 64 or more: below, each channel is "
+         "its own GroupNorm group, and the normalisation erases the label embedding"),
         (not cfg.conditional and (cfg.sample_class != ("all",) or any(cfg.guidance)),
          "--sample-class and --guidance need a --conditional model"),
         (any(c != "all" and not (c.isdigit() and int(c) < 10) for c in cfg.sample_class),

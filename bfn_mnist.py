@@ -181,6 +181,8 @@ def parse_args(argv=None):
          f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
         (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
         (not 0 <= cfg.label_drop < 1, f"--label-drop must be in [0, 1), got {cfg.label_drop}"),
+        (cfg.conditional and cfg.channels < 32, "--conditional needs --channels 32 or more: below, every U-Net level "
+         "has at most 32 channels, one per GroupNorm group, and the normalisation erases the label embedding"),
         (not cfg.conditional and (cfg.sample_class != ("all",) or any(cfg.guidance)),
          "--sample-class and --guidance need a --conditional model"),
         (any(c != "all" and not (c.isdigit() and int(c) < 10 ** cfg.digits) for c in cfg.sample_class),

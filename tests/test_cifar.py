@@ -70,6 +70,7 @@ def test_data_quantisation(cifar_dir):
     (["--channels", "12"], "--channels must be a positive multiple of 8"),
     (["--sample-class", "3"], "--sample-class and --guidance need a --conditional model"),
     (["--conditional", "--sample-class", "cat"], "--sample-class takes all or classes 0..9, got cat"),
+    (["--conditional", "--channels", "32"], "--conditional needs --channels 64 or more"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -148,11 +149,11 @@ def test_conditional_training_and_guided_sampling(cifar_dir, tmp_path, output):
     counts = torch.bincount(bfn_cifar.load_cifar_labels(cifar_dir)["test"], minlength=10)
     a = (counts >= 4).nonzero()[0, 0].item()  # a class with 2 + 2 test images
     out = str(tmp_path / "run")
-    run(cifar_dir, out, "--steps", "2", "--conditional", "--output", output, "--bins", "16")
+    run(cifar_dir, out, "--steps", "2", "--conditional", "--output", output, "--bins", "16", "--channels", "64")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["model"]["label_embed.weight"].shape == (11, 32)
-    run(cifar_dir, out, "--sample-only", "--conditional", "--output", output, "--bins", "16", "--sample-class",
-        str(a), "--guidance", "0", "3", "--sampler", "paper", "ode", "sde", "--eval-samples", "2")
+    assert ckpt["model"]["label_embed.weight"].shape == (11, 256)  # 10 classes and the null label, 4 x 64 channels
+    run(cifar_dir, out, "--sample-only", "--conditional", "--channels", "64", "--output", output, "--bins", "16",
+        "--sample-class", str(a), "--guidance", "0", "3", "--sampler", "paper", "ode", "sde", "--eval-samples", "2")
     table = json.load(open(os.path.join(out, "samples.json")))
     assert [(r["sampler"], r["guidance"]) for r in table] == [(s, w) for s in ("paper", "ode", "sde") for w in (0, 3)]
     assert all(r["samples"]["accuracy"] in (0, 0.5, 1) and str(a) in r["samples"]["frechet_by_class"] for r in table)

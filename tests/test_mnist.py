@@ -80,7 +80,7 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     assert set(x.unique().tolist()) <= {0, 1}
     out = str(tmp_path / "two")  # "write 42", with guidance
     run(mnist_dir, out, "--digits", "2", "--steps", "1", "--eval-examples", "2", "--num-samples", "2", "--conditional",
-        "--sample-class", "42", "--guidance", "1")
+        "--sample-class", "42", "--guidance", "1", "--channels", "32")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["model"]["label_embed.weight"].shape[0] == 101  # the numbers 00-99 and the null label
     from PIL import Image
@@ -101,6 +101,7 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     (["--conditional", "--sample-class", "10"], "--sample-class takes all or classes 0..9, got 10"),
     (["--conditional", "--label-drop", "1"], "--label-drop must be in [0, 1)"),
     (["--conditional", "--guide-on", "both"], "--guide-on takes inputs or outputs, got both"),
+    (["--conditional", "--channels", "16"], "--conditional needs --channels 32 or more"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -296,13 +297,13 @@ def test_conditional_training_and_guided_sampling(mnist_dir, tmp_path):
     counts = torch.bincount(bfn_mnist.load_mnist_labels(mnist_dir)["test"].long(), minlength=10)
     a, b = (counts >= 4).nonzero()[:2, 0].tolist()  # two classes with 2 + 2 test images each
     out = str(tmp_path / "run")
-    run(mnist_dir, out, "--steps", "2", "--conditional")
+    run(mnist_dir, out, "--steps", "2", "--conditional", "--channels", "32")
     log = open(os.path.join(out, "log.txt")).read()
     assert "train_labels 198" in log and "test_labels 40" in log
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["model"]["label_embed.weight"].shape == (11, 32)  # 10 digits and the null label, 4 x 8 channels
-    run(mnist_dir, out, "--sample-only", "--conditional", "--sample-class", str(a), str(b), "--num-samples", "6",
-        "--guidance", "0", "2", "--sampler", "paper", "ode", "sde", "--eval-samples", "4")
+    assert ckpt["model"]["label_embed.weight"].shape == (11, 128)  # 10 digits and the null label, 4 x 32 channels
+    run(mnist_dir, out, "--sample-only", "--conditional", "--channels", "32", "--sample-class", str(a), str(b),
+        "--num-samples", "6", "--guidance", "0", "2", "--sampler", "paper", "ode", "sde", "--eval-samples", "4")
     table = json.load(open(os.path.join(out, "samples.json")))
     assert [(r["sampler"], r["guidance"]) for r in table] == [(s, w) for s in ("paper", "ode", "sde") for w in (0, 2)]
     for r in table:
