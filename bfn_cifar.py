@@ -429,7 +429,8 @@ NETWORK_FLAGS = "--channels, --res-blocks, --output, --conditional"
 def network_output(net, mu, t, cfg, autocast, y=None, guidance=0.0):
     """x_hat (B, 3, 32, 32) for --output continuous; for discretised, (mu_x, sigma_x) (B, 3, 32, 32) each, the
     parameters of p_O (§5.3). In float32. y (B,): the labels of a conditional network (None: the null label).
-    With labels and guidance w: classifier-free guidance on the network's outputs, (1 + w) out(y) - w out(null)
+    With labels and guidance w: classifier-free guidance (Ho and Salimans, arXiv:2207.12598; beyond the BFN paper) on
+    the network's outputs, (1 + w) out(y) - w out(null)
     (eps_hat, or (mu_eps, ln sigma_eps)), from one call on both batches. For continuous data x_hat and the Bayesian
     update of mu are linear in eps_hat, so this is also guidance on the input parameters mu."""
     with autocast:

@@ -509,7 +509,8 @@ def drop_labels(y, cfg):
 
 def guided_probs(net, theta, t, y, cfg, autocast):
     """p_O(. | theta, t) for sampling: unconditional if y is None, else given the labels y (B,) with classifier-free
-    guidance w = --guidance (one network call on the conditional and the null-label batch together).
+    guidance w = --guidance (Ho and Salimans, arXiv:2207.12598; beyond the BFN paper), from one network call on the
+    conditional and the null-label batch together.
     On the inputs (--guide-on inputs, the default, for the ODE and SDE samplers): (1 + w) p_O(. | y) - w p_O(. | null).
     These samplers use p_O only through the mean of the Bayesian update of the logits of theta, so this is exactly
     (1 + w) times the conditional update of ln theta minus w times the unconditional one, with the same noise:

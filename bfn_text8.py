@@ -210,9 +210,10 @@ def as_flag(name, value):
 
 
 def preset_overrides(cfg):
-    """The settings whose values differ from the preset's (with the same --text-file), as '--flag value' strings."""
-    base = dataclasses.asdict(parse_args((["--preset", cfg.preset] if cfg.preset else []) +
-                                         (["--text-file", cfg.text_file] if cfg.text_file else [])))
+    """The settings whose values differ from the preset's (with the same --text-file and its alphabet, so the file is
+    not read again), as '--flag value' strings."""
+    text = ["--text-file", cfg.text_file, f"--alphabet={cfg.alphabet}"] if cfg.text_file else []
+    base = dataclasses.asdict(parse_args((["--preset", cfg.preset] if cfg.preset else []) + text))
     return [as_flag(k, v) for k, v in dataclasses.asdict(cfg).items() if k != "preset" and v != base[k]]
 
 
@@ -682,8 +683,9 @@ def training_text_models(train, alphabet):
     scores every sampler and step count against the same ones. train (N,) symbols -> (set, NGram)."""
     key = (train.data_ptr(), len(train))
     if key not in TRAINING_TEXT_MODELS:
-        codes = torch.tensor([ord(c) for c in alphabet], dtype=torch.int32)[train.cpu().long()]
-        text = bytes(codes.numpy().tobytes()).decode("utf-32-le")
+        ascii_only = max(map(ord, alphabet)) < 128  # text8: one byte per character
+        codes = torch.tensor([ord(c) for c in alphabet], dtype=torch.uint8 if ascii_only else torch.int32)
+        text = codes[train.cpu().long()].numpy().tobytes().decode("ascii" if ascii_only else "utf-32-le")
         TRAINING_TEXT_MODELS[key] = set(text.split()), NGram(train, len(alphabet))
     return TRAINING_TEXT_MODELS[key]
 
