@@ -426,8 +426,9 @@ class UNet(nn.Module):
     (B, H, W) and t (B,); output the logit of a black pixel (B, H, W).
     Each pixel's [2 theta_0 - 1, 2 t - 1] is projected to `channels` features; the U-Net's output features are
     concatenated with those projected inputs and a linear layer gives the logit.
-    With classes > 0 (class-conditional), a label y (B,) in 0..classes (classes: the null label, also used when y is
-    None) adds a learned embedding to the time embedding; with classes = 0 it is the authors' network exactly."""
+    With classes > 0 (class-conditional: 10 digits, or the 100 numbers 00-99), a label y (B,) in 0..classes (classes:
+    the null label, also used when y is None) adds a learned embedding to the time embedding (embed_label); with
+    classes = 0 it is the authors' network exactly."""
 
     def __init__(self, channels=128, mults=(1, 2, 2), res_blocks=2, dropout=0.5, classes=0):
         super().__init__()
@@ -435,8 +436,9 @@ class UNet(nn.Module):
         self.channels, self.classes = channels, classes
         self.input_projection = nn.Linear(2, channels)
         self.time_embed = nn.Sequential(nn.Linear(channels, c_emb), nn.SiLU(), nn.Linear(c_emb, c_emb))
-        if classes:
-            self.label_embed = nn.Embedding(classes + 1, c_emb)
+        if classes:  # a row per (position, digit 0-9 or null) of the label's decimal digits: 11 rows, or 22 for 00-99
+            self.digits = len(str(classes - 1))
+            self.label_embed = nn.Embedding(11 * self.digits, c_emb)
         self.input_blocks = nn.ModuleList([Layers([nn.Conv2d(ch, ch, 3, padding=1)])])
         skips = [ch]
         for level, mult in enumerate(mults):
@@ -464,7 +466,7 @@ class UNet(nn.Module):
         x = self.input_projection(features)  # (B, H, W, channels)
         emb = self.time_embed(time_embedding(t, self.channels))  # (B, 4 channels)
         if self.classes:
-            emb = emb + self.label_embed(torch.full_like(t, self.classes, dtype=torch.long) if y is None else y)
+            emb = emb + self.embed_label(torch.full_like(t, self.classes, dtype=torch.long) if y is None else y)
         h, hs = x.permute(0, 3, 1, 2), []  # (B, channels, H, W)
         for layers in self.input_blocks:
             h = layers(h, emb)
@@ -474,6 +476,17 @@ class UNet(nn.Module):
             h = layers(torch.cat([h, hs.pop()], 1), emb)  # (B, C + C_skip, H', W'): the skip connection
         out = self.out(h).permute(0, 2, 3, 1)  # (B, H, W, channels)
         return self.output_projection(torch.cat([x, out], -1))[..., 0]
+
+    def embed_label(self, y):  # (B,) -> (B, 4 channels)
+        """The sum over the label's decimal digits of a learned vector for (position, digit), the null label being
+        the null digit 10 at every position: one digit, one row per label; for 00-99 the tens and the units each
+        have their own ten rows, so what a 4 looks like on the left is learnt from every number 40-49, not from the
+        1% of images that show 42 (the two halves of a two-digit image are independent digits)."""
+        null, emb = y == self.classes, 0
+        for position in range(self.digits):
+            digit = torch.where(null, 10, y // 10 ** (self.digits - 1 - position) % 10)
+            emb = emb + self.label_embed(11 * position + digit)
+        return emb
 
 
 def from_authors(state):

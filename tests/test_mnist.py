@@ -82,7 +82,7 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     run(mnist_dir, out, "--digits", "2", "--steps", "1", "--eval-examples", "2", "--num-samples", "2", "--conditional",
         "--sample-class", "42", "--guidance", "1", "--channels", "32")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["model"]["label_embed.weight"].shape[0] == 101  # the numbers 00-99 and the null label
+    assert ckpt["model"]["label_embed.weight"].shape[0] == 22  # tens and units: the digits 0-9 and null each
     from PIL import Image
     assert Image.open(os.path.join(out, "samples.png")).size == (2 * 66 + 2, 68)  # one row of 2
 
@@ -259,6 +259,13 @@ def test_conditional_network_sees_its_labels():
         null = bfn_mnist.output_log_probs(net, theta, t, contextlib.nullcontext())
     assert not torch.allclose(out[3], out[7]) and torch.equal(out[10], null)  # no label: the null label
     assert "label_embed.weight" not in bfn_mnist.UNet(8, (1, 2, 2), 1, 0.0).state_dict()  # the authors' network
+    rows = net.label_embed.weight
+    assert rows.shape == (11, 256) and torch.equal(net.embed_label(torch.tensor([3, 10])), rows[[3, 10]])
+    two = bfn_mnist.UNet(64, (1,), 1, 0.0, classes=100)  # 00-99: a vector for the tens plus one for the units
+    rows, embed = two.label_embed.weight, lambda *y: two.embed_label(torch.tensor(y))  # noqa: E731
+    assert rows.shape == (22, 256) and torch.equal(embed(42)[0], rows[4] + rows[11 + 2])
+    assert torch.allclose(embed(42) + embed(17), embed(47) + embed(12), atol=1e-6)  # additive over the two digits
+    assert torch.equal(embed(100)[0], rows[10] + rows[21]) and not torch.allclose(embed(7), embed(70))
     cfg = bfn_mnist.parse_args(["--conditional", "--label-drop", "0.3"])
     torch.manual_seed(0)
     dropped = bfn_mnist.drop_labels(torch.zeros(10_000, dtype=torch.long), cfg) == 10
