@@ -849,7 +849,7 @@ def sample_quality(net, data, cfg, ctx):
     N others as the floor: the Fréchet distance of the classifier's features, the confident fraction and the label
     entropy. With --conditional: samples of each --sample-class in equal numbers, against as many test images of
     each class, and also the accuracy (the fraction labelled as the requested class; for --digits 2, both digits
-    right), the Fréchet distance within each class (frechet_by_class) and the diversity (within each class, the
+    right, and each digit alone in accuracy_tens and accuracy_units), the Fréchet distance within each class (frechet_by_class) and the diversity (within each class, the
     total variance of the features over that of the test images, averaged: 1 is as varied as real data)."""
     n = cfg.eval_samples
     labels, _ = sample_labels(cfg, n, ctx.device)
@@ -879,8 +879,11 @@ def sample_quality(net, data, cfg, ctx):
     samples["frechet"] = frechet_distance(f_samples, f_test)
     test_figures["frechet"] = frechet_distance(f_other, f_test)
     if labels is not None:
-        samples["accuracy"] = (l_samples == labels).float().mean().item()
-        test_figures["accuracy"] = (l_test == labels).float().mean().item()
+        for figures, found in ((samples, l_samples), (test_figures, l_test)):
+            figures["accuracy"] = (found == labels).float().mean().item()
+            if cfg.digits == 2:  # each digit on its own: the tens (left) and the units (right)
+                figures["accuracy_tens"] = (found // 10 == labels // 10).float().mean().item()
+                figures["accuracy_units"] = (found % 10 == labels % 10).float().mean().item()
         spread = lambda f: torch.cov(f.double().T).trace()  # noqa: E731  the total variance of features (M, D)
         classes = [c for c in labels.unique().tolist() if (labels == c).sum() > 1]
         for figures, f in ((samples, f_samples), (test_figures, f_other)):

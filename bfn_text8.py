@@ -3,7 +3,8 @@
 Trains the authors' non-causal transformer with the continuous-time loss L^inf (Algorithm 8), evaluates the test
 bound L^inf + L^r and L^n + L^r in bits/char, and samples text with Algorithm 9. `--text-file PATH` trains on any
 UTF-8 text instead: its alphabet is the file's own characters (space and a-z, as text8, if it uses no others), and
-beta(1) follows the rule of common.discrete_beta_1 for the alphabet's size K (0.5625, the paper's, at K = 27).
+beta(1) follows the rule of common.discrete_beta_1 for the alphabet's size K (0.5625, the paper's, for K >= 27;
+larger below).
 
     python bfn_text8.py --preset quick                # a 0.80M-parameter transformer, minutes on a CPU
     python bfn_text8.py                               # the paper's model (170.2M parameters), 128 windows per step
@@ -77,7 +78,7 @@ class Config:
     seq_len: int = opt(256, "characters per window", fixed=True)
     # BFN
     beta_1: float = opt(0.0, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8); 0: the rule of "
-                             "discrete_beta_1 for K symbols, 0.5625 (the paper's) for K = 27", fixed=True)
+                             "discrete_beta_1 for K symbols, 0.5625 (the paper's) for K >= 27", fixed=True)
     # network
     layers: int = opt(24, "transformer layers", fixed=True)
     heads: int = opt(12, "attention heads", fixed=True)

@@ -80,7 +80,10 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     assert set(x.unique().tolist()) <= {0, 1}
     out = str(tmp_path / "two")  # "write 42", with guidance
     run(mnist_dir, out, "--digits", "2", "--steps", "1", "--eval-examples", "2", "--num-samples", "2", "--conditional",
-        "--sample-class", "42", "--guidance", "1", "--channels", "32")
+        "--sample-class", "42", "--guidance", "1", "--channels", "32", "--eval-samples", "2")
+    quality = json.load(open(os.path.join(out, "samples.json")))[0]
+    for figures in quality["samples"], quality["test"]:  # both right implies each right
+        assert figures["accuracy"] <= min(figures["accuracy_tens"], figures["accuracy_units"]) <= 1
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["model"]["label_embed.weight"].shape[0] == 22  # tens and units: the digits 0-9 and null each
     from PIL import Image

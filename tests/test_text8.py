@@ -106,7 +106,10 @@ def test_any_utf8_text_has_its_own_alphabet(tmp_path):
     bfn_text8.main(["--text-file", str(path), "--out-dir", out, *TINY, "--steps", "2", "--eval-samples", "2"])
     cfg = bfn_text8.parse_args(["--text-file", str(path)])
     assert cfg.alphabet == "".join(sorted(set(line))) and len(cfg.alphabet) == 29
-    assert cfg.beta_1 == bfn_text8.discrete_beta_1(29) < 0.5625  # more classes, a smaller beta(1)
+    assert cfg.beta_1 == bfn_text8.discrete_beta_1(29) == 0.5625  # more classes than text8: text8's beta(1)
+    small = tmp_path / "dna.txt"  # 5 classes: a larger beta(1), leaving the final input as uncertain as text8's
+    small.write_text("GATTACA\n" * 10, encoding="ascii")
+    assert bfn_text8.parse_args(["--text-file", str(small)]).beta_1 == bfn_text8.discrete_beta_1(5) > 0.5625
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["config"]["alphabet"] == cfg.alphabet and ckpt["model"]["lm_head.weight"].shape[0] == 29
     samples = open(os.path.join(out, "samples.txt"), encoding="utf-8").read()
