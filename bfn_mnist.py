@@ -849,8 +849,9 @@ def sample_quality(net, data, cfg, ctx):
     N others as the floor: the Fréchet distance of the classifier's features, the confident fraction and the label
     entropy. With --conditional: samples of each --sample-class in equal numbers, against as many test images of
     each class, and also the accuracy (the fraction labelled as the requested class; for --digits 2, both digits
-    right, and each digit alone in accuracy_tens and accuracy_units), the Fréchet distance within each class (frechet_by_class) and the diversity (within each class, the
-    total variance of the features over that of the test images, averaged: 1 is as varied as real data)."""
+    right, and each digit alone in accuracy_tens and accuracy_units), the Fréchet distance within each class
+    (frechet_by_class) and the diversity (within each class, the total variance of the features over that of the
+    test images, averaged: 1 is as varied as real data)."""
     n = cfg.eval_samples
     labels, _ = sample_labels(cfg, n, ctx.device)
     if labels is None:

@@ -337,7 +337,7 @@ def discrete_beta_1(K, reference=(27, 0.5625), samples=8192):
     resolve the last input's doubt from context pays for it at t = 1), while beta(1) from 0.3 to 1.0 scored alike.
     The expectation is a Monte Carlo mean over `samples` fixed draws (seed 0, the same numbers for every K), solved
     by bisection in ln beta(1), kept to 4 significant digits; 0.5625 at K = 27 exactly. Cached per K."""
-    if K >= reference[0]:  # holding the entropy would need a smaller beta(1) here
+    if K >= reference[0]:  # text8's beta(1) already leaves at most text8's entropy here
         return reference[1]
     z = torch.randn(samples, reference[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -350,7 +350,7 @@ def discrete_beta_1(K, reference=(27, 0.5625), samples=8192):
     for _ in range(45):  # the entropy falls as beta(1) grows; 45 halvings: to 1e-12 relative
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if entropy(math.exp(mid), K) > target else (lo, mid)
-    return max(reference[1], float(f"{math.exp((lo + hi) / 2):.4g}"))
+    return float(f"{math.exp((lo + hi) / 2):.4g}")
 
 
 def discrete_alpha(i, n, beta_1):
