@@ -1,14 +1,26 @@
 """The math of Bayesian Flow Networks: A. Graves, R. K. Srivastava, T. Atkinson, F. Gomez, "Bayesian Flow Networks",
-arXiv:2308.07037.
+arXiv:2308.07037. Pure functions of tensors, in the paper's order and symbols: continuous data (§4), discretised data
+(§5), discrete data (§6), then generation: the paper's samplers, conditioning on known values, guidance, and fast ODE
+and SDE samplers. No classes, no state, no I/O; torch alone. Copy this file and use it with a network of your own:
 
-Pure functions of tensors, in the paper's order and symbols: continuous data (§4), discretised data (§5),
-discrete data (§6); then, beyond the paper, probability-flow ODE samplers for fast generation. No classes, no state,
-no I/O. The three experiment scripts import everything from here; the file depends on torch alone.
+    import torch, common as C
+    # continuous data x (B, D) in [-1, 1]; the network predicts the noise (Algorithm 2)
+    t = torch.rand(len(x))
+    mu = C.continuous_flow(x, t, sigma_1)                          # mu ~ p_F(. | x; t)
+    x_hat = C.continuous_x_hat(mu, t, net(mu, t), sigma_1)         # the output, clipped to [-1, 1]
+    C.continuous_loss_inf(x, x_hat, t, sigma_1).mean().backward()  # L^inf in nats per example
+    # discrete data k (B, D) in 0..K-1; the network gives K logits per dimension (Algorithm 8)
+    theta = C.discrete_flow(k, t, beta_1, K)                       # theta ~ p_F(. | k; t), (B, D, K)
+    probs = torch.softmax(net(2 * theta - 1, t), -1)               # p_O(. | theta, t)
+    C.discrete_loss_inf(k, probs, t, beta_1).mean().backward()
+    # sampling, Algorithms 3 and 9 (the samplers turn autograd off themselves)
+    x = C.continuous_sample(lambda mu, t: C.continuous_x_hat(mu, t, net(mu, t), sigma_1), (16, D), 100, sigma_1)
+    k = C.discrete_sample(lambda th, t: torch.softmax(net(2 * th - 1, t), -1), (16, D), 100, beta_1, K)
 
-References. Sections (§) and Algorithms are numbered alike in every version of the paper and are the authoritative
-pointers; equation numbers moved between versions, so each is given with its version, as "arXiv:2308.07037v2,
-eq. (N)" (v2 for short), as public implementations cite them. The results that are not in the paper (the exact
-reduction of the discrete L^n, the ODE samplers) carry their derivation here in full.
+References. Sections (§) and Algorithms are numbered alike in every version of the paper; equation numbers moved
+between versions, so each is given with its version, as "arXiv:2308.07037v2, eq. (N)" (v2 for short). The results
+that are not in the paper (the exact discrete L^n, conditioning, guidance, the ODE and SDE samplers) carry their
+derivation here.
 
 Conventions
     B batch, D data dimensions (any trailing shape "..."), K bins or classes.
@@ -17,23 +29,21 @@ Conventions
     i, n    (B,), int    step index i in 1..n of an n-step discrete-time process; t_{i-1} = (i - 1) / n
     mu, rho              input mean (B, ...) and precision (a scalar or (B,), the same for every dimension)
     theta   (B, ..., K)  input probabilities of discrete data
-    probs   (B, ..., K)  output probabilities p_O of discretised or discrete data (the L^inf losses, the samplers)
-    log_probs (B, ..., K) ln p_O, computed in log space (the losses that score data: L^n, L^r)
+    probs   (B, ..., K)  output probabilities p_O: what L^inf and the samplers take, because they use expectations
+                         and draws, where a probability too small for float32 counts for nothing
+    log_probs (B, ..., K) ln p_O computed in log space: what L^n and L^r take, because they score the data, and a
+                         confident wrong prediction must cost its true -ln p, not the 87.3 nats of a float32 0
     losses  (B,)         in nats, summed over the data dimensions (divide by D ln 2 for bits/dim)
 The stochastic losses are unbiased one-sample estimates of the paper's expectations. The math runs in float32
-(float64 if the inputs are float64), also when it is called inside torch.autocast. Quantities that cancel in float32
-are computed from their own closed forms: 1 - gamma as sigma_1^(2t), gamma as -expm1(2t ln sigma_1), and every
-probability that scores data as a log-probability (log-softmax, log-sigmoid, a log-space difference of Normal CDFs),
-so a confident prediction is scored at its true -ln p rather than at the 87.3 nats of an underflowed float32.
-Every random draw takes an
-optional torch.Generator. The samplers call the network exactly n_steps + 1 times (n update steps, then the
-final output at t = 1) and, with return_trajectory=True, also return a list of dicts {t, input, output}:
-the input parameters each network call saw and the prediction it made, for figures.
+(float64 if the inputs are float64), also inside torch.autocast. Quantities that cancel in float32 come from their own
+closed forms: 1 - gamma as sigma_1^(2t), gamma as -expm1(2t ln sigma_1). Every random draw takes an optional
+torch.Generator.
 """
 import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def _full_precision(x):
@@ -55,13 +65,6 @@ def _per_example(t, x):
 def _sum_dims(v):
     """(B, ...) -> (B,): sum over the data dimensions."""
     return v.flatten(1).sum(1)
-
-
-def _categorical(probs, generator=None):
-    """k ~ Categorical(probs) over the last axis by inversion of the CDF. (B, ..., K) -> (B, ...) long."""
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=probs.dtype)
-    cdf = probs.cumsum(-1)
-    return (cdf < u * cdf[..., -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def _randn_like(x, generator=None):
@@ -150,24 +153,6 @@ def continuous_recon_loss(x, x_hat, std, K):
     k = bin_index(x, K).to(x.dtype)
     left, right = 2 * k / K - 1, 2 * (k + 1) / K - 1  # the edges of x's bin
     return -_sum_dims(_log_bin_prob(left, right, x_hat, torch.as_tensor(std, dtype=x.dtype, device=x.device)))
-
-
-def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None, return_trajectory=False):
-    """§4, Algorithm 3: mu = 0, rho = 1; for i = 1..n: x_hat = OUTPUT(mu, t_{i-1}); y ~ N(x_hat, 1/alpha_i);
-    update (mu, rho). Returns x_hat = OUTPUT(mu, 1).  x_hat_fn(mu (B, ...), t (B,)) -> x_hat (B, ...).
-    """
-    mu, rho, trajectory = torch.zeros(shape, device=device), 1.0, []
-    ones = torch.ones(shape[0], device=device)
-    for i in range(1, n_steps + 1):
-        t = (i - 1) / n_steps * ones
-        x_hat = _full_precision(x_hat_fn(mu, t))
-        trajectory.append({"t": (i - 1) / n_steps, "input": mu, "output": x_hat})
-        alpha = continuous_alpha(i, n_steps, sigma_1).item()
-        y = x_hat + _randn_like(x_hat, generator) / math.sqrt(alpha)
-        mu, rho = continuous_update(mu, rho, y, alpha)
-    x_hat = _full_precision(x_hat_fn(mu, ones))
-    trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
-    return (x_hat, trajectory) if return_trajectory else x_hat
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,28 +268,6 @@ def discretised_recon_loss(x, log_probs):
     return -_sum_dims(_full_precision(log_probs).gather(-1, k[..., None]).squeeze(-1))
 
 
-def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None,
-                       return_trajectory=False, final_mode=False):
-    """§5, Algorithm 6: as Algorithm 3, but each step draws a bin k ~ p_O(. | theta, t_{i-1}) and sends
-    y ~ N(k_c, 1/alpha_i). Returns the centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode).
-    probs_fn(mu (B, ...), t (B,)) -> probs (B, ..., K).
-    """
-    centres = bin_centres(K, device=device)
-    mu, rho, trajectory = torch.zeros(shape, device=device), 1.0, []
-    ones = torch.ones(shape[0], device=device)
-    for i in range(1, n_steps + 1):
-        t = (i - 1) / n_steps * ones
-        probs = _full_precision(probs_fn(mu, t))
-        trajectory.append({"t": (i - 1) / n_steps, "input": mu, "output": (probs * centres).sum(-1)})
-        alpha = continuous_alpha(i, n_steps, sigma_1).item()
-        y = centres[_categorical(probs, generator)] + _randn_like(mu, generator) / math.sqrt(alpha)
-        mu, rho = continuous_update(mu, rho, y, alpha)
-    probs = _full_precision(probs_fn(mu, ones))
-    trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
-    x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
-    return (x, trajectory) if return_trajectory else x
-
-
 # ----------------------------------------------------------------------------------------------------
 # Evaluation of L^n (all data types)
 
@@ -415,27 +378,243 @@ def discrete_recon_loss(x, log_probs):
     return -_sum_dims(_full_precision(log_probs).gather(-1, x[..., None]).squeeze(-1))
 
 
-def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None,
-                    return_trajectory=False, final_mode=False):
-    """§6, Algorithm 9: theta = 1/K; for i = 1..n: k ~ p_O(. | theta, t_{i-1});
-    y ~ N(alpha_i (K e_k - 1), alpha_i K I); theta <- e^y theta / sum_k e^{y_k} theta_k.
-    Returns k ~ p_O(. | theta, 1) (its mode if final_mode), (B, ...) long.
-    probs_fn(theta (B, ..., K), t (B,)) -> probs (B, ..., K).
-    """
-    theta, trajectory = torch.full(tuple(shape) + (K,), 1 / K, device=device), []
-    ones = torch.ones(shape[0], device=device)
+# ======================================================================================================================
+# Generation. Every sampler below
+#   - takes the network as a function of the input parameters and t: x_hat_fn(mu, t) -> x_hat (continuous data),
+#     probs_fn(mu, t) -> p_O (B, ..., K) (discretised data: the bin probabilities), probs_fn(theta, t) -> p_O
+#     (B, ..., K) (discrete data). Probabilities, not log-probabilities: the samplers draw from p_O or take its mean,
+#     where a probability too small for float32 counts for nothing;
+#   - calls it exactly n_steps + 1 times per particle, at t = 0, 1/n, ..., (n - 1)/n and 1 (the ODE solver's first
+#     call is inside its first step), under torch.no_grad(): a function that needs gradients turns them on itself;
+#   - can condition on known values (known, particles; see "Conditioning on known dimensions");
+#   - returns the samples (B, ...) and, with return_trajectory, also a list of {t, input, output}, one per network
+#     call: the input parameters it saw and its prediction (x_hat, the mean bin k_hat, or p_O), for figures.
+
+def _categorical(probs, generator=None):
+    """k ~ Categorical(probs) over the last axis by inversion of the CDF; probs need not be normalised, and negative
+    entries (a guided prediction off the simplex) count as 0. (B, ..., K) -> (B, ..., K) long."""
+    cdf = probs.clamp_min(0).cumsum(-1)
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=probs.dtype)
+    return (cdf <= u * cdf[..., -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)  # <=: a class of probability 0 is never
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conditioning on known dimensions (inpainting, prompts; beyond the paper). known (B, ...): the values to condition on,
+# NaN where unknown (continuous and discretised data) or -1 (discrete data).
+#
+# Replacement (particles = 1): at every step the prediction of each known dimension is replaced by its value (x_hat =
+# c, or p_O all on c), so the known dimensions follow exactly the Bayesian flow of c and the network sees them as it
+# would in training. Cheap, but it does not sample p(x_u | x_k = c): the unknown dimensions are conditioned only on the
+# noisy input parameters of the known ones, and that bias does not vanish as n grows.
+#
+# Sequential Monte Carlo (particles P > 1) samples the model's own conditional. A sampler defines a joint distribution
+# of its path and output, q(y_1..y_n, x) = prod_i r_i(y_i | theta_{i-1}) p_O(x | theta_n, 1), with r_i its transition:
+# the receiver distribution p_R (§3) for the paper's samplers, a Gaussian for the SDE solver. Conditioning on x_k = c
+# gives the target pi(y_1..y_n, x_u) ∝ prod_i r_i(y_i | theta_{i-1}) p_O(c | theta_n, 1) p_O(x_u | theta_n, 1).
+# The particles move by replacement (r_i on the unknown dimensions; on the known ones the sender p_S(. | c), or the
+# SDE transition with c as the prediction), and each step multiplies a particle's weight by
+#     w_i = [r_i(y_i,k | theta_{i-1}) / proposal(y_i,k)] psi_i(theta_i) / psi_{i-1}(theta_{i-1}),
+# with psi_i(theta) = p_O(c | theta, t_i): the network's own prediction of the known values, a product over the known
+# dimensions; at t = 1 it is the exact final factor p_O(c | theta_n, 1). The product of the w_i is pi / proposal up to
+# a constant whatever psi is in between, so with resampling (multinomial, when the effective sample size of an
+# example's particles falls below P / 2) the particles target pi exactly as P grows (Del Moral, "Feynman-Kac
+# Formulae", 2004); psi only decides how early the particles that will not fit c are dropped (twisted SMC). One
+# particle per example is returned, drawn in proportion to its final weight, its unknown dimensions drawn from
+# p_O(. | theta_n, 1). For continuous data p_O is a delta at x_hat, so psi_i = N(c | x_hat(theta_i, t_i),
+# sigma_1^(2 t_i)): the variance of x given mu for data of unit variance, sigma_1^2 at t = 1. The ODE solver moves
+# deterministically after its first draw: it has no transition to reweight, and takes replacement only.
+# Cost: P (n + 1) network calls per example.
+
+def _repeat(known, particles):
+    """known (B, ...) -> (B P, ...): each example's known values for each of its particles; None stays None."""
+    return None if known is None else known.repeat_interleave(particles, 0)
+
+
+def _reweight(log_w, increment, generator=None):
+    """One step of sequential importance resampling. log_w (B, P): the log-weights of each example's particles;
+    increment (B P,): this step's log-factor. Returns (log_w, idx): examples whose effective sample size
+    (sum w)^2 / sum w^2 fell below P / 2 are resampled (multinomial) and their weights reset; idx (B P,) are the rows of
+    the flattened batch that carry on."""
+    B, P = log_w.shape
+    log_w = log_w + increment.view(B, P)
+    w = torch.softmax(log_w, -1)
+    low = (1 / (w ** 2).sum(-1) < P / 2)[:, None]  # (B, 1)
+    keep = torch.arange(P, device=log_w.device).expand(B, P)
+    if low.any():
+        keep = torch.where(low, torch.multinomial(w, P, replacement=True, generator=generator), keep)
+    rows = P * torch.arange(B, device=log_w.device)[:, None]
+    return torch.where(low, torch.zeros_like(log_w), log_w), (keep + rows).flatten()
+
+
+def _choose(log_w, generator=None):
+    """One particle per example, drawn in proportion to its weight: log_w (B, P) -> (B,) rows of the flattened batch."""
+    B, P = log_w.shape
+    pick = torch.multinomial(torch.softmax(log_w, -1), 1, generator=generator)[:, 0]
+    return pick + P * torch.arange(B, device=log_w.device)
+
+
+def _known_categorical(probs, k):
+    """Discrete and discretised data, k (B, ...) long (-1 where unknown): (ln psi (B,), the sum over the known
+    dimensions of ln p_O(k | theta, t); probs with each known dimension all on its value)."""
+    on, k = k >= 0, k.clamp_min(0)
+    log_p = _log(probs.gather(-1, k[..., None])[..., 0])
+    log_psi = _sum_dims(torch.where(on, log_p, torch.zeros_like(log_p)))
+    return log_psi, torch.where(on[..., None], F.one_hot(k, probs.shape[-1]).to(probs.dtype), probs)
+
+
+def _known_continuous(x_hat, c, t, sigma_1):
+    """Continuous data, c (B, ...) with NaN where unknown: (ln psi (B,), the sum over the known dimensions of
+    ln N(c | x_hat, sigma_1^(2t)) up to a constant; x_hat with each known dimension set to its value)."""
+    on = ~c.isnan()
+    log_psi = _sum_dims(torch.where(on, -(c - x_hat) ** 2 / (2 * sigma_1 ** (2 * t)), torch.zeros_like(x_hat)))
+    return log_psi, torch.where(on, c, x_hat)
+
+
+def _gaussian_ratio(eps, delta, scale, on):
+    """ln N(y | m + delta, scale^2) - ln N(y | m, scale^2) at y = m + scale eps, summed where on: the log-ratio of a
+    Gaussian transition with the model's mean m + delta to the proposal with mean m, at the proposal's draw."""
+    return _sum_dims(torch.where(on, eps * delta / scale - delta ** 2 / (2 * scale ** 2), torch.zeros_like(eps)))
+
+
+def _check_particles(particles, known):
+    if particles < 1 or (particles > 1 and known is None):
+        raise ValueError(f"particles must be 1, or > 1 with known values to condition on; got {particles}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The paper's samplers: Algorithms 3, 6 and 9.
+
+@torch.no_grad()
+def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None, return_trajectory=False,
+                      known=None, particles=1):
+    """§4, Algorithm 3: mu = 0, rho = 1; for i = 1..n: x_hat = OUTPUT(mu, t_{i-1}); y ~ N(x_hat, 1/alpha_i); update
+    (mu, rho). Returns x_hat = OUTPUT(mu, 1) (B, ...). x_hat_fn(mu (B, ...), t (B,)) -> x_hat (B, ...); known (B, ...),
+    NaN where unknown, and particles: see Conditioning."""
+    _check_particles(particles, known)
+    B, P = shape[0], particles
+    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), []
+    mu, rho, ones = torch.zeros((B * P, *shape[1:]), device=device), 1.0, torch.ones(B * P, device=device)
+    log_psi = log_ratio = torch.zeros(B * P, device=device)
     for i in range(1, n_steps + 1):
-        t = (i - 1) / n_steps * ones
-        probs = _full_precision(probs_fn(theta, t))
-        trajectory.append({"t": (i - 1) / n_steps, "input": theta, "output": probs})
+        t = (i - 1) / n_steps
+        x_hat = x_used = _full_precision(x_hat_fn(mu, t * ones))
+        trajectory.append({"t": t, "input": mu, "output": x_hat})
+        if c is not None:
+            new_psi, x_used = _known_continuous(x_hat, c, t, sigma_1)
+            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
+            mu, x_hat, x_used, log_psi = mu[idx], x_hat[idx], x_used[idx], new_psi[idx]
+        alpha = continuous_alpha(i, n_steps, sigma_1).item()
+        eps = _randn_like(x_hat, generator)
+        y = x_used + eps / math.sqrt(alpha)  # y ~ p_S(. | x_hat; alpha): the receiver of a delta output
+        if c is not None:  # ln N(y | x_hat, 1/alpha) - ln N(y | c, 1/alpha) on the known dimensions
+            log_ratio = _gaussian_ratio(eps, x_hat - c, 1 / math.sqrt(alpha), ~c.isnan())
+        mu, rho = continuous_update(mu, rho, y, alpha)
+    x_hat = _full_precision(x_hat_fn(mu, ones))
+    trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
+    if c is not None:
+        new_psi, x_used = _known_continuous(x_hat, c, 1.0, sigma_1)
+        x_hat = x_used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
+    return (x_hat, trajectory) if return_trajectory else x_hat
+
+
+@torch.no_grad()
+def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None, return_trajectory=False,
+                       final_mode=False, known=None, particles=1):
+    """§5, Algorithm 6: as Algorithm 3, but each step draws a bin k ~ p_O(. | theta, t_{i-1}) and sends
+    y ~ N(k_c, 1/alpha_i). Returns the centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode), (B, ...).
+    probs_fn(mu (B, ...), t (B,)) -> p_O (B, ..., K); known (B, ...) (bin centres, NaN where unknown) and particles:
+    see Conditioning."""
+    _check_particles(particles, known)
+    B, P = shape[0], particles
+    centres, c, trajectory = bin_centres(K, device=device), _repeat(known, P), []
+    log_w = torch.zeros(B, P, device=device)
+    k_known = None if c is None else torch.where(c.isnan(), -1, bin_index(c.nan_to_num(), K))
+    mu, rho, ones = torch.zeros((B * P, *shape[1:]), device=device), 1.0, torch.ones(B * P, device=device)
+    log_psi = log_ratio = torch.zeros(B * P, device=device)
+    for i in range(1, n_steps + 1):
+        t = (i - 1) / n_steps
+        probs = used = _full_precision(probs_fn(mu, t * ones))
+        trajectory.append({"t": t, "input": mu, "output": (probs * centres).sum(-1)})
+        if c is not None:
+            new_psi, used = _known_categorical(probs, k_known)
+            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
+            mu, probs, used, log_psi = mu[idx], probs[idx], used[idx], new_psi[idx]
+        alpha = continuous_alpha(i, n_steps, sigma_1).item()
+        y = centres[_categorical(used, generator)] + _randn_like(mu, generator) / math.sqrt(alpha)
+        if c is not None:  # ln p_R(y | theta) - ln N(y | c, 1/alpha) on the known dimensions, p_R the mixture of §5.4
+            mixture = torch.logsumexp(_log(probs) - alpha / 2 * (y[..., None] - centres) ** 2, -1)
+            log_ratio = _sum_dims(torch.where(k_known >= 0, mixture + alpha / 2 * (y - c) ** 2, torch.zeros_like(y)))
+        mu, rho = continuous_update(mu, rho, y, alpha)
+    probs = _full_precision(probs_fn(mu, ones))
+    trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
+    if c is not None:
+        new_psi, used = _known_categorical(probs, k_known)
+        probs = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
+    x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
+    return (x, trajectory) if return_trajectory else x
+
+
+@torch.no_grad()
+def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None, return_trajectory=False,
+                    final_mode=False, known=None, particles=1):
+    """§6, Algorithm 9: theta = 1/K; for i = 1..n: k ~ p_O(. | theta, t_{i-1});
+    y ~ N(alpha_i (K e_k - 1), alpha_i K I); theta <- e^y theta / sum_k e^{y_k} theta_k. Returns k ~ p_O(. | theta, 1)
+    (its mode if final_mode), (B, ...) long. probs_fn(theta (B, ..., K), t (B,)) -> p_O (B, ..., K); known (B, ...)
+    long (-1 where unknown) and particles: see Conditioning."""
+    _check_particles(particles, known)
+    B, P = shape[0], particles
+    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), []
+    theta, ones = torch.full((B * P, *shape[1:], K), 1 / K, device=device), torch.ones(B * P, device=device)
+    log_psi = log_ratio = torch.zeros(B * P, device=device)
+    for i in range(1, n_steps + 1):
+        t = (i - 1) / n_steps
+        probs = used = _full_precision(probs_fn(theta, t * ones))
+        trajectory.append({"t": t, "input": theta, "output": probs})
+        if c is not None:
+            new_psi, used = _known_categorical(probs, c)
+            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
+            theta, probs, used, log_psi = theta[idx], probs[idx], used[idx], new_psi[idx]
         alpha = discrete_alpha(i, n_steps, beta_1).item()
-        e_k = torch.nn.functional.one_hot(_categorical(probs, generator), K).float()
+        e_k = F.one_hot(_categorical(used, generator), K).float()
         y = alpha * (K * e_k - 1) + math.sqrt(alpha * K) * _randn_like(e_k, generator)
+        if c is not None:  # ln p_R(y | theta) - ln p_S(y | c) on the known dimensions (ln p_S(y | k) = y_k + c(y))
+            to_c = torch.logsumexp(_log(probs) + y, -1) - y.gather(-1, c.clamp_min(0)[..., None])[..., 0]
+            log_ratio = _sum_dims(torch.where(c >= 0, to_c, torch.zeros_like(to_c)))
         theta = discrete_update(theta, y)
     probs = _full_precision(probs_fn(theta, ones))
     trajectory.append({"t": 1.0, "input": theta, "output": probs})
+    if c is not None:
+        new_psi, used = _known_categorical(probs, c)
+        probs = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
     x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
     return (x, trajectory) if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Guidance (beyond the paper). For discrete data the flow's logits y (theta = softmax y) have p(y | x) ∝ exp(y_x)
+# (§6.3: ln N(y | beta (K e_x - 1), beta K I) = y_x + terms free of x), and the network predicts e_hat = E[e_x | y].
+# For any property c of x (a class, a word) with p(c | y) = sum_x p(c | x) p(x | y), differentiating gives
+#     grad_y ln p(c | y) = E[e_x | y, c] - e_hat,
+# so the prediction of the model conditioned on c is e_hat + grad_y ln p(c | y), exactly, at every t. For continuous
+# and discretised data, mu = gamma x + sqrt(gamma (1 - gamma)) z gives in the same way (Tweedie's formula)
+#     x_hat + (1 - gamma) grad_mu ln p(c | mu) = E[x | mu, c].
+# In the SDE view of the samplers the prediction is an affine function of the score of the input parameters'
+# distribution, and these are that score plus grad ln p(c | .): guidance with weight w adds w times the term, in every
+# sampler. w = 1 with an exact classifier samples p(x | c), w = 0 is the unguided sampler, w > 1 sharpens. A guided
+# e_hat can leave the simplex (it still sums to 1): the ODE and SDE solvers use it only in their mean update, and the
+# paper's sampler, which draws a class from it, draws from its positive part; a guided x_hat is clipped to [-1, 1].
+
+def discrete_guided_probs(probs, theta, grad_theta, w):
+    """e_hat + w grad_y ln c: probs (B, ..., K) = e_hat, grad_theta = grad_theta ln c(theta, t) at the input theta; with
+    theta = softmax(y), grad_y = theta (grad_theta - <theta, grad_theta>). Returns (B, ..., K), summing to 1."""
+    grad_theta = _full_precision(grad_theta)
+    return probs + w * theta * (grad_theta - (theta * grad_theta).sum(-1, keepdim=True))
+
+
+def continuous_guided_x_hat(x_hat, t, grad_mu, w, sigma_1):
+    """x_hat + w (1 - gamma(t)) grad_mu ln c(mu, t), clipped to [-1, 1]. x_hat, grad_mu (B, ...), t (B,)."""
+    one_minus_gamma = _per_example(continuous_one_minus_gamma(t, sigma_1), x_hat)
+    return (x_hat + w * one_minus_gamma * _full_precision(grad_mu)).clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -443,7 +622,7 @@ def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=
 # X. Zhang, J. Zhou, C. Li, "Unifying Bayesian Flow Networks and Diffusion Models through Stochastic Differential
 # Equations", ICML 2024, arXiv:2404.15766, show that the paper's samplers discretise a reverse-time SDE whose
 # marginals are the Bayesian flow p_F(theta | x; t), and that the matching probability-flow ODE can be solved in few
-# steps. The derivations used here are written out in full below, so that this file stands on its own:
+# steps. The derivations used here are written out in full, so that this file stands on its own.
 #
 # Both cases rest on one fact: if a state moves along u_t = a(t) x + z with z ~ N(0, I) fixed (each x, z a straight
 # or curved path), its marginal law is transported by the ODE du/dt = a'(t) E[x | u_t] (the velocity of the path,
@@ -453,7 +632,7 @@ def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=
 # v = mu / sqrt(gamma (1 - gamma)) = s x + z with s(t) = sqrt(gamma / (1 - gamma)) = sqrt(beta(t)), and dv/ds = x_hat
 # with x_hat = E[x | mu, t]; sampling starts from v = z at t = 0. Holding x_hat fixed over a step gives the exact
 # first-order step v' = v + (s(t') - s(t)) x_hat (DDIM-like); order 2 extrapolates x_hat linearly in lambda = ln s to
-# the middle of the step from the previous prediction (as DPM-Solver++(2M), Lu et al. 2022).
+# the middle of the step from the previous prediction (as DPM-Solver++(2M), Lu et al. 2022, arXiv:2211.01095).
 #
 # Discrete data. The flow's logits are y_t = beta(t) (K e_x - 1) + sqrt(beta(t) K) z (§6.3), theta = softmax(y). With
 # beta(t) = beta(1) t^2, u = y / t = beta(1) t (K e_x - 1) + sqrt(beta(1) K) z, so du/dt = beta(1) (K e_hat - 1) with
@@ -461,79 +640,108 @@ def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=
 # A first-order step is u' = u + beta(1) (K e_hat - 1) (t' - t); order 2 extrapolates e_hat linearly in t
 # (Adams-Bashforth).
 #
-# At t = 0 the input carries no information, so the first step takes its prediction at the middle of the step
-# instead (a second-order midpoint step at no extra cost). n_steps + 1 network calls, as the paper's samplers;
-# deterministic given the initial noise.
+# The first step. At t = 0 the input carries no information, so the first network call is made at the middle of the
+# first step instead, on the state of t = 0 (for continuous data the network's x_hat is 0 at t = 0, so this is the
+# first-order state there; for discrete data it takes e_hat = 1/K). For continuous data that state is only an
+# approximation at the midpoint, and extrapolating from its prediction, in lambda, where steps near t = 0 are long,
+# amplifies the error (exact-posterior tests, tests/test_samplers.py): there the second step is first order and order
+# 2 starts at the third. For discrete data, in t, the extrapolation from the midpoint measured better than a
+# first-order second step, and is kept. n_steps + 1 network calls, as the paper's samplers; deterministic given the
+# initial noise.
 
 def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory):
     """mu_t = gamma x + sqrt(gamma (1 - gamma)) z is a VP diffusion whose signal-to-noise ratio is s = sqrt(beta(t)).
     In v = mu / sqrt(gamma (1 - gamma)) the ODE is dv = x_hat ds, started at v = z when t = 0; a step with the
-    prediction held fixed is v' = v + (s(t') - s(t)) x_hat. Returns mu at t = 1."""
+    prediction held fixed is v' = v + (s(t') - s(t)) x_hat. pred_fn(mu, t) -> (prediction, the prediction with known
+    dimensions replaced). Returns mu at t = 1."""
     s_of = lambda t: math.sqrt(sigma_1 ** (-2 * t) - 1)  # noqa: E731  s = sqrt(beta(t))
     sigma_of = lambda t: math.sqrt((1 - sigma_1 ** (2 * t)) * sigma_1 ** (2 * t))  # noqa: E731  sqrt(gamma (1 - gamma))
     t = [i / n_steps for i in range(n_steps + 1)]
     v = torch.randn(shape, generator=generator, device=device)
     ones, prev = torch.ones(shape[0], device=device), None
     for i in range(n_steps):
-        # the first step is evaluated where s is half its end value: math.log1p(s^2) = beta at t_eval
+        # the first call where s is half its value at t_1 (math.log1p(s^2) = beta at t_eval), on the state of t = 0
         t_eval = math.log1p(s_of(t[1]) ** 2 / 4) / (-2 * math.log(sigma_1)) if i == 0 else t[i]
         mu = sigma_of(t_eval) * v
-        pred = _full_precision(pred_fn(mu, t_eval * ones))
+        pred, used = pred_fn(mu, t_eval * ones)
         trajectory.append({"t": t_eval, "input": mu, "output": pred})
-        lam = math.log(s_of(t_eval))  # lambda = ln s, the log signal-to-noise ratio
-        d = pred
+        lam, d = math.log(s_of(t_eval)), used  # lambda = ln s, the log signal-to-noise ratio
         if order == 2 and prev is not None:  # x_hat extrapolated to the middle of the step, linearly in lambda
-            d = pred + (pred - prev[0]) * (math.log(s_of(t[i + 1])) - lam) / (2 * (lam - prev[1]))
-        prev = (pred, lam)
+            d = used + (used - prev[0]) * (math.log(s_of(t[i + 1])) - lam) / (2 * (lam - prev[1]))
+        prev = (used, lam) if i > 0 else None  # the second step is first order (see "The first step")
         v = v + (s_of(t[i + 1]) - s_of(t[i])) * d
     return sigma_of(1.0) * v
 
 
+@torch.no_grad()
 def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=None, device=None,
-                          return_trajectory=False):
-    """Continuous data (§4), probability-flow ODE sampler. x_hat_fn(mu, t) -> x_hat as in continuous_sample."""
-    trajectory = []
-    mu = _continuous_ode(x_hat_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
-    x_hat = _full_precision(x_hat_fn(mu, torch.ones(shape[0], device=device)))
+                          return_trajectory=False, known=None):
+    """Continuous data (§4), probability-flow ODE sampler. x_hat_fn as in continuous_sample; known: replacement only
+    (see Conditioning)."""
+    trajectory, c = [], known
+
+    def pred_fn(mu, t):
+        x_hat = _full_precision(x_hat_fn(mu, t))
+        return x_hat, x_hat if c is None else torch.where(c.isnan(), x_hat, c)
+
+    mu = _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
+    x_hat = pred_fn(mu, torch.ones(shape[0], device=device))[1]
     trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
     return (x_hat, trajectory) if return_trajectory else x_hat
 
 
+@torch.no_grad()
 def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, generator=None, device=None,
-                           return_trajectory=False, final_mode=False):
+                           return_trajectory=False, final_mode=False, known=None):
     """Discretised data (§5), probability-flow ODE sampler with the mean bin k_hat as the prediction; returns the
-    centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample."""
+    centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample; known:
+    replacement only (see Conditioning)."""
     centres, trajectory = bin_centres(K, device=device), []
-    k_hat_fn = lambda mu, t: (_full_precision(probs_fn(mu, t)) * centres).sum(-1)  # noqa: E731
-    mu = _continuous_ode(k_hat_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
-    probs = _full_precision(probs_fn(mu, torch.ones(shape[0], device=device)))
+    k_known = None if known is None else torch.where(known.isnan(), -1, bin_index(known.nan_to_num(), K))
+
+    def probs_used(mu, t):
+        probs = _full_precision(probs_fn(mu, t))
+        return probs, probs if known is None else _known_categorical(probs, k_known)[1]
+
+    def pred_fn(mu, t):
+        probs, used = probs_used(mu, t)
+        return (probs * centres).sum(-1), (used * centres).sum(-1)
+
+    mu = _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
+    probs = probs_used(mu, torch.ones(shape[0], device=device))[1]
     trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
     x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
     return (x, trajectory) if return_trajectory else x
 
 
+@torch.no_grad()
 def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=None, device=None,
-                        return_trajectory=False, final_mode=False):
+                        return_trajectory=False, final_mode=False, known=None):
     """Discrete data (§6), probability-flow ODE sampler. The flow's logits
     y_t = beta(t) (K e_x - 1) + sqrt(beta(t) K) z follow dy/dt = y / t + beta(1) t (K e_hat - 1); in u = y / t this
-    is du/dt = beta(1) (K e_hat - 1), started at
-    u = sqrt(beta(1) K) z, so a step is u' = u + beta(1) (K e_hat - 1) (t' - t) with theta = softmax(t u). Order 2
-    extrapolates e_hat linearly in t to the middle of the step (Adams-Bashforth). probs_fn as in discrete_sample."""
+    is du/dt = beta(1) (K e_hat - 1), started at u = sqrt(beta(1) K) z, so a step is
+    u' = u + beta(1) (K e_hat - 1) (t' - t) with theta = softmax(t u). Order 2 extrapolates e_hat linearly in t to the
+    middle of the step (Adams-Bashforth). probs_fn as in discrete_sample; known: replacement only (see Conditioning)."""
     t = [i / n_steps for i in range(n_steps + 1)]
-    u = math.sqrt(beta_1 * K) * torch.randn(tuple(shape) + (K,), generator=generator, device=device)
+    u = math.sqrt(beta_1 * K) * torch.randn((*shape, K), generator=generator, device=device)
     ones, prev, trajectory = torch.ones(shape[0], device=device), None, []
+
+    def probs_used(theta, t):
+        probs = _full_precision(probs_fn(theta, t))
+        return probs, probs if known is None else _known_categorical(probs, known)[1]
+
     for i in range(n_steps):
-        t_eval = t[1] / 2 if i == 0 else t[i]
+        t_eval = t[1] / 2 if i == 0 else t[i]  # the first call in the middle of the first step, on the state of t = 0
         theta = torch.softmax(t_eval * u, -1)
-        e_hat = _full_precision(probs_fn(theta, t_eval * ones))
+        e_hat, used = probs_used(theta, t_eval * ones)
         trajectory.append({"t": t_eval, "input": theta, "output": e_hat})
-        d = e_hat
+        d = used
         if order == 2 and prev is not None:
-            d = e_hat + (e_hat - prev[0]) * (t[i + 1] - t_eval) / (2 * (t_eval - prev[1]))
-        prev = (e_hat, t_eval)
+            d = used + (used - prev[0]) * (t[i + 1] - t_eval) / (2 * (t_eval - prev[1]))
+        prev = (used, t_eval)
         u = u + beta_1 * (K * d - 1) * (t[i + 1] - t[i])
     theta = torch.softmax(u, -1)
-    probs = _full_precision(probs_fn(theta, ones))
+    probs = probs_used(theta, ones)[1]
     trajectory.append({"t": 1.0, "input": theta, "output": probs})
     x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
     return (x, trajectory) if return_trajectory else x
@@ -556,73 +764,130 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
 # order 2 integrates e_hat linear in t, e_hat + (tau - t) D with D = (e_hat - e_hat_prev) / (t - t_prev), against
 # d beta = 2 beta(1) tau d tau: the added term is K beta(1) D (t' - t)^2 (2 t' + t) / 3.
 #
-# n_steps + 1 network calls at t = 0, 1/n, ..., (n - 1)/n and 1, as the paper's samplers.
+# Each step is a Gaussian transition, so with known values the particles are weighted by the ratio of the model's
+# Gaussian (its own prediction, and its change) to the proposal's (the known value as the prediction), see
+# Conditioning. n_steps + 1 network calls per particle at t = 0, 1/n, ..., (n - 1)/n and 1, as the paper's samplers.
 
-def _continuous_sde(pred_fn, shape, n_steps, sigma_1, generator, device, trajectory):
-    """The second-order SDE solver for mu; pred_fn(mu, t) -> x_hat (B, ...). Returns mu at t = 1."""
+def _continuous_sde(pred_fn, shape, n_steps, sigma_1, generator, device, trajectory, on, particles):
+    """The second-order SDE solver for mu, with particles (B P, ...). pred_fn(mu, t) -> (prediction, the prediction
+    with known dimensions replaced, ln psi (B P,)); on (B P, ...): the known dimensions, or None. Returns (mu at t = 1,
+    log_w (B, P), the last step's log-ratio, ln psi of the last call): what the final weights need."""
     a_of = lambda t: continuous_gamma(torch.tensor(t, dtype=torch.float64), sigma_1).item()  # noqa: E731
     b_of = lambda t: math.sqrt(a_of(t) * sigma_1 ** (2 * t))  # noqa: E731  sqrt(gamma (1 - gamma))
     lam_of = lambda t: math.log(a_of(t) / b_of(t)) if t > 0 else -math.inf  # noqa: E731
+    B, P = shape[0] // particles, particles
     mu, ones, prev = torch.zeros(shape, device=device), torch.ones(shape[0], device=device), None
+    log_w, log_psi, log_ratio = torch.zeros(B, P, device=device), torch.zeros(B * P, device=device), 0.0
     for i in range(n_steps):
         t, t_next = i / n_steps, (i + 1) / n_steps
-        pred = _full_precision(pred_fn(mu, t * ones))
+        pred, used, new_psi = pred_fn(mu, t * ones)
         trajectory.append({"t": t, "input": mu, "output": pred})
-        eps = _randn_like(mu, generator)
+        if on is not None:
+            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
+            mu, pred, used, log_psi = mu[idx], pred[idx], used[idx], new_psi[idx]
+            prev = None if prev is None else (prev[0][idx], prev[1])
         a, b, lam, lam_next = a_of(t_next), b_of(t_next), lam_of(t), lam_of(t_next)
         if i == 0:  # from mu = 0 at lambda = -inf: the flow with the prediction as the data
-            mu = a * pred + b * eps
+            gain, scale, mean, d = a, b, 0.0, pred
         else:
             h = lam_next - lam
-            d = pred if prev is None else pred + 0.5 * (pred - prev[0]) * h / (lam - prev[1])
             kept = -math.expm1(-2 * h)  # 1 - e^(-2h)
-            mu = (b / b_of(t)) * math.exp(-h) * mu + a * kept * d + b * math.sqrt(kept) * eps
+            gain, scale, mean = a * kept, b * math.sqrt(kept), (b / b_of(t)) * math.exp(-h) * mu
+            d = pred if prev is None else pred + 0.5 * (pred - prev[0]) * h / (lam - prev[1])
+        d_used = d if on is None else torch.where(on, used, d)
+        eps = _randn_like(mu, generator)
+        mu = mean + gain * d_used + scale * eps
+        log_ratio = 0.0 if on is None else _gaussian_ratio(eps, gain * (d - d_used), scale, on)
         prev = (pred, lam) if i > 0 else None
-    return mu
+    return mu, log_w, log_ratio, log_psi
 
 
-def continuous_sample_sde(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None, return_trajectory=False):
+@torch.no_grad()
+def continuous_sample_sde(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None, return_trajectory=False,
+                          known=None, particles=1):
     """Continuous data (§4), the second-order SDE sampler (Algorithm 3 plus the change of x_hat). x_hat_fn as in
-    continuous_sample; returns x_hat(mu, 1)."""
-    trajectory = []
-    mu = _continuous_sde(x_hat_fn, shape, n_steps, sigma_1, generator, device, trajectory)
-    x_hat = _full_precision(x_hat_fn(mu, torch.ones(shape[0], device=device)))
+    continuous_sample; returns x_hat(mu, 1). known (NaN where unknown) and particles: see Conditioning."""
+    _check_particles(particles, known)
+    trajectory, c, B = [], _repeat(known, particles), shape[0]
+
+    def pred_fn(mu, t):
+        x_hat = _full_precision(x_hat_fn(mu, t))
+        return (x_hat, x_hat, 0.0) if c is None else (x_hat, *_known_continuous(x_hat, c, t[0].item(), sigma_1)[::-1])
+
+    on = None if c is None else ~c.isnan()
+    mu, log_w, log_ratio, log_psi = _continuous_sde(pred_fn, (B * particles, *shape[1:]), n_steps, sigma_1, generator,
+                                                    device, trajectory, on, particles)
+    x_hat, x_used, new_psi = pred_fn(mu, torch.ones(B * particles, device=device))
     trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
+    if c is not None:
+        x_hat = x_used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, particles), generator)]
     return (x_hat, trajectory) if return_trajectory else x_hat
 
 
-def discretised_sample_sde(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None,
-                           return_trajectory=False, final_mode=False):
+@torch.no_grad()
+def discretised_sample_sde(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None, return_trajectory=False,
+                           final_mode=False, known=None, particles=1):
     """Discretised data (§5), the second-order SDE sampler with the mean bin k_hat as the prediction; returns the
-    centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample."""
-    centres, trajectory = bin_centres(K, device=device), []
-    k_hat_fn = lambda mu, t: (_full_precision(probs_fn(mu, t)) * centres).sum(-1)  # noqa: E731
-    mu = _continuous_sde(k_hat_fn, shape, n_steps, sigma_1, generator, device, trajectory)
-    probs = _full_precision(probs_fn(mu, torch.ones(shape[0], device=device)))
+    centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample; known
+    (bin centres, NaN where unknown) and particles: see Conditioning."""
+    _check_particles(particles, known)
+    centres, trajectory, c, B = bin_centres(K, device=device), [], _repeat(known, particles), shape[0]
+    k_known = None if c is None else torch.where(c.isnan(), -1, bin_index(c.nan_to_num(), K))
+
+    def probs_used(mu, t):
+        probs = _full_precision(probs_fn(mu, t))
+        return (probs, probs, 0.0) if c is None else (probs, *_known_categorical(probs, k_known)[::-1])
+
+    def pred_fn(mu, t):
+        probs, used, log_psi = probs_used(mu, t)
+        return (probs * centres).sum(-1), (used * centres).sum(-1), log_psi
+
+    on = None if c is None else ~c.isnan()
+    mu, log_w, log_ratio, log_psi = _continuous_sde(pred_fn, (B * particles, *shape[1:]), n_steps, sigma_1, generator,
+                                                    device, trajectory, on, particles)
+    probs, used, new_psi = probs_used(mu, torch.ones(B * particles, device=device))
     trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
-    x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
+    if c is not None:
+        used = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, particles), generator)]
+    x = centres[used.argmax(-1) if final_mode else _categorical(used, generator)]
     return (x, trajectory) if return_trajectory else x
 
 
-def discrete_sample_sde(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None,
-                        return_trajectory=False, final_mode=False):
+@torch.no_grad()
+def discrete_sample_sde(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None, return_trajectory=False,
+                        final_mode=False, known=None, particles=1):
     """Discrete data (§6), the second-order SDE sampler: Algorithm 9 with the mean e_hat = p_O in place of a drawn
-    class, integrated linear in t over each step. probs_fn as in discrete_sample."""
-    y = torch.zeros(tuple(shape) + (K,), device=device)
-    ones, prev, trajectory = torch.ones(shape[0], device=device), None, []
+    class, integrated linear in t over each step. probs_fn as in discrete_sample; known (-1 where unknown) and
+    particles: see Conditioning."""
+    _check_particles(particles, known)
+    B, P = shape[0], particles
+    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), []
+    y, ones, prev = torch.zeros((B * P, *shape[1:], K), device=device), torch.ones(B * P, device=device), None
+    log_psi = log_ratio = torch.zeros(B * P, device=device)
     for i in range(n_steps):
         t, t_next = i / n_steps, (i + 1) / n_steps
-        theta = torch.softmax(y, -1)
-        e_hat = _full_precision(probs_fn(theta, t * ones))
-        trajectory.append({"t": t, "input": theta, "output": e_hat})
+        e_hat = used = _full_precision(probs_fn(torch.softmax(y, -1), t * ones))
+        trajectory.append({"t": t, "input": torch.softmax(y, -1), "output": e_hat})
+        if c is not None:
+            new_psi, used = _known_categorical(e_hat, c)
+            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
+            y, e_hat, used, log_psi = y[idx], e_hat[idx], used[idx], new_psi[idx]
+            prev = None if prev is None else (prev[0][idx], prev[1])
         alpha = beta_1 * (t_next ** 2 - t ** 2)
-        y = y + alpha * (K * e_hat - 1) + math.sqrt(alpha * K) * _randn_like(y, generator)
+        drift = alpha * (K * e_hat - 1)
         if prev is not None:
             slope = (e_hat - prev[0]) / (t - prev[1])
-            y = y + K * beta_1 * slope * (t_next - t) ** 2 * (2 * t_next + t) / 3
+            drift = drift + K * beta_1 * slope * (t_next - t) ** 2 * (2 * t_next + t) / 3
+        drift_used = drift if c is None else torch.where((c >= 0)[..., None], alpha * (K * used - 1), drift)
+        eps = _randn_like(y, generator)
+        y = y + drift_used + math.sqrt(alpha * K) * eps
+        if c is not None:
+            log_ratio = _gaussian_ratio(eps, drift - drift_used, math.sqrt(alpha * K), (c >= 0)[..., None])
         prev = (e_hat, t)
-    theta = torch.softmax(y, -1)
-    probs = _full_precision(probs_fn(theta, ones))
-    trajectory.append({"t": 1.0, "input": theta, "output": probs})
+    probs = _full_precision(probs_fn(torch.softmax(y, -1), ones))
+    trajectory.append({"t": 1.0, "input": torch.softmax(y, -1), "output": probs})
+    if c is not None:
+        new_psi, used = _known_categorical(probs, c)
+        probs = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
     x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
     return (x, trajectory) if return_trajectory else x

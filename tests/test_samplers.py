@@ -1,0 +1,304 @@
+"""The samplers of common.py with exact posteriors in place of the network, on data where few steps matter: a
+non-zero-mean Gaussian mixture at sigma_1 = 0.001, its 16-bin version, a correlated joint over 3 dimensions of 3
+classes. Few-step accuracy, conditioning on known dimensions (replacement and SMC), and guidance.
+
+    python -m pytest -q tests/test_samplers.py
+
+Divergences are KL(data || samples) over bins, with half a count added to every bin of the samples.
+"""
+import math
+
+import pytest
+import torch
+
+import common as C
+
+SIGMA_1, SIGMA_16, K16, BETA_1 = 0.001, math.sqrt(0.001), 16, 3.0
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------- exact posteriors
+
+def component_log_posterior(mu, t, weights, means, s, sigma_1):
+    """ln p(component | mu, t) up to a constant (the exact classifier of the component), for x a mixture of isotropic
+    Gaussians N(means[c], s^2 I): given component c, mu_d ~ N(gamma m_cd, gamma^2 s^2 + gamma (1 - gamma)).
+    mu (B, D) -> (B, M)."""
+    g, var = _gamma_var(mu, t, sigma_1, s)
+    return weights.log() - 0.5 * ((mu.double()[:, None] - g[..., None] * means) ** 2 / var[..., None]).sum(-1)
+
+
+def mixture_x_hat(weights, means, s, sigma_1, component=None):
+    """E[x | mu, t] (B, D) for that mixture; with component (B,), E[x | mu, t, component]."""
+    def x_hat(mu, t):
+        g, var = _gamma_var(mu, t, sigma_1, s)
+        post = component_log_posterior(mu, t, weights, means, s, sigma_1).softmax(-1) if component is None else \
+            torch.nn.functional.one_hot(component, len(weights)).double()
+        within = means + g[..., None] * s ** 2 * (mu.double()[:, None] - g[..., None] * means) / var[..., None]
+        return (post[..., None] * within).sum(1).float()
+    return x_hat
+
+
+def _gamma_var(mu, t, sigma_1, s):
+    t = t.double()[:, None]
+    g = -torch.expm1(2 * t * math.log(sigma_1))
+    return g, (g ** 2 * s ** 2 + g * sigma_1 ** (2 * t)).clamp_min(1e-30)  # (B, 1)
+
+
+W1, M1, S1 = torch.tensor([0.2, 0.8], dtype=torch.float64), torch.tensor([[-0.5], [0.6]], dtype=torch.float64), 0.08
+
+
+def mixture_bin_probs(weights, means, s, K):
+    """The probability of each of K bins per dimension of each component, (M, D, K), from the normal CDF; the tails go
+    into the first and last bins, as data would be clipped."""
+    edges = torch.linspace(-1, 1, K + 1, dtype=torch.float64)
+    cdf = 0.5 * (1 + torch.erf((edges - means[..., None]) / (s * math.sqrt(2))))
+    cdf[..., 0], cdf[..., -1] = 0, 1
+    return cdf[..., 1:] - cdf[..., :-1]
+
+
+def binned_joint(weights, means, s, K):
+    """The mixture binned to K bins per dimension: a joint (K,) * D."""
+    bins = mixture_bin_probs(weights, means, s, K)  # (M, D, K)
+    joint = 0
+    for m in range(len(weights)):
+        part = weights[m]
+        for d in range(means.shape[1]):
+            part = part[..., None] * bins[m, d]
+        joint = joint + part
+    return joint
+
+
+def enumerated_marginals(joint, log_like):
+    """The marginals per dimension of p(x | .) ∝ p(x) prod_d like_d(x_d), by enumeration: joint (K,) * D, log_like
+    (B, D, K) -> (B, D, K)."""
+    B, D, K = log_like.shape
+    lp = joint.log()[None]
+    for d in range(D):
+        lp = lp + log_like[:, d].reshape(B, *[K if e == d else 1 for e in range(D)])
+    post = lp.flatten(1).softmax(-1).view(lp.shape)
+    others = [[1 + e for e in range(D) if e != d] for d in range(D)]
+    return torch.stack([post.sum(dims) if dims else post for dims in others], 1)
+
+
+def bins_posterior(joint, sigma_1, K):
+    """p_O(k | mu, t) per dimension for data on bin centres with the given joint: the likelihood of bin k given mu_d is
+    N(mu_d | gamma k_c, gamma (1 - gamma)) (§5). mu (B, D) -> (B, D, K)."""
+    centres = C.bin_centres(K).double()
+
+    def probs(mu, t):
+        t = t.double()[:, None, None]
+        g = -torch.expm1(2 * t * math.log(sigma_1))
+        variance = (g * sigma_1 ** (2 * t)).clamp_min(1e-30)
+        return enumerated_marginals(joint, -(mu.double()[..., None] - g * centres) ** 2 / (2 * variance)).float()
+    return probs
+
+
+P3 = torch.randn(27, generator=gen(3), dtype=torch.float64).mul(2.5).softmax(0).view(3, 3, 3)  # a correlated joint
+
+
+def joint_marginals(joint):
+    """p_O(k | theta) per dimension for discrete data with the given joint: p(x | theta) ∝ p(x) prod_d theta_d[x_d]
+    (§6.3: the flow's likelihood of x is prod_d theta_d[x_d] up to a constant). theta (B, D, K) -> (B, D, K)."""
+    return lambda theta, t: enumerated_marginals(joint, theta.double().clamp_min(1e-300).log()).float()
+
+
+def kl(p, counts):
+    """KL(p || counts, with half a count added to each bin)."""
+    q = (counts.double() + 0.5) / (counts.sum() + 0.5 * counts.numel())
+    p = p.double().flatten()
+    return (p * (p / q.flatten()).clamp_min(1e-300).log()).sum().item()
+
+
+def histogram(x, bins=40):
+    return torch.histc(x.double().clamp(-1, 1 - 1e-9), bins=bins, min=-1, max=1)
+
+
+
+
+
+# ---------------------------------------------------------------------------------------------------- few steps
+
+STEPS = (5, 10, 25, 200)
+
+
+def few_step_table(kind):
+    """KL(data || samples) of every sampler at each of STEPS steps."""
+    table = {}
+    if kind == "continuous":
+        x_hat, truth = mixture_x_hat(W1, M1, S1, SIGMA_1), binned_joint(W1, M1, S1, 40)
+        runs = {"paper": lambda n, g: C.continuous_sample(x_hat, (40_000, 1), n, SIGMA_1, g),
+                "ode1": lambda n, g: C.continuous_sample_ode(x_hat, (40_000, 1), n, SIGMA_1, 1, g),
+                "ode2": lambda n, g: C.continuous_sample_ode(x_hat, (40_000, 1), n, SIGMA_1, 2, g),
+                "sde": lambda n, g: C.continuous_sample_sde(x_hat, (40_000, 1), n, SIGMA_1, g)}
+        score = lambda x: kl(truth, histogram(x))  # noqa: E731
+    elif kind == "discretised":
+        truth = binned_joint(W1, M1, S1, K16)
+        probs = bins_posterior(truth, SIGMA_16, K16)
+        runs = {"paper": lambda n, g: C.discretised_sample(probs, (20_000, 1), n, SIGMA_16, K16, g),
+                "ode1": lambda n, g: C.discretised_sample_ode(probs, (20_000, 1), n, SIGMA_16, K16, 1, g),
+                "ode2": lambda n, g: C.discretised_sample_ode(probs, (20_000, 1), n, SIGMA_16, K16, 2, g),
+                "sde": lambda n, g: C.discretised_sample_sde(probs, (20_000, 1), n, SIGMA_16, K16, g)}
+        score = lambda x: kl(truth, torch.bincount(C.bin_index(x, K16).flatten(), minlength=K16))  # noqa: E731
+    else:
+        probs = joint_marginals(P3)
+        runs = {"paper": lambda n, g: C.discrete_sample(probs, (20_000, 3), n, BETA_1, 3, g),
+                "ode1": lambda n, g: C.discrete_sample_ode(probs, (20_000, 3), n, BETA_1, 3, 1, g),
+                "ode2": lambda n, g: C.discrete_sample_ode(probs, (20_000, 3), n, BETA_1, 3, 2, g),
+                "sde": lambda n, g: C.discrete_sample_sde(probs, (20_000, 3), n, BETA_1, 3, g)}
+        score = lambda x: kl(P3, torch.bincount(x[:, 0] * 9 + x[:, 1] * 3 + x[:, 2], minlength=27))  # noqa: E731
+    for name, run in runs.items():
+        for n in STEPS:
+            table[name, n] = score(run(n, gen(n)))
+    return table
+
+
+@pytest.mark.parametrize("kind", ["continuous", "discretised", "discrete"])
+def test_few_steps(kind):
+    """Order 2 beats order 1 at 5 and 10 steps, and beats the paper's sampler there where that is not exact (for one
+    dimension of discretised data with the exact posterior it is exact at any n); at 200 steps nothing is biased."""
+    table = few_step_table(kind)
+    for n in (5, 10):
+        assert table["ode2", n] < table["ode1", n], (n, table)
+        if kind != "discretised":
+            assert table["ode2", n] < table["paper", n] and table["sde", n] < table["paper", n], (n, table)
+    floor = 0.002  # 4x the bias of the half-count smoothing of 27 cells of 20,000 samples, or 40 of 40,000
+    assert all(table[name, 200] < floor for name in ("paper", "ode1", "ode2", "sde")), table
+
+
+# ---------------------------------------------------------------------------------------------------- known dimensions
+
+# Two components whose x0 differ by little and x1 by much: x0 = 0.3 leaves x1 near 0.6, but the flow of x0 tells the
+# two apart only late (t ≈ 1/3 at sigma_1 = 0.001), after x1 has taken a side.
+W2, M2, S2 = torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([[0.1, -0.6], [0.3, 0.6]]).double(), 0.05
+
+
+def conditional_setups():
+    """For each data type: (sampler name -> sampler(known, particles, n, N)), known value of dimension 0, and a score
+    of samples (N, D): KL(p(x_1.. | x_0 = c) || samples)."""
+    binned = binned_joint(W2, M2, S2, 20)  # the exact conditional of x1 given x0 in x0's bin, on 20 bins
+    x0_bin = C.bin_index(torch.tensor(0.3), 20).item()
+    continuous_truth = binned[x0_bin] / binned[x0_bin].sum()
+    x_hat = mixture_x_hat(W2, M2, S2, SIGMA_1)
+    joint16 = binned_joint(W2, M2, S2, K16)
+    k0 = C.bin_index(torch.tensor(0.3), K16).item()
+    probs16 = bins_posterior(joint16, SIGMA_16, K16)
+    return {
+        "continuous": (x_hat, {
+            "paper": lambda known, P, n, g: C.continuous_sample(x_hat, known.shape, n, SIGMA_1, g, known=known,
+                                                                particles=P),
+            "sde": lambda known, P, n, g: C.continuous_sample_sde(x_hat, known.shape, n, SIGMA_1, g, known=known,
+                                                                  particles=P),
+            "ode": lambda known, P, n, g: C.continuous_sample_ode(x_hat, known.shape, n, SIGMA_1, 2, g, known=known)},
+            0.3, lambda x: kl(continuous_truth, histogram(x[:, 1], 20))),
+        "discretised": (probs16, {
+            "paper": lambda known, P, n, g: C.discretised_sample(probs16, known.shape, n, SIGMA_16, K16, g, known=known,
+                                                                 particles=P),
+            "sde": lambda known, P, n, g: C.discretised_sample_sde(probs16, known.shape, n, SIGMA_16, K16, g,
+                                                                   known=known, particles=P),
+            "ode": lambda known, P, n, g: C.discretised_sample_ode(probs16, known.shape, n, SIGMA_16, K16, 2, g,
+                                                                   known=known)},
+            C.bin_centres(K16)[k0].item(),
+            lambda x: kl(joint16[k0] / joint16[k0].sum(), torch.bincount(C.bin_index(x[:, 1], K16), minlength=K16))),
+        "discrete": (joint_marginals(P3), {
+            "paper": lambda known, P, n, g: C.discrete_sample(joint_marginals(P3), known.shape, n, BETA_1, 3, g,
+                                                              known=known, particles=P),
+            "sde": lambda known, P, n, g: C.discrete_sample_sde(joint_marginals(P3), known.shape, n, BETA_1, 3, g,
+                                                                known=known, particles=P),
+            "ode": lambda known, P, n, g: C.discrete_sample_ode(joint_marginals(P3), known.shape, n, BETA_1, 3, 2, g,
+                                                                known=known)},
+            0, lambda x: kl(P3[0] / P3[0].sum(), torch.bincount(x[:, 1] * 3 + x[:, 2], minlength=9))),
+    }
+
+
+@pytest.mark.parametrize("kind", ["continuous", "discretised", "discrete"])
+def test_replacement_keeps_the_known_values_but_smc_samples_the_conditional(kind):
+    """Replacement keeps dimension 0 at its value but is biased for the others (it conditions them on noisy versions
+    of the known value only); SMC with 16 particles per example samples p(x_rest | x_0) to within 0.02 nats (the
+    samples' own smoothing bias included), for the paper's and the SDE sampler. The ODE takes replacement only."""
+    _, samplers, value, score = conditional_setups()[kind]
+    D = 3 if kind == "discrete" else 2
+    N, n = 2000, 25
+    if kind == "discrete":
+        known = torch.full((N, D), -1)
+    else:
+        known = torch.full((N, D), float("nan"))
+    known[:, 0] = value
+    for name in ("paper", "sde"):
+        replaced = samplers[name](known, 1, n, gen(1))
+        assert (replaced[:, 0] == value).all()
+        particles = samplers[name](known, 16, n, gen(2))
+        assert (particles[:, 0] == value).all() and particles.shape == known.shape
+        assert score(replaced) > 0.1 and score(particles) < 0.02, (name, score(replaced), score(particles))
+    assert (samplers["ode"](known, 1, n, gen(3))[:, 0] == value).all()
+    with pytest.raises(ValueError, match="particles"):  # particles without known values: nothing to weight them by
+        C.discrete_sample(joint_marginals(P3), (2, 3), n, BETA_1, 3, gen(4), particles=4)
+
+
+# ---------------------------------------------------------------------------------------------------- guidance
+
+def assert_frequencies(samples, p, z=5.0):
+    """Each cell's frequency within z binomial standard errors of p."""
+    f = torch.bincount(samples, minlength=len(p)).double() / len(samples)
+    se = (p * (1 - p) / len(samples)).sqrt()
+    assert ((f - p).abs() <= z * se + 1e-12).all(), (f, p)
+
+
+def guided_discrete(w, cls):
+    """probs_fn of the P3 joint guided towards the class (x0 + x1 + x2) mod 3 = cls by the exact classifier
+    p(cls | theta) = sum_x [class(x) = cls] p(x | theta), its gradient by autograd."""
+    codes = torch.arange(27).view(3, 3, 3)
+    in_class = ((codes // 9 + codes // 3 % 3 + codes % 3) % 3 == cls).double()
+    probs = joint_marginals(P3)
+
+    def guided(theta, t):
+        with torch.enable_grad():
+            th = theta.detach().double().requires_grad_()
+            lt = th.clamp_min(1e-300).log()
+            lp = P3.log()[None] + lt[:, 0, :, None, None] + lt[:, 1, None, :, None] + lt[:, 2, None, None, :]
+            log_c = torch.logsumexp(lp.flatten(1) + in_class.flatten().log(), -1) - torch.logsumexp(lp.flatten(1), -1)
+            grad, = torch.autograd.grad(log_c.sum(), th)
+        return C.discrete_guided_probs(probs(theta, t), theta, grad.float(), w)
+    return guided, (P3 * in_class) / (P3 * in_class).sum()
+
+
+@pytest.mark.parametrize("sampler", ["paper", "ode", "sde"])
+def test_guidance_with_an_exact_classifier_samples_the_class(sampler):
+    """Discrete data: e_hat + grad_y ln p(c | theta) is the exact posterior given c, so at w = 1 every sampler draws
+    p(x | c) (the P3 joint restricted to (x0 + x1 + x2) mod 3 = 1; 200 steps, each cell within 5 standard errors; a
+    large beta(1), so that the final draw of each dimension from its marginal cannot break the class);
+    at w = 0 it is the unguided sampler to the bit."""
+    run = {"paper": C.discrete_sample, "ode": C.discrete_sample_ode, "sde": C.discrete_sample_sde}[sampler]
+    guided, target = guided_discrete(1.0, 1)
+    x = run(guided, (8000, 3), 200, 20.0, 3, generator=gen(5))  # beta(1) = 20: theta(1) certain, the draw joint
+    assert_frequencies(x[:, 0] * 9 + x[:, 1] * 3 + x[:, 2], target.flatten())
+    unguided = run(joint_marginals(P3), (50, 3), 7, BETA_1, 3, generator=gen(6))
+    assert torch.equal(run(guided_discrete(0.0, 1)[0], (50, 3), 7, BETA_1, 3, generator=gen(6)), unguided)
+
+
+@pytest.mark.parametrize("sampler", ["paper", "ode", "sde"])
+def test_guidance_of_continuous_data_samples_the_component(sampler):
+    """Continuous data: x_hat + (1 - gamma) grad_mu ln p(c | mu) = E[x | mu, c] (Tweedie), so at w = 1 the guided
+    samplers draw the component c of the mixture, N(0.6, 0.08^2) (mean and variance within 5 standard errors; 400
+    steps); w = 0 is the unguided sampler to the bit."""
+    run = {"paper": C.continuous_sample, "ode": lambda *a, **k: C.continuous_sample_ode(*a, order=2, **k),
+           "sde": C.continuous_sample_sde}[sampler]
+    x_hat = mixture_x_hat(W1, M1, S1, SIGMA_1)
+
+    def guided(w):
+        def fn(mu, t):
+            with torch.enable_grad():
+                m = mu.detach().requires_grad_()
+                log_c = component_log_posterior(m, t, W1, M1, S1, SIGMA_1).log_softmax(-1)[:, 1]
+                grad, = torch.autograd.grad(log_c.sum(), m)
+            return C.continuous_guided_x_hat(x_hat(mu, t), t, grad, w, SIGMA_1)
+        return fn
+
+    x = run(guided(1.0), (20_000, 1), 400, SIGMA_1, generator=gen(7)).double()
+    n, m, s = len(x), M1[1, 0].item(), S1
+    assert abs(x.mean().item() - m) < 5 * s / math.sqrt(n)
+    assert abs(x.var().item() - s ** 2) < 5 * s ** 2 * math.sqrt(2 / (n - 1))
+    plain = run(x_hat, (50, 1), 7, SIGMA_1, generator=gen(8))
+    assert torch.equal(run(guided(0.0), (50, 1), 7, SIGMA_1, generator=gen(8)), plain)
