@@ -1,31 +1,20 @@
 """Bayesian Flow Network on dynamically binarised MNIST (§6 of Graves et al., arXiv:2308.07037): discrete data, K = 2.
 
-Trains the authors' U-Net with the continuous-time loss L^inf (Algorithm 8), evaluates the test negative
-log-likelihood bound L^inf + L^r and L^n + L^r in nats/image, and samples with Algorithm 9 or the ODE or SDE solver.
-`--digits 2` trains on 64x64 images of two MNIST digits side by side instead.
+Trains the authors' U-Net with the continuous-time loss L^inf (Algorithm 8), evaluates the test bound L^inf + L^r and
+L^n + L^r in nats/image (the paper: 77.87), and samples with Algorithm 9 or the ODE or SDE solver of common.py.
+Writes log.txt, ckpt.pt, eval.json, samples.png and evolution.png/.gif (theta and p_O over time) to --out-dir.
 
-    python bfn_mnist.py --preset quick       # a 1.08M-parameter U-Net for minutes on a laptop CPU
-    python bfn_mnist.py --preset quick --digits 2 --steps 1000 --eval-samples 200  # two digits, ≈35 min on 2 cores
-    python bfn_mnist.py                      # the paper's model and optimiser (24.8M parameters, batch 512)
-    torchrun --nproc_per_node=8 bfn_mnist.py --batch-size 64      # the same global batch on 8 GPUs
-    python bfn_mnist.py --eval-only --eval-n inf 10 25 50 100 784  # the paper's table, from runs/bfn_mnist/ckpt.pt
-    python bfn_mnist.py --preset quick --conditional         # class-conditional (labels dropped 10% of the time), then:
-    python bfn_mnist.py --preset quick --conditional --sample-only --sampler ode --sample-steps 10 --guidance 3
-    python bfn_mnist.py --preset quick --digits 2 --conditional --steps 1000 --sample-class 42   # labels 00-99
+    python bfn_mnist.py --preset quick                    # a small U-Net, minutes on a laptop CPU
+    python bfn_mnist.py                                   # the paper's model and optimiser
+    torchrun --nproc_per_node=8 bfn_mnist.py --batch-size 64       # the paper's global batch on 8 GPUs
+    python bfn_mnist.py --eval-only --eval-n inf 10 25 50 100 784   # the paper's table, from the run directory
+    python bfn_mnist.py --sample-only --sampler ode sde --sample-steps 10 --eval-samples 1000   # fast, and scored
+    python bfn_mnist.py --sample-only --inpaint bottom --particles 8       # complete the lower half of test digits
+    python bfn_mnist.py --sample-only --grad-guidance 2 --sample-class 3   # steer any model towards a digit
+    python bfn_mnist.py --preset quick --conditional --steps 3000   # class-conditional, for --guidance
+    python bfn_mnist.py --preset quick --digits 2          # 64x64 images of two digits side by side
 
-Paper: 77.87 nats/image (L^inf + L^r, test set); by steps n: 10 ≈ 95.2, 25 ≈ 84.4, 50 ≈ 81.1, 100 ≈ 79.5,
-784 ≈ 78.0.
-Measured: --preset quick, 90.95 ± 0.73 nats/image on all 10,000 test images; 2 AMD EPYC CPU cores, torch 2.14.1,
-2026-11-29.
-
-Outputs in --out-dir (default runs/bfn_mnist): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.png (8x8
-final samples; 4x4 for --digits 2) and evolution.png (for each of 4 samples, two rows: the input probability theta of
-a black pixel, then the network's output probability, at t = 0, 0.1, ..., 1 left to right), evolution.gif (the same
-at every step, for 8 samples). With --eval-samples N, sample quality through a digit classifier, in eval.json and
-samples.json (one row per --sampler and --sample-steps: `--sampler paper ode --sample-steps 10 25 100` runs each).
-With --conditional, samples.png has one row per class (--sample-class), each --guidance weight is sampled in turn, and
-the sample quality adds the fraction classified as the requested class; --inpaint completes test images (inpaint.png).
-Shapes: B batch, H x W image (28 or 64), K = 2 classes (0 = white, 1 = black ink), C channels.
+Shapes: B batch, H x W image (28 x 28; 64 x 64 with --digits 2), K = 2 classes (0 white, 1 black ink), C channels.
 """
 import argparse
 import contextlib
@@ -39,13 +28,15 @@ import json
 import math
 import os
 import resource
+import shlex
+import shutil
 import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -54,172 +45,105 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, \
-    discrete_sample_ode, discrete_sample_sde, stratified_steps
+from common import discrete_flow, discrete_guided_probs, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, \
+    discrete_sample, discrete_sample_ode, discrete_sample_sde, stratified_steps
 
-SCRIPT, UNIT = "bfn_mnist.py", "nats/image"
-K = 2  # white and black pixels
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Config: every field is a command-line flag (--batch-size for batch_size); defaults are the paper's.
+SCRIPT, UNIT, K = "bfn_mnist.py", "nats/image", 2  # K: white and black pixels
 
 
-def opt(default, help, fixed=False):
-    """A setting: its default, its --help, and whether it fixes the model or the data (a resumed run must keep it)."""
-    return field(default=default, metadata={"help": help, "fixed": fixed})
+def opt(default, help, fixed=False, **accepts):
+    """A setting: default, --help, whether it fixes the model or the data (a checkpoint keeps it), and the values it
+    accepts (choices=(...), low: at least, high: below)."""
+    return dataclasses.field(default=default, metadata={"help": help, "fixed": fixed, **accepts})
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    """Every setting of a run; parse_args makes each a flag, and the checkpoint stores them."""
-    preset: str = opt("", "paper: the authors' model and optimiser (the defaults); quick: the README's CPU recipe")
-    # data
-    data_dir: str = opt("data", "where MNIST is downloaded / found (torchvision's layout: DIR/MNIST/raw/*.gz)")
-    digits: int = opt(1, "1: 28x28 MNIST; 2: 64x64 images of two digits side by side", fixed=True)
-    conditional: bool = opt(False, "class-conditional: the network also sees the label (the digit; the number 00-99 "
-                                   "for --digits 2), or a null label (--label-drop of the time)", fixed=True)
-    label_drop: float = opt(0.1, "with --conditional: the fraction of training labels replaced by the null label, so "
-                                 "that one network is both p(x | class) and p(x) (classifier-free guidance)")
-    # BFN
-    beta_1: float = opt(9.0, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8)", fixed=True)
-    # network
-    channels: int = opt(128, "U-Net base channels", fixed=True)
-    res_blocks: int = opt(2, "residual blocks per U-Net level", fixed=True)
-    dropout: float = opt(0.5, "dropout in the residual blocks")
-    # optimisation
-    steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
-    batch_size: int = opt(512, "examples per process and micro-batch (global: batch size x grad accum x processes)")
-    grad_accum: int = opt(1, "micro-batches per optimiser step")
-    lr: float = opt(1e-4, "AdamW learning rate (the peak, with a schedule)")
-    lr_warmup: int = opt(0, "steps of linear learning-rate warm-up from 0 (0: none, the paper's)")
-    lr_decay: str = opt("none", "learning-rate decay after the warm-up: none (constant, the paper's), cosine or linear")
-    lr_final: float = opt(0.1, "with --lr-decay: the learning rate at --steps, as a fraction of --lr")
-    betas: tuple = opt((0.9, 0.98), "AdamW betas")
-    weight_decay: float = opt(0.01, "AdamW weight decay (on the weights of linear and convolution layers only)")
-    grad_clip: float = opt(5.0, "clip the gradient norm to this")
-    ema_decay: float = opt(0.9999, "EMA decay of the weights used to evaluate and sample (warmed up)")
-    # evaluation and sampling
-    eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test losses L^n + L^r ('inf': continuous time)")
-    eval_examples: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
-    eval_repeats: int = opt(1, "passes over them, with fresh binarisations and noise (the authors: 2000 at n = 784)")
-    eval_batch_size: int = opt(500, "examples per evaluation batch")
-    inpaint: str = opt("", "complete test images with a region missing: top, bottom, left, right or centre (that half, "
-                           "or the middle half each way, is generated), or a mask image (H x W, white = generate)")
-    eval_samples: int = opt(0, "sample quality: draw N samples and compare them with N test images through a digit "
-                               "classifier (Fréchet distance of its features, confident fraction, label entropy)")
-    sample_steps: tuple = opt((100,), "generation steps n of Algorithm 9; several: each, with each --sampler")
-    num_samples: int = opt(64, "images in samples.png")
-    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver; "
-                                     "sde: the second-order SDE solver (both for few steps); several: each")
-    sample_class: tuple = opt(("all",), "with --conditional: the classes to sample (e.g. 4 2; for --digits 2 the "
-                                        "number, e.g. 42), one grid row each; all: every class")
-    guidance: tuple = opt((0.0,), "with --conditional: the classifier-free guidance weight w (0: the conditional "
-                                  "model, no guidance); several: each")
-    guide_on: str = opt("inputs", "inputs: guidance on the Bayesian updates of theta, (1 + w) p_cond - w p_uncond, for "
-                                  "the ode and sde samplers (measured better); outputs: (1 + w) ln p_cond - w ln "
-                                  "p_uncond (always for the paper's sampler, which draws a class from p_O)")
-    final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
-                               "likely value, as the authors' release)")
-    # run
-    out_dir: str = opt("runs/bfn_mnist", "run directory: log.txt, ckpt.pt, eval.json, samples.png, evolution.png")
-    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
-    init_from: str = opt("", "start from the weights of another run's ckpt.pt or of an authors' checkpoint (fresh "
-                             "optimiser, step 0): fine-tune, or evaluate and sample with --eval-only / --sample-only")
-    eval_only: bool = opt(False, "load <out-dir>/ckpt.pt, evaluate on the test set, exit")
-    sample_only: bool = opt(False, "load <out-dir>/ckpt.pt, sample, exit")
+    """Every setting of a run, each a flag (--batch-size for batch_size); the defaults are the paper's."""
+    data_dir: str = opt("data", "where MNIST is, or is downloaded to (torchvision's layout: DIR/MNIST/raw)")
+    digits: int = opt(1, "1: 28x28 MNIST; 2: 64x64 images of two digits side by side", True, choices=(1, 2))
+    conditional: bool = opt(False, "the network also sees the label (the digit, or the number 00-99)", True)
+    beta_1: float = opt(9.0, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8)", True, low=1e-9)
+    channels: int = opt(128, "U-Net base channels (a multiple of 8)", True, low=8)
+    res_blocks: int = opt(2, "residual blocks per U-Net level", True, low=1)
+    norm_groups: int = opt(32, "GroupNorm groups, at most (32: the authors')", True, low=1)
+    dropout: float = opt(0.5, "dropout in the residual blocks", low=0, high=1)
+    label_drop: float = opt(0.1, "with --conditional: the fraction of training labels replaced by none", low=0, high=1)
+    steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)", low=0)
+    batch_size: int = opt(512, "examples per process and step (global: x --grad-accum x processes)", low=1)
+    grad_accum: int = opt(1, "batches accumulated per optimiser step", low=1)
+    lr: float = opt(1e-4, "AdamW learning rate (the peak, with a schedule)", low=1e-12)
+    lr_warmup: int = opt(0, "steps of linear learning-rate warm-up (0: the paper's)", low=0)
+    lr_decay: str = opt("none", "decay to --lr-final x --lr at --steps", choices=("none", "cosine", "linear"))
+    lr_final: float = opt(0.1, "with --lr-decay: the final learning rate as a fraction of --lr", low=0, high=1)
+    betas: tuple = opt((0.9, 0.98), "AdamW betas", low=0, high=1)
+    weight_decay: float = opt(0.01, "AdamW weight decay (weights of linear and convolution layers)", low=0)
+    grad_clip: float = opt(5.0, "clip the gradient norm to this", low=1e-12)
+    ema_decay: float = opt(0.9999, "EMA decay of the weights that evaluate and sample (warmed up)", low=0, high=1)
+    eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test bounds L^n + L^r (inf: continuous time)")
+    eval_examples: int = opt(0, "evaluate on the first N test images (0: all)", low=0)
+    eval_repeats: int = opt(1, "passes over them with fresh binarisations and noise", low=1)
+    eval_batch_size: int = opt(500, "examples per evaluation and sampling batch", low=1)
+    sampler: tuple = opt(("paper",), "Algorithm 9, or the second-order ODE or SDE solver; several: each",
+                         choices=("paper", "ode", "sde"))
+    sample_steps: tuple = opt((100,), "generation steps n; several: each", low=1)
+    num_samples: int = opt(64, "images in samples.png, and test images completed by --inpaint", low=1)
+    final: str = opt("sample", "the result at t = 1: a draw of p_O (the paper's) or its mode", choices=("sample", "mode"))
+    eval_samples: int = opt(0, "sample quality of N samples against N test images, through two classifiers", low=0)
+    sample_class: tuple = opt(("all",), "with --conditional or --grad-guidance: the classes to sample, a row each")
+    guidance: tuple = opt((0.0,), "with --conditional: classifier-free guidance weight; several: each", low=-1)
+    guide_on: str = opt("inputs", "classifier-free guidance of the updates of theta (ode, sde) or of p_O",
+                        choices=("inputs", "outputs"))
+    grad_guidance: tuple = opt((0.0,), "guidance of any model by the gradient of a classifier of theta; several: each",
+                               low=0)
+    inpaint: str = opt("", "complete test images: top, bottom, left, right, centre, or a mask image (white: generate)")
+    particles: int = opt(1, "with --inpaint: sequential Monte Carlo over P particles (1: replacement)", low=1)
+    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win", choices=("paper", "quick"))
+    out_dir: str = opt("runs/bfn_mnist", "the run directory")
+    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its settings (flags given change them)")
+    init_from: str = opt("", "start from the weights of another run's ckpt.pt or an authors' checkpoint")
+    eval_only: bool = opt(False, "evaluate the checkpoint in <out-dir> on the test set")
+    sample_only: bool = opt(False, "sample from the checkpoint in <out-dir>")
     seed: int = opt(0, "everything random derives from it")
-    device: str = opt("auto", "auto (cuda, mps, cpu), or a torch device such as cuda:0")
-    dtype: str = opt("auto", "autocast dtype around the network: auto (bfloat16 on cuda), float32, bfloat16, float16")
+    device: str = opt("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
+    dtype: str = opt("auto", "autocast dtype (auto: bfloat16 on cuda)", choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(False, "torch.compile the network for training")
-    log_every: int = opt(100, "steps between log lines (the first comes after a few seconds)")
-    eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end, on test)")
-    sample_every: int = opt(5000, "steps between samples (0: only at the end)")
-    ckpt_every: int = opt(1000, "steps between checkpoints")
+    log_every: int = opt(100, "steps between log lines", low=1)
+    eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end)", low=0)
+    sample_every: int = opt(5000, "steps between samples (0: only at the end)", low=0)
+    ckpt_every: int = opt(1000, "steps between checkpoints", low=1)
 
 
-# --preset quick: the measured CPU recipe of the README (≈8 minutes on 2 CPU cores); paper: the defaults above.
 PRESETS = {"paper": {}, "quick": dict(channels=32, res_blocks=1, dropout=0.0, lr=1e-3, batch_size=32, steps=1600,
                                       eval_every=0, sample_every=0, eval_examples=2000)}
+INPAINT_REGIONS = ("top", "bottom", "left", "right", "centre")
 
 
-def parse_args(argv=None):
-    """Command line -> Config: the preset's values, then the flags given; a bad value stops with one line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.type is tuple:
-            p.add_argument(flag, nargs="+", type=type(f.default[0]), default=f.default, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
-    preset = p.parse_known_args(argv)[0].preset
-    if preset not in ("", *PRESETS):
-        p.error(f"--preset must be {' or '.join(PRESETS)}, got {preset}")
-    p.set_defaults(**PRESETS[preset or "paper"])  # explicit flags still win
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
-    for bad, message in [
-        (cfg.digits not in (1, 2), f"--digits must be 1 or 2, got {cfg.digits}"),
-        (cfg.steps < 0, f"--steps must be >= 0, got {cfg.steps}"),
-        (cfg.batch_size < 1 or cfg.grad_accum < 1, "--batch-size and --grad-accum must be >= 1"),
-        (cfg.channels < 8 or cfg.channels % 8 != 0, f"--channels must be a positive multiple of 8, got {cfg.channels}"),
-        (cfg.res_blocks < 1, f"--res-blocks must be >= 1, got {cfg.res_blocks}"),
-        (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
-        (cfg.beta_1 <= 0, f"--beta-1 must be > 0, got {cfg.beta_1}"),
-        (cfg.lr <= 0 or cfg.grad_clip <= 0, "--lr and --grad-clip must be > 0"),
-        (cfg.lr_warmup < 0 or cfg.lr_decay not in ("none", "cosine", "linear") or not 0 <= cfg.lr_final <= 1,
-         "--lr-warmup must be >= 0, --lr-decay none, cosine or linear, --lr-final in [0, 1]"),
-        (not 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
-        (len(cfg.betas) != 2, "--betas takes two numbers"),
+def check(cfg):
+    """The settings that depend on each other -> (cfg, with every class for --grad-guidance without --sample-class;
+    the problems, each a one-line message)."""
+    classes = 10 ** cfg.digits
+    if any(cfg.grad_guidance) and cfg.sample_class == ("all",) and not cfg.conditional:
+        cfg = dataclasses.replace(cfg, sample_class=tuple(map(str, range(classes))))
+    return cfg, [message for bad, message in [
+        (cfg.channels % 8 != 0, f"--channels must be a multiple of 8, got {cfg.channels}"),
         (any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n),
-         f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
-        (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
-        (min(cfg.sample_steps) < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
-        (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
-        (not set(cfg.sampler) <= {"paper", "ode", "sde"},
-         f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
-        (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
-        (not 0 <= cfg.label_drop < 1, f"--label-drop must be in [0, 1), got {cfg.label_drop}"),
-        (cfg.conditional and cfg.channels < 32, "--conditional needs --channels 32 or more: below, every U-Net level "
-         "has at most 32 channels, one per GroupNorm group, and the normalisation erases the label embedding"),
-        (not cfg.conditional and (cfg.sample_class != ("all",) or any(cfg.guidance)),
-         "--sample-class and --guidance need a --conditional model"),
-        (any(c != "all" and not (c.isdigit() and int(c) < 10 ** cfg.digits) for c in cfg.sample_class),
-         f"--sample-class takes all or classes 0..{10 ** cfg.digits - 1}, got {' '.join(cfg.sample_class)}"),
-        (min(cfg.guidance) < -1, f"--guidance must be >= -1 (-1: the unconditional model), got {min(cfg.guidance)}"),
-        (cfg.guide_on not in ("outputs", "inputs"), f"--guide-on takes inputs or outputs, got {cfg.guide_on}"),
+         f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}"),
+        (cfg.eval_samples == 1 or len(cfg.betas) != 2, "--eval-samples must be 0 or >= 2; --betas takes two numbers"),
+        (cfg.conditional and cfg.norm_groups % (2 * cfg.channels) == 0, "--conditional needs a U-Net level with more "
+         "channels than GroupNorm groups, or the normalisation erases the label: raise --channels"),
+        (any(cfg.guidance) and not cfg.conditional, "--guidance needs a --conditional model"),
+        (cfg.sample_class != ("all",) and not (cfg.conditional or any(cfg.grad_guidance)),
+         "--sample-class needs a --conditional model or --grad-guidance"),
+        (any(c != "all" and not (c.isdigit() and int(c) < classes) for c in cfg.sample_class),
+         f"--sample-class takes all or classes 0..{classes - 1}, got {' '.join(cfg.sample_class)}"),
         (cfg.inpaint not in ("", *INPAINT_REGIONS) and not os.path.isfile(cfg.inpaint),
-         f"--inpaint takes {', '.join(INPAINT_REGIONS)} or a mask image file, got {cfg.inpaint}"),
-        (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
-        (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
-         "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
-        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
-         f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
+         f"--inpaint takes {', '.join(INPAINT_REGIONS)} or a mask image, and {cfg.inpaint} is neither (no such file)"),
+        (cfg.particles > 1 and not cfg.inpaint, "--particles is for --inpaint"),
+        (cfg.particles > 1 and "ode" in cfg.sampler, "--particles needs a stochastic sampler (paper, sde): the ODE "
+         "solver is deterministic after its first draw, so there is nothing to reweight"),
         (cfg.eval_only and cfg.sample_only, "--eval-only and --sample-only exclude each other"),
-        (cfg.resume and bool(cfg.init_from), "--resume and --init-from exclude each other"),
-    ]:
-        if bad:
-            p.error(message)
-    return cfg
-
-
-def flag_value(value):
-    """A setting's value as the command line writes it: flag_value(("inf", "10")) = "inf 10"."""
-    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-
-
-def as_flag(name, value):
-    """A setting and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10",
-    as_flag("eval_only", True) = "--eval-only"."""
-    flag = f"--{name.replace('_', '-')}"
-    return flag if value is True else f"{flag} {flag_value(value)}"
-
-
-def preset_overrides(cfg):
-    """The settings whose values differ from the preset's, as '--flag value' strings."""
-    base = dataclasses.asdict(parse_args(["--preset", cfg.preset] if cfg.preset else []))
-    return [as_flag(k, v) for k, v in dataclasses.asdict(cfg).items() if k != "preset" and v != base[k]]
+        (cfg.resume and bool(cfg.init_from), "--resume and --init-from exclude each other")] if bad]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -229,42 +153,39 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.
                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def read_idx(path, magic, kind):
-    """An MNIST idx file (gzip's CRC-32 checks the bytes): images (magic 2051) -> (N, rows, cols) uint8, or labels
-    (magic 2049) -> (N,) uint8; kind names it in errors."""
-    fix = "Delete it and run again to re-download."
-    dims = 3 if magic == 2051 else 1
+def read_idx(path):
+    """An MNIST idx file (gzip's CRC-32 checks it): images (magic 2051) -> (N, 28, 28), labels (2049) -> (N,), uint8."""
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-        found, *shape = struct.unpack(f">{1 + dims}I", raw[:4 + 4 * dims])
+        dims = {2051: 3, 2049: 1}.get(struct.unpack(">I", raw[:4])[0], 0)
+        shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
     except (OSError, EOFError, struct.error) as e:
-        raise SystemExit(f"{SCRIPT}: error: {path} is corrupt or truncated ({e}). {fix}")
-    header = 4 + 4 * dims
-    if found != magic or len(raw) != header + math.prod(shape):
-        raise SystemExit(f"{SCRIPT}: error: {path} is not an MNIST {kind} file (magic {found}, {len(raw)} bytes for "
-                         f"{'x'.join(map(str, shape))}). {fix}")
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
-
-
-def load_mnist_labels(data_dir):
-    """{train, test}: (N,) uint8 digit labels (files found or downloaded by load_mnist)."""
-    raw = os.path.join(data_dir, "MNIST", "raw")
-    return {split: read_idx(os.path.join(raw, files[1]), 2049, "idx1 label") for split, files in MNIST_FILES.items()}
+        raise SystemExit(f"{SCRIPT}: error: {path} is corrupt or truncated ({e}). Delete it to download it afresh")
+    if not dims or len(raw) != 4 + 4 * dims + math.prod(shape):
+        raise SystemExit(f"{SCRIPT}: error: {path} is not an MNIST idx file. Delete it to download it afresh")
+    return torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8).reshape(shape)
 
 
 def load_mnist(data_dir):
-    """{train, test}: (N, 28, 28) uint8 in 0..255. Downloads with torchvision (MD5-checked) if the files are missing."""
+    """{train, test}: ((N, 28, 28) images, (N,) labels), uint8. Missing files are downloaded by torchvision (MD5-checked)
+    into data_dir; a --data-dir that does not exist is refused, and a failed download leaves no folder behind."""
     raw = os.path.join(data_dir, "MNIST", "raw")
-    if not all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES["train"] + MNIST_FILES["test"]):
-        import torchvision
+    paths = {split: [os.path.join(raw, name) for name in names] for split, names in MNIST_FILES.items()}
+    if not all(os.path.exists(path) for split in paths.values() for path in split):
+        if data_dir != Config.data_dir and not os.path.isdir(data_dir):
+            raise SystemExit(f"{SCRIPT}: error: --data-dir {data_dir} does not exist")
+        made = next((d for d in (data_dir, os.path.join(data_dir, "MNIST")) if not os.path.exists(d)), None)
         try:
-            for is_train in (True, False):
-                torchvision.datasets.MNIST(data_dir, train=is_train, download=True)
+            import torchvision
+            for train in (True, False):
+                torchvision.datasets.MNIST(data_dir, train=train, download=True)
         except Exception as e:
-            raise SystemExit(f"{SCRIPT}: error: downloading MNIST into {raw} failed ({e}). Check the network, or put "
-                             f"the four MNIST .gz files there by hand.")
-    return {split: read_idx(os.path.join(raw, files[0]), 2051, "idx3 image") for split, files in MNIST_FILES.items()}
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
+            raise SystemExit(f"{SCRIPT}: error: downloading MNIST (4 files, 11 MB) into {raw} failed ({e}); put them "
+                             f"there by hand ({', '.join(n for names in MNIST_FILES.values() for n in names)})")
+    return {split: (read_idx(images), read_idx(labels)) for split, (images, labels) in paths.items()}
 
 
 def two_digit_images(digits, labels, n, seed):
@@ -276,8 +197,7 @@ def two_digit_images(digits, labels, n, seed):
     for half in (0, 32):
         which = torch.randint(len(digits), (n,), generator=g)
         number = 10 * number + labels[which]
-        dy = torch.randint(0, 37, (n,), generator=g)
-        dx = half + torch.randint(0, 5, (n,), generator=g)
+        dy, dx = torch.randint(0, 37, (n,), generator=g), half + torch.randint(0, 5, (n,), generator=g)
         for y in range(37):
             for x in range(half, half + 5):
                 m = (dy == y) & (dx == x)
@@ -286,20 +206,18 @@ def two_digit_images(digits, labels, n, seed):
 
 
 def load_data(cfg, device):
-    """{train, val, test}: uint8 grey levels (N, H, W) on the device; train/val is a fixed 99% / 1% split. With
-    --conditional also {train, val, test}_labels: (N,) uint8 classes (the digit, or the number 00-99)."""
+    """{train, val, test}: (N, H, W) uint8 grey levels, and {train, val, test}_labels: (N,) uint8 (the digit, or the
+    number 00-99), on the device; train/val is a fixed 99% / 1% split of the training set."""
     mnist = load_mnist(cfg.data_dir)
-    labels = load_mnist_labels(cfg.data_dir) if cfg.conditional or cfg.digits == 2 else None
     if cfg.digits == 2:
-        (train, train_labels), (test, test_labels) = [two_digit_images(mnist[s], labels[s], n, cfg.seed + k)
-                                                      for k, (s, n) in enumerate([("train", 60_000), ("test", 10_000)])]
-        mnist, labels = {"train": train, "test": test}, {"train": train_labels, "test": test_labels}
-    perm = torch.randperm(len(mnist["train"]), generator=torch.Generator().manual_seed(0))
-    n_val = len(perm) // 100  # 600 of 60,000
-    splits = {"": mnist} if not cfg.conditional else {"": mnist, "_labels": labels}
-    return {name + suffix: part.to(device) for suffix, d in splits.items()
-            for name, part in [("train", d["train"][perm[n_val:]]), ("val", d["train"][perm[:n_val]]),
-                               ("test", d["test"])]}
+        mnist = {split: two_digit_images(*mnist[split], n, cfg.seed + k)
+                 for k, (split, n) in enumerate([("train", 60_000), ("test", 10_000)])}
+    perm = torch.randperm(len(mnist["train"][0]), generator=torch.Generator().manual_seed(0))
+    n_val, data = len(perm) // 100, {}  # 600 of 60,000
+    for split, (images, labels), idx in [("train", mnist["train"], perm[n_val:]), ("val", mnist["train"], perm[:n_val]),
+                                         ("test", mnist["test"], slice(None))]:
+        data[split], data[split + "_labels"] = images[idx].to(device), labels[idx].to(device)
+    return data
 
 
 def binarise(images, generator=None):
@@ -308,21 +226,9 @@ def binarise(images, generator=None):
 
 
 def get_batch(data, cfg):
-    """A random training batch: (B, H, W) pixel classes and, with --conditional, their (B,) labels (else None); the
-    global RNG is seeded per step."""
+    """A random training batch: (B, H, W) pixel classes and, with --conditional, the (B,) labels (else None)."""
     idx = torch.randint(len(data["train"]), (cfg.batch_size,), device=data["train"].device)
     return binarise(data["train"][idx]), data["train_labels"][idx].long() if cfg.conditional else None
-
-
-def swept(cfg):
-    """The sampling settings that take several values, each sampled in turn (sample_all)."""
-    return ("sampler", "sample_steps", "guidance") if cfg.conditional else ("sampler", "sample_steps")
-
-
-def num_classes(cfg):
-    """The labels of --conditional: 10 digits, or the numbers 00-99 for --digits 2; index num_classes is the null
-    label (no class given). 0 when unconditional."""
-    return 10 ** cfg.digits if cfg.conditional else 0
 
 
 def evaluation_set(images, cfg):
@@ -339,9 +245,9 @@ def to_unit(nats, cfg):
 # Network: the authors' improved-diffusion U-Net for MNIST (mults (1, 2, 2), attention in the middle), tensor for
 # tensor: their parameter names (without the `net.` prefix), shapes and function, so their checkpoints load as they are.
 
-def group_norm(c):
-    """GroupNorm with 32 groups (the authors'), or fewer when c is not a multiple of 32."""
-    return nn.GroupNorm(math.gcd(32, c), c)
+def group_norm(c, groups):
+    """GroupNorm with the largest number of groups up to `groups` that divides c (the authors': 32)."""
+    return nn.GroupNorm(math.gcd(groups, c), c)
 
 
 def zero(layer):
@@ -361,11 +267,11 @@ def time_embedding(t, dim):
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv; plus the time embedding; GroupNorm, SiLU, dropout, conv; plus the (projected) input."""
 
-    def __init__(self, c_in, c_out, c_emb, dropout):
+    def __init__(self, c_in, c_out, c_emb, dropout, groups):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(c_emb, c_out))
-        self.out_layers = nn.Sequential(group_norm(c_out), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(group_norm(c_out, groups), nn.SiLU(), nn.Dropout(dropout),
                                         zero(nn.Conv2d(c_out, c_out, 3, padding=1)))
         self.skip_connection = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -378,9 +284,9 @@ class Attention(nn.Module):
     """Multi-head self-attention over the H x W positions, with a residual connection; the qkv channels are laid out
     per head (q, k, v of head 0, then of head 1, ...), as in the authors' network."""
 
-    def __init__(self, c, heads=4):
+    def __init__(self, c, groups, heads=4):
         super().__init__()
-        self.heads, self.norm = heads, group_norm(c)
+        self.heads, self.norm = heads, group_norm(c, groups)
         self.qkv, self.proj_out = nn.Conv1d(c, 3 * c, 1), zero(nn.Conv1d(c, c, 1))
 
     def forward(self, x):  # (B, C, H, W) -> (B, C, H, W)
@@ -423,14 +329,12 @@ class Layers(nn.ModuleList):
 
 class UNet(nn.Module):
     """Psi(theta, t): the input 2 theta_0 - 1 (theta_0: the probability of a white pixel, the authors' convention)
-    (B, H, W) and t (B,); output the logit of a black pixel (B, H, W).
-    Each pixel's [2 theta_0 - 1, 2 t - 1] is projected to `channels` features; the U-Net's output features are
-    concatenated with those projected inputs and a linear layer gives the logit.
-    With classes > 0 (class-conditional: 10 digits, or the 100 numbers 00-99), a label y (B,) in 0..classes (classes:
-    the null label, also used when y is None) adds a learned embedding to the time embedding (embed_label); with
-    classes = 0 it is the authors' network exactly."""
+    (B, H, W) and t (B,) -> the logit of a black pixel (B, H, W). Each pixel's [2 theta_0 - 1, 2 t - 1] is projected to
+    `channels` features, which a linear layer reads with the U-Net's output to give the logit. With classes > 0, a
+    label y (B,) in 0..classes (classes, or None: no label) adds an embedding to the time embedding (embed_label);
+    with classes = 0 and groups = 32 it is the authors' network."""
 
-    def __init__(self, channels=128, mults=(1, 2, 2), res_blocks=2, dropout=0.5, classes=0):
+    def __init__(self, channels=128, mults=(1, 2, 2), res_blocks=2, dropout=0.5, classes=0, groups=32):
         super().__init__()
         c_emb, ch = 4 * channels, channels
         self.channels, self.classes = channels, classes
@@ -443,22 +347,23 @@ class UNet(nn.Module):
         skips = [ch]
         for level, mult in enumerate(mults):
             for _ in range(res_blocks):
-                self.input_blocks.append(Layers([ResBlock(ch, channels * mult, c_emb, dropout)]))
+                self.input_blocks.append(Layers([ResBlock(ch, channels * mult, c_emb, dropout, groups)]))
                 ch = channels * mult
                 skips.append(ch)
             if level < len(mults) - 1:
                 self.input_blocks.append(Layers([Downsample(ch)]))
                 skips.append(ch)
-        self.middle_block = Layers([ResBlock(ch, ch, c_emb, dropout), Attention(ch), ResBlock(ch, ch, c_emb, dropout)])
+        self.middle_block = Layers([ResBlock(ch, ch, c_emb, dropout, groups), Attention(ch, groups),
+                                    ResBlock(ch, ch, c_emb, dropout, groups)])
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for i in range(res_blocks + 1):
-                layers = Layers([ResBlock(ch + skips.pop(), channels * mult, c_emb, dropout)])
+                layers = Layers([ResBlock(ch + skips.pop(), channels * mult, c_emb, dropout, groups)])
                 ch = channels * mult
                 if level > 0 and i == res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(layers)
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), zero(nn.Conv2d(ch, channels, 3, padding=1)))
         self.output_projection = nn.Linear(2 * channels, 1)
 
     def forward(self, x, t, y=None):  # (B, H, W), (B,), (B,) or None -> (B, H, W)
@@ -467,7 +372,7 @@ class UNet(nn.Module):
         emb = self.time_embed(time_embedding(t, self.channels))  # (B, 4 channels)
         if self.classes:
             emb = emb + self.embed_label(torch.full_like(t, self.classes, dtype=torch.long) if y is None else y)
-        h, hs = x.permute(0, 3, 1, 2), []  # (B, channels, H, W)
+        h, hs = x.permute(0, 3, 1, 2).contiguous(), []  # (B, channels, H, W); contiguous: GroupNorm is slow otherwise
         for layers in self.input_blocks:
             h = layers(h, emb)
             hs.append(h)
@@ -478,10 +383,8 @@ class UNet(nn.Module):
         return self.output_projection(torch.cat([x, out], -1))[..., 0]
 
     def embed_label(self, y):  # (B,) -> (B, 4 channels)
-        """The sum over the label's decimal digits of a learned vector for (position, digit), the null label being
-        the null digit 10 at every position: one digit, one row per label; for 00-99 the tens and the units each
-        have their own ten rows, so what a 4 looks like on the left is learnt from every number 40-49, not from the
-        1% of images that show 42 (the two halves of a two-digit image are independent digits)."""
+        """The sum over the label's decimal digits of a learned vector for (position, digit), the null label being the
+        null digit 10 at every position: for 00-99 what a 4 looks like on the left is learnt from every number 40-49."""
         null, emb = y == self.classes, 0
         for position in range(self.digits):
             digit = torch.where(null, 10, y // 10 ** (self.digits - 1 - position) % 10)
@@ -497,75 +400,34 @@ def from_authors(state):
     return {k: v for k, v in state.items() if not k.startswith("input_adapter.")}
 
 
-NETWORK_FLAGS = "--channels, --res-blocks, --conditional"
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# BFN glue: the network as the output distribution p_O(. | theta, t) of discrete data (§6.4), and the losses.
+# BFN: the network as the output distribution of discrete data (§6.4), the loss, the test bound and the draw.
 
-def output_log_probs(net, theta, t, autocast, y=None):
-    """ln p_O(k | theta, t) (given the labels y (B,) of a conditional network) from one logit per pixel, as
-    log-sigmoids in float32 (exact for confident pixels): theta (B, H, W, 2), t (B,) -> (B, H, W, 2)."""
-    with autocast:
+def output_log_probs(net, theta, t, ctx, y=None):
+    """ln p_O(k | theta, t) from one logit per pixel (given labels y (B,) for a conditional network), as log-sigmoids in
+    float32, exact for confident pixels: theta (B, H, W, 2), t (B,) -> (B, H, W, 2)."""
+    with ctx.autocast:
         logit = net(2 * theta[..., 0] - 1, t) if y is None else net(2 * theta[..., 0] - 1, t, y)  # (B, H, W)
     logit = logit.float()  # the log-odds of black
     return torch.stack([F.logsigmoid(-logit), F.logsigmoid(logit)], -1)
 
 
-def drop_labels(y, cfg):
-    """Training labels (B,) with a fraction --label-drop replaced by the null label, so that one network learns both
-    p(x | class) and p(x); None (unconditional) stays None."""
-    if y is None:
-        return None
-    return torch.where(torch.rand(len(y), device=y.device) < cfg.label_drop, num_classes(cfg), y)
-
-
-def guided_probs(net, theta, t, y, cfg, autocast):
-    """p_O(. | theta, t) for sampling: unconditional if y is None, else given the labels y (B,) with classifier-free
-    guidance w = --guidance (Ho and Salimans, arXiv:2207.12598; beyond the BFN paper), from one network call on the
-    conditional and the null-label batch together.
-    On the inputs (--guide-on inputs, the default, for the ODE and SDE samplers): (1 + w) p_O(. | y) - w p_O(. | null).
-    These samplers use p_O only through the mean of the Bayesian update of the logits of theta, so this is exactly
-    (1 + w) times the conditional update of ln theta minus w times the unconditional one, with the same noise:
-    guidance on the input parameters (tests/test_common.py checks it). At t = 1 a value outside [0, 1] draws as if
-    clipped. On the outputs (--guide-on outputs, and always for the paper's sampler, whose update needs a class drawn
-    from a distribution): ln p = (1 + w) ln p_O(. | y) - w ln p_O(. | null), normalised.
-    Measured on conditional MNIST (README; 10-step ODE and SDE, 1000 samples): at the same w both put about as many
-    samples in the requested class (98.5-99.9%), and guidance on the inputs stays closer to the real digits of that
-    class (Fréchet distance 37.8 against 52.9 at w = 1, 104.7 against 198.1 at w = 3, ODE): it sharpens the update
-    linearly in probability, where the outputs' log-space extrapolation pushes every uncertain pixel to one side.
-    Hence the default."""
-    w = cfg.guidance
-    if y is None or w == 0:
-        return output_log_probs(net, theta, t, autocast, y).exp()
-    null = torch.full_like(y, num_classes(cfg))
-    both = output_log_probs(net, theta.repeat(2, 1, 1, 1), t.repeat(2), autocast, torch.cat([y, null]))
-    log_cond, log_uncond = both.chunk(2)
-    if cfg.guide_on == "inputs" and cfg.sampler != "paper":
-        return (1 + w) * log_cond.exp() - w * log_uncond.exp()
-    return torch.softmax((1 + w) * log_cond - w * log_uncond, -1)
-
-
-def train_loss(net, batch, cfg, autocast):
-    """L^inf (§6.7, Algorithm 8) of a batch (x (B, H, W), labels (B,) or None): t ~ U(0, 1),
-    theta ~ p_F(. | x; t). (B,) nats/image."""
+def train_loss(net, batch, cfg, ctx):
+    """L^inf (§6.7, Algorithm 8) of a batch (x (B, H, W), labels (B,) or None): t ~ U(0, 1), theta ~ p_F(. | x; t).
+    (B,) nats/image."""
     x, y = batch
     t = torch.rand(len(x), device=x.device)
     theta = discrete_flow(x, t, cfg.beta_1, K)
-    return discrete_loss_inf(x, output_log_probs(net, theta, t, autocast, drop_labels(y, cfg)).exp(), t, cfg.beta_1)
+    return discrete_loss_inf(x, output_log_probs(net, theta, t, ctx, drop_labels(y, cfg)).exp(), t, cfg.beta_1)
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation and sampling (with the EMA network)
 
 @torch.no_grad()
-def evaluate(net, images, cfg, autocast, seed):
-    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in nats/image, over --eval-repeats passes with fresh
-    binarisations and noise; the steps i of L^n are stratified over the examples. images (N, H, W) uint8 ->
-    {n: {loss, recon, total, stderr}}."""
+def evaluate(net, images, cfg, ctx, seed):
+    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n in --eval-n (inf: L^inf, §6.7), over --eval-repeats
+    passes with fresh binarisations and noise; the steps i of L^n stratified over the examples. images (N, H, W) uint8
+    -> {n: {loss, recon, total, stderr}} in nats/image."""
     g = torch.Generator(images.device).manual_seed(seed)
-    flow = lambda x, t: discrete_flow(x, t, cfg.beta_1, K, g)  # noqa: E731
-    log_p = lambda x, t: output_log_probs(net, flow(x, t), t, autocast)  # noqa: E731  ln p_O at theta ~ p_F(. | x; t)
+    log_p = lambda x, t: output_log_probs(net, discrete_flow(x, t, cfg.beta_1, K, g), t, ctx)  # noqa: E731
     losses, recon = {n: [] for n in cfg.eval_n}, []
     progress = Progress("evaluating", cfg.eval_repeats * math.ceil(len(images) / cfg.eval_batch_size))
     for _ in range(cfg.eval_repeats):
@@ -573,129 +435,140 @@ def evaluate(net, images, cfg, autocast, seed):
         for start in range(0, len(images), cfg.eval_batch_size):
             progress.tick()
             x = binarise(images[start:start + cfg.eval_batch_size], g)
-            B = len(x)
-            ones = torch.ones(B, device=x.device)
-            recon.append(discrete_recon_loss(x, log_p(x, ones)))
+            recon.append(discrete_recon_loss(x, log_p(x, torch.ones(len(x), device=x.device))))
             for n in cfg.eval_n:
                 if n == "inf":
-                    t = torch.rand(B, generator=g, device=x.device)
-                    loss = discrete_loss_inf(x, log_p(x, t).exp(), t, cfg.beta_1)
+                    t = torch.rand(len(x), generator=g, device=x.device)
+                    losses[n].append(discrete_loss_inf(x, log_p(x, t).exp(), t, cfg.beta_1))
                 else:
-                    i = steps[n][start:start + B]
-                    t = (i - 1) / int(n)
-                    loss = discrete_loss_n(x, log_p(x, t), i, int(n), cfg.beta_1, g)
-                losses[n].append(loss)
+                    i = steps[n][start:start + len(x)]
+                    losses[n].append(discrete_loss_n(x, log_p(x, (i - 1) / int(n)), i, int(n), cfg.beta_1, g))
     return summarise(losses, recon, cfg)
 
 
-class Progress:
-    """For long evaluations and sampling runs: 'label: done / total | seconds | ETA' at most every 30 seconds."""
-
-    def __init__(self, label, total, every=30.0):
-        self.label, self.total, self.every, self.done = label, total, every, 0
-        self.start = self.last = time.time()
-
-    def tick(self):
-        """One unit of work done; print a line if the last was `every` seconds ago."""
-        self.done += 1
-        now = time.time()
-        if now - self.last >= self.every:
-            eta_min = (now - self.start) / self.done * (self.total - self.done) / 60
-            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta_min:.1f} min",
-                  flush=True)
-            self.last = now
-
-
-def summarise(losses, recon, cfg):
-    """Per-example losses in nats, pass after pass -> {n: {loss, recon, total, stderr}} in the paper's unit. Each
-    example's losses are averaged over the passes first, so the standard error is over examples."""
-    per_example = lambda parts: to_unit(torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
-    recon = per_example(recon)
-    result = {}
-    for n, parts in losses.items():
-        total = per_example(parts) + recon
-        stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
-        result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
-                     "stderr": stderr}
-    return result
-
-
 @torch.no_grad()
-def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None, labels=None):
-    """n samples (n, H, W) of Algorithm 9 or the ODE solver (--sampler, --sample-steps, --final), in batches of
-    --eval-batch-size; with trajectory, one batch and also the trajectory (theta and p_O at each step).
-    given (n, H, W): known pixels (0 or 1; -1 where unknown). There p_O is replaced by the known value at every step,
-    so that those pixels follow the Bayesian flow of their true values, the network sees them as it would in training,
-    and it generates the rest consistently (inpainting); this works alike for every sampler.
-    labels (n,): the class of each sample, for a --conditional network (with --guidance); None: unconditional."""
-    size = 28 if cfg.digits == 1 else 64
+def draw(net, n, cfg, ctx, generator, trajectory=False, known=None, labels=None):
+    """n samples (n, H, W) of the --sampler (Algorithm 9, or the ODE or SDE solver) at --sample-steps, in batches of
+    --eval-batch-size; with trajectory, one batch, and its trajectory (theta and p_O at each network call). known
+    (n, H, W): pixels to condition on, -1 where unknown (with --particles; common.py, Conditioning); labels (n,): the
+    class of each sample, for --guidance and --grad-guidance."""
     sampler = {"paper": discrete_sample, "ode": discrete_sample_ode, "sde": discrete_sample_sde}[cfg.sampler]
-    chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(cfg.eval_batch_size)
+    particles = cfg.particles if known is not None else 1
+    guide = train_classifier(cfg, ctx, "guide") if cfg.grad_guidance and labels is not None else None
+    chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(max(1, cfg.eval_batch_size // particles))
     progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(chunks) * (cfg.sample_steps + 1))
 
     def run(idx):
-        def probs_fn(theta, t):  # p_O(. | theta, t), counting the network calls for the progress line
-            progress.tick()
-            probs = guided_probs(net, theta, t, None if labels is None else labels[idx], cfg, autocast)
-            if given is None:
-                return probs
-            known = given[idx]
-            return torch.where(known[..., None] >= 0, F.one_hot(known.clamp_min(0), K).float(), probs)
-
+        y = None if labels is None else labels[idx].repeat_interleave(particles)
+        probs_fn = lambda theta, t: progress.tick() or guided_probs(net, theta, t, y, cfg, ctx, guide)  # noqa: E731
+        size = 28 if cfg.digits == 1 else 64
         return sampler(probs_fn, (len(idx), size, size), cfg.sample_steps, cfg.beta_1, K, generator=generator,
-                       device=device, return_trajectory=trajectory, final_mode=cfg.final == "mode")
+                       device=ctx.device, return_trajectory=trajectory, final_mode=cfg.final == "mode",
+                       known=None if known is None else known[idx], **{"particles": particles} if particles > 1 else {})
 
     out = [run(idx) for idx in chunks]
     return out[0] if trajectory else torch.cat(out)
 
 
-@torch.no_grad()
-def sample(net, cfg, autocast, device, out_dir, tag=""):
-    """Algorithm 9 (or the ODE solver): samples.png (a grid of final samples), evolution.png (theta and p_O of a
-    black pixel at t = 0, 0.1, ..., 1) and evolution.gif (the same at every step, for 8 samples)."""
-    from torchvision.utils import save_image
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    labels, nrow = sample_labels(cfg, cfg.num_samples, device)
-    x, trajectory = draw(net, len(labels) if labels is not None else cfg.num_samples, cfg, autocast, device, g,
-                         trajectory=True, labels=labels)
-    save_image(1 - x[:, None].float(), os.path.join(out_dir, f"samples{tag}.png"), nrow=nrow, pad_value=0.5)
-    times = [k / 10 for k in range(11)]
-    steps = [min(trajectory, key=lambda s: abs(s["t"] - tt)) for tt in times]
-    rows = []
-    for b in range(min(4, len(x))):
-        rows += [s["input"][b, ..., 1] for s in steps] + [s["output"][b, ..., 1] for s in steps]
-    grid = 1 - torch.stack(rows)[:, None]  # (8 x 11, 1, H, W): ink is black
-    save_image(grid, os.path.join(out_dir, f"evolution{tag}.png"), nrow=len(times), pad_value=0.5)
-    shown = min(8, len(x))  # evolution.gif: a frame per step, theta above p_O, then the samples
-    frames = [1 - torch.cat([s["input"][:shown, ..., 1], s["output"][:shown, ..., 1]])[:, None] for s in trajectory]
-    frames.append(1 - torch.cat([x[:shown], x[:shown]]).float()[:, None])
-    save_gif(frames, shown, os.path.join(out_dir, f"evolution{tag}.gif"))
+# ----------------------------------------------------------------------------------------------------------------------
+# Beyond the paper: classifier-free guidance of a conditional network, gradient guidance of any network through a
+# classifier of the input theta, and inpainting.
+
+def drop_labels(y, cfg):
+    """Training labels (B,) with a fraction --label-drop replaced by the null label, so that one network learns both
+    p(x | class) and p(x); None (unconditional) stays None."""
+    if y is None:
+        return None
+    return torch.where(torch.rand(len(y), device=y.device) < cfg.label_drop, 10 ** cfg.digits, y)
 
 
-def sample_labels(cfg, n, device):
-    """With --conditional: the class of each of about n samples, each --sample-class (every class for all) n / classes
-    times (at least once) in turn, and the columns of a grid with one row per class. Unconditional: None and the
-    columns of a square grid of n."""
-    if not cfg.conditional:
-        return None, max(1, round(math.sqrt(n)))
-    classes = range(num_classes(cfg)) if "all" in cfg.sample_class else [int(c) for c in cfg.sample_class]
-    each = max(1, n // len(classes))
-    labels = torch.tensor(list(classes), device=device).repeat_interleave(each)
-    return labels, each if each > 1 else max(1, round(math.sqrt(len(labels))))
+def guided_probs(net, theta, t, y, cfg, ctx, guide=None):
+    """p_O(. | theta, t) for sampling, given labels y (B,) (or None). A conditional network predicts for the class,
+    with classifier-free guidance w = --guidance (Ho and Salimans, arXiv:2207.12598) from one call on the class and the
+    null label together: on the inputs, (1 + w) p_O(. | y) - w p_O(. | null), which the ODE and SDE solvers use only in
+    the mean update of theta's logits, so this guides those updates; on the outputs (always for the paper's sampler,
+    which draws from p_O), softmax((1 + w) ln p_O(. | y) - w ln p_O(. | null)). With guide, a classifier of theta and
+    t: gradient guidance p_O + w grad_y ln c(y | theta, t), w = --grad-guidance (common.py, Guidance)."""
+    w = cfg.guidance if cfg.conditional and y is not None else 0
+    if not w:
+        probs = output_log_probs(net, theta, t, ctx, y if cfg.conditional else None).exp()
+    else:
+        null = torch.full_like(y, 10 ** cfg.digits)
+        log_c, log_u = output_log_probs(net, theta.repeat(2, 1, 1, 1), t.repeat(2), ctx, torch.cat([y, null])).chunk(2)
+        probs = (1 + w) * log_c.exp() - w * log_u.exp() if cfg.guide_on == "inputs" and cfg.sampler != "paper" else \
+            torch.softmax((1 + w) * log_c - w * log_u, -1)
+    if guide is None:
+        return probs
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_()
+        log_c = guide(guide_input(th[..., 1], t)).log_softmax(-1).gather(1, y[:, None]).sum()
+        grad, = torch.autograd.grad(log_c, th)
+    return discrete_guided_probs(probs, theta, grad, cfg.grad_guidance)
 
 
-INPAINT_REGIONS = ("top", "bottom", "left", "right", "centre")
+def guide_input(theta_black, t):
+    """What the guidance classifier sees: [2 theta - 1, 2 t - 1] per pixel. (B, H, W), (B,) -> (B, 2, H, W)."""
+    return torch.stack([2 * theta_black - 1, (2 * t - 1)[:, None, None].expand_as(theta_black)], 1)
+
+
+class Classifier(nn.Module):
+    """A small CNN: (B, c_in, H, W) -> (B, classes) logits; features(): its 128 penultimate features."""
+
+    def __init__(self, c_in, classes, kernel=3, widths=(32, 64)):
+        super().__init__()
+        a, b = widths
+        self.features = nn.Sequential(nn.Conv2d(c_in, a, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(a, b, kernel, padding=kernel // 2), nn.ReLU(), nn.AdaptiveAvgPool2d(7),
+                                      nn.Flatten(), nn.Linear(49 * b, 128), nn.ReLU())
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+CLASSIFIERS = {"a": (3, (32, 64), 0), "b": (5, (16, 32), 1), "guide": (3, (32, 64), 2)}  # kernel, widths, seed
+
+
+def train_classifier(cfg, ctx, kind):
+    """A classifier of this MNIST folder, trained once (Adam, 2 epochs) and cached next to the data. a and b, two
+    feature networks of different shapes and seeds, score samples: binarised 28x28 digits -> 10 classes. guide sees
+    the input theta of the Bayesian flow at a random t (guide_input) -> the label (the digit, or the number 00-99),
+    for --grad-guidance; it never scores samples."""
+    images, labels = load_mnist(cfg.data_dir)["train"]
+    crc = zlib.crc32(labels.numpy().tobytes(), zlib.crc32(images.numpy().tobytes()))
+    name = f"classifier-{kind}-{crc:08x}" + (f"-d{cfg.digits}-s{cfg.seed}-b{cfg.beta_1:g}" if kind == "guide" else "")
+    path, (kernel, widths, seed) = os.path.join(cfg.data_dir, "MNIST", name + ".pt"), CLASSIFIERS[kind]
+    torch.manual_seed(seed)
+    clf = Classifier(2 if kind == "guide" else 1, 10 ** cfg.digits if kind == "guide" else 10, kernel, widths)
+    if os.path.exists(path):
+        clf.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return clf.to(ctx.device).eval()
+    if kind == "guide" and cfg.digits == 2:
+        images, labels = two_digit_images(images, labels, 60_000, cfg.seed)
+    ctx.log(f"training classifier {kind} on {len(labels):,} images (once; cached as {path})")
+    clf, g = clf.to(ctx.device), torch.Generator(ctx.device).manual_seed(seed)
+    images, labels, optimizer = images.to(ctx.device), labels.long().to(ctx.device), torch.optim.Adam(clf.parameters())
+    with torch.enable_grad():  # also when called from inside sampling code
+        for idx in torch.cat([torch.randperm(len(images), generator=g, device=ctx.device) for _ in "12"]).split(128):
+            x = binarise(images[idx], g)
+            t = torch.rand(len(x), generator=g, device=x.device)
+            inputs = guide_input(discrete_flow(x, t, cfg.beta_1, K, g)[..., 1], t) if kind == "guide" else x[:, None]
+            loss = F.cross_entropy(clf(inputs.float()), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with contextlib.suppress(OSError):  # a read-only data folder: trained again next time
+        torch.save(clf.state_dict(), path)
+    return clf.eval()
 
 
 def inpaint_mask(cfg, size, device):
     """--inpaint: (H, W) bool, True where pixels are generated: a half (top, bottom, left, right), the centre (the
     middle half each way), or the white pixels of a mask image of H x W pixels."""
-    h, q = size // 2, size // 4
-    regions = {"top": (slice(0, h), slice(None)), "bottom": (slice(h, None), slice(None)),
-               "left": (slice(None), slice(0, h)), "right": (slice(None), slice(h, None)),
-               "centre": (slice(q, size - q), slice(q, size - q))}
+    h, q, mask = size // 2, size // 4, torch.zeros(size, size, dtype=torch.bool)
+    regions = {"top": (slice(0, h), slice(None)), "bottom": (slice(h, None), slice(None)), "left": (slice(None), slice(
+        0, h)), "right": (slice(None), slice(h, None)), "centre": (slice(q, size - q), slice(q, size - q))}
     if cfg.inpaint in regions:
-        mask = torch.zeros(size, size, dtype=torch.bool)
         mask[regions[cfg.inpaint]] = True
         return mask.to(device)
     from PIL import Image
@@ -707,29 +580,43 @@ def inpaint_mask(cfg, size, device):
 
 
 @torch.no_grad()
-def complete(net, data, cfg, ctx, tag=""):
-    """--inpaint: the first --num-samples test images completed with the region missing; inpaint.png shows, for each,
-    the known pixels (the missing region grey), the completion and the original. For single digits the log gives the
-    fraction of completions that the sample-quality classifier labels as the original's digit."""
+def complete(net, cfg, ctx, data, tag=""):
+    """--inpaint: the first --num-samples test images completed where the mask says, given the rest (by replacement, or
+    sequential Monte Carlo with --particles); inpaint.png shows each with the missing part grey, the completion and the
+    original. For single digits, how many completions each classifier labels as the original's digit."""
     if not cfg.inpaint:
         return
-    size, n = data["test"].shape[-1], cfg.num_samples
-    missing = inpaint_mask(cfg, size, ctx.device)
+    from torchvision.utils import save_image
+    n, missing, start = cfg.num_samples, inpaint_mask(cfg, data["test"].shape[-1], ctx.device), time.time()
     g = torch.Generator(ctx.device).manual_seed(cfg.seed + 2)
     original = binarise(data["test"][:n], g)
-    x = draw(net, n, cfg, ctx.autocast, ctx.device, g, given=torch.where(missing, -1, original))
-    from torchvision.utils import save_image
-    shown = torch.where(missing, 0.5, 1 - original.float())  # (n, H, W): ink black, missing grey
-    rows = torch.stack([shown, 1 - x.float(), 1 - original.float()], 1).flatten(0, 1)[:, None]  # (3n, 1, H, W)
-    save_image(rows, os.path.join(cfg.out_dir, f"inpaint{tag}.png"), nrow=3 * max(1, round(math.sqrt(n) / 2)),
-               pad_value=0.5)
-    line = f"inpainting ({cfg.inpaint}, {cfg.sampler}, {cfg.sample_steps} steps): {n} test images completed"
+    x = draw(net, n, cfg, ctx, g, known=torch.where(missing, -1, original))
+    rows = torch.stack([torch.where(missing, 0.5, 1 - original.float()), 1 - x.float(), 1 - original.float()], 1)
+    save_image(rows.flatten(0, 1)[:, None], os.path.join(cfg.out_dir, f"inpaint{tag}.png"),
+               nrow=3 * max(1, round(math.sqrt(n) / 2)), pad_value=0.5)  # ink black, missing grey
+    line = f"inpainting ({cfg.inpaint}, {cfg.sampler}, {cfg.sample_steps} steps, {cfg.particles} particles, " \
+           f"{time.time() - start:.0f} s): {n} test images completed"
     if cfg.digits == 1:
-        clf, labels = train_classifier(cfg, ctx), load_mnist_labels(cfg.data_dir)["test"][:n].to(ctx.device)
-        right = (clf(x).argmax(-1) == labels).float().mean().item()
-        line += f", {right:.1%} of them labelled as the original's digit (the originals: " \
-                f"{(clf(original).argmax(-1) == labels).float().mean().item():.1%})"
-    ctx.log(line)
+        right = lambda k, x: (train_classifier(cfg, ctx, k)(x[:, None].float()).argmax(-1) ==  # noqa: E731
+                              data["test_labels"][:n]).float().mean().item()
+        line += ", labelled as the original's digit " + ", ".join(f"{right(k, x):.1%} by classifier {k} (originals "
+                                                                   f"{right(k, original):.1%})" for k in "ab")
+    ctx.log(line + f" | inpaint{tag}.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures and sample quality: grids and animations of samples; how digit-like, varied and on-class they are.
+
+def sample_labels(cfg, n, device):
+    """With --conditional or --sample-class: the class of each of about n samples, each --sample-class (all: every
+    class) n / classes times (at least once) in turn, and the columns of a grid with a row per class. Otherwise: None
+    and the columns of a square grid of n."""
+    if not (cfg.conditional or cfg.sample_class != ("all",)):
+        return None, max(1, round(math.sqrt(n)))
+    classes = range(10 ** cfg.digits) if "all" in cfg.sample_class else [int(c) for c in cfg.sample_class]
+    each = max(1, n // len(classes))
+    labels = torch.tensor(list(classes), device=device).repeat_interleave(each)
+    return labels, each if each > 1 else max(1, round(math.sqrt(len(labels))))
 
 
 def save_gif(frames, nrow, path, max_frames=100):
@@ -741,66 +628,30 @@ def save_gif(frames, nrow, path, max_frames=100):
         if len(frames) > max_frames else range(len(frames))
     images = [Image.fromarray((make_grid(frames[k].float().cpu(), nrow=nrow, pad_value=0.5).clamp(0, 1) * 255)
                               .round().byte().permute(1, 2, 0).numpy()) for k in keep]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=[80] * (len(images) - 1) + [2000],
-                   loop=0)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=[80] * (len(images) - 1) + [2000], loop=0)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sample quality (--eval-samples): a small digit classifier, trained on the training split the first time it is needed
-# and cached next to the data; from it, how digit-like and how varied the samples are.
-
-class Classifier(nn.Module):
-    """A small CNN for binarised 28x28 digits: (B, 28, 28) -> 10 logits; features(): the 128 penultimate features."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
-        self.head = nn.Linear(128, 10)
-
-    def forward(self, x):  # (B, 28, 28) -> (B, 10)
-        return self.head(self.features(x[:, None].float()))
-
-
-def train_classifier(cfg, ctx, epochs=2):
-    """The classifier for this MNIST folder: loaded from DATA/MNIST/classifier-CRC.pt, or trained (Adam, two epochs of
-    dynamically binarised training digits, ≈1-2 minutes on 2 CPU cores) and saved there. CRC: of the training
-    images and labels, so other data gets another classifier."""
-    mnist, labels = load_mnist(cfg.data_dir), load_mnist_labels(cfg.data_dir)
-    crc = zlib.crc32(labels["train"].numpy().tobytes(), zlib.crc32(mnist["train"].numpy().tobytes()))
-    path = os.path.join(cfg.data_dir, "MNIST", f"classifier-{crc:08x}.pt")
-    clf = Classifier().to(ctx.device)
-    if os.path.exists(path):
-        clf.load_state_dict(torch.load(path, map_location=ctx.device, weights_only=True))
-        return clf.eval()
-    ctx.log(f"training the sample-quality classifier on {len(labels['train']):,} training digits (once; cached as "
-            f"{path})")
-    g = torch.Generator().manual_seed(0)
-    images, targets = mnist["train"].to(ctx.device), labels["train"].long().to(ctx.device)
-    optimizer = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    with torch.enable_grad():  # also when called from inside sampling code
-        for _ in range(epochs):
-            for idx in torch.randperm(len(images), generator=g).split(128):
-                loss = F.cross_entropy(clf(binarise(images[idx.to(ctx.device)])), targets[idx.to(ctx.device)])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-    clf.eval()
-    with torch.no_grad():
-        test = torch.cat([clf(binarise(x)).argmax(-1) for x in mnist["test"].to(ctx.device).split(1000)])
-    accuracy = (test.cpu() == labels["test"].long()).float().mean().item()
-    ctx.log(f"sample-quality classifier: {accuracy:.2%} of binarised test digits right")
-    try:
-        torch.save(clf.state_dict(), path)
-    except OSError as e:
-        ctx.log(f"warning: could not cache the classifier at {path} ({e}); it will be trained again next time")
-    return clf
+@torch.no_grad()
+def sample(net, cfg, ctx, tag=""):
+    """samples.png (a grid of samples; with labels a row per class), evolution.png (for 4 samples, two rows: theta of
+    a black pixel, then p_O, at t = 0, 0.1, ..., 1) and evolution.gif (every network call, 8 samples)."""
+    from torchvision.utils import save_image
+    g = torch.Generator(ctx.device).manual_seed(cfg.seed)
+    labels, nrow = sample_labels(cfg, cfg.num_samples, ctx.device)
+    x, trajectory = draw(net, cfg.num_samples if labels is None else len(labels), cfg, ctx, g, True, labels=labels)
+    save_image(1 - x[:, None].float(), os.path.join(cfg.out_dir, f"samples{tag}.png"), nrow=nrow, pad_value=0.5)
+    steps = [min(trajectory, key=lambda s: abs(s["t"] - k / 10)) for k in range(11)]
+    rows = [s[part][b, ..., 1] for b in range(min(4, len(x))) for part in ("input", "output") for s in steps]
+    save_image(1 - torch.stack(rows)[:, None], os.path.join(cfg.out_dir, f"evolution{tag}.png"), nrow=11, pad_value=0.5)
+    shown = min(8, len(x))  # evolution.gif: a frame per network call, theta above p_O, then the samples
+    frames = [1 - torch.cat([s["input"][:shown, ..., 1], s["output"][:shown, ..., 1]])[:, None] for s in trajectory]
+    save_gif(frames + [1 - torch.cat([x[:shown], x[:shown]]).float()[:, None]], shown,
+             os.path.join(cfg.out_dir, f"evolution{tag}.gif"))
+    ctx.log(f"samples: samples{tag}.png, evolution{tag}.png, evolution{tag}.gif")
 
 
 def digit_crops(x):
-    """The two digits of 64x64 two-digit images, each a 28x28 crop centred on the ink of its half: (B, 64, 64) ->
-    (2, B, 28, 28)."""
+    """The two digits of 64x64 images of two, each a 28x28 crop centred on its half's ink. (B, 64, 64) -> (2, B, 28, 28)."""
     crops = []
     for half in (x[:, :, :32], x[:, :, 32:]):
         ink = half.float() + 1e-6  # (B, 64, 32)
@@ -825,156 +676,205 @@ def frechet_distance(a, b):
 
 @torch.no_grad()
 def image_figures(clf, x):
-    """Features (N, D), labels (N,) and {the fraction labelled with probability > 0.9, the entropy of the label
-    histogram (bits)} of binarised images x (N, H, W); two-digit images count as confident when both digits are, and
-    their label is the number 00-99."""
-    if x.shape[-1] == 64:
-        parts = [[clf(c) for c in crop.split(500)] for crop in digit_crops(x)]
-        logits = [torch.cat(p) for p in parts]  # 2 x (N, 10)
-        feats = torch.cat([torch.cat([clf.features(c[:, None].float()) for c in crop.split(500)])
-                           for crop in digit_crops(x)], 1)
-        confident = torch.stack([lg.softmax(-1).amax(-1) > 0.9 for lg in logits]).all(0)
-        labels, classes = 10 * logits[0].argmax(-1) + logits[1].argmax(-1), 100
-    else:
-        logits = torch.cat([clf(c) for c in x.split(500)])
-        feats = torch.cat([clf.features(c[:, None].float()) for c in x.split(500)])
-        confident, labels, classes = logits.softmax(-1).amax(-1) > 0.9, logits.argmax(-1), 10
-    p = torch.bincount(labels, minlength=classes).double() / len(labels)
-    entropy = -(p[p > 0] * p[p > 0].log2()).sum().item()
-    return feats, labels, {"confident": confident.float().mean().item(), "label_entropy_bits": entropy}
+    """Features (N, D), labels (N,) and {confident: the fraction labelled with probability > 0.9, label_entropy_bits:
+    the entropy of the label histogram} of binarised images x (N, H, W). Images of two digits are scored digit by digit
+    (digit_crops): confident when both are, labelled with the number 00-99, their features side by side."""
+    parts = digit_crops(x) if x.shape[-1] == 64 else x[None]  # (digits, N, 28, 28)
+    logits = [torch.cat([clf(c[:, None].float()) for c in part.split(500)]) for part in parts]
+    feats = torch.cat([torch.cat([clf.features(c[:, None].float()) for c in part.split(500)]) for part in parts], 1)
+    confident = torch.stack([lg.softmax(-1).amax(-1) > 0.9 for lg in logits]).all(0)
+    labels = sum(lg.argmax(-1) * 10 ** (len(logits) - 1 - k) for k, lg in enumerate(logits))
+    p = torch.bincount(labels, minlength=10 ** len(logits)).double() / len(labels)
+    return feats, labels, {"confident": confident.float().mean().item(),
+                           "label_entropy_bits": -(p[p > 0] * p[p > 0].log2()).sum().item()}
 
 
-def sample_quality(net, data, cfg, ctx):
-    """--eval-samples N: N samples (the --sampler at --sample-steps) against N test images, and N test images against
-    N others as the floor: the Fréchet distance of the classifier's features, the confident fraction and the label
-    entropy. With --conditional: samples of each --sample-class in equal numbers, against as many test images of
-    each class, and also the accuracy (the fraction labelled as the requested class; for --digits 2, both digits
-    right, and each digit alone in accuracy_tens and accuracy_units), the Fréchet distance within each class
-    (frechet_by_class) and the diversity (within each class, the total variance of the features over that of the
-    test images, averaged: 1 is as varied as real data)."""
-    n = cfg.eval_samples
-    labels, _ = sample_labels(cfg, n, ctx.device)
-    if labels is None:
-        if 2 * n > len(data["test"]):
-            raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs twice as many test images; the test split "
-                             f"has {len(data['test'])}")
-        reference, other = torch.arange(n), torch.arange(n, 2 * n)
-    else:  # for each class in turn, its first m test images as the reference and the next m as the floor
-        reference, other = [], []
-        for c, m in zip(*labels.unique_consecutive(return_counts=True)):
-            idx = (data["test_labels"] == c).nonzero()[:, 0].cpu()
-            if 2 * m > len(idx):
-                raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs {2 * m} test images of class {c}; the "
-                                 f"test split has {len(idx)}")
-            reference, other = reference + [idx[:m]], other + [idx[m:2 * m]]
-        reference, other = torch.cat(reference), torch.cat(other)
-    clf = train_classifier(cfg, ctx)
-    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
-    start = time.time()
-    x = draw(net, len(reference), cfg, ctx.autocast, ctx.device, g, labels=labels)
-    seconds = time.time() - start
+def sample_quality(net, cfg, ctx, data):
+    """--eval-samples N: N samples against N test images, and N other test images against them (the floor), through two
+    classifiers of different shapes and seeds (a, b): the Fréchet distance of their features (and its spread: the
+    standard deviation over 20 bootstrap resamples of the samples), the confident fraction, the label entropy. With
+    labels (--conditional, --sample-class), each class in equal numbers against test images of that class, and the
+    accuracy (for two digits both right, and each alone: accuracy_tens, accuracy_units), the Fréchet distance within
+    each class and the diversity (the within-class variance of the features over the test images', averaged)."""
+    n, g = cfg.eval_samples, torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
+    labels = sample_labels(cfg, n, ctx.device)[0]
+    reference, other = [], []  # for each class in turn its first m test images, and the next m for the floor
+    for c, m in zip(*(labels if labels is not None else torch.zeros(n, dtype=torch.long)).unique_consecutive(
+            return_counts=True)):
+        idx = (data["test_labels"] == c).nonzero()[:, 0].cpu() if labels is not None else torch.arange(len(data["test"]))
+        if 2 * m > len(idx):
+            raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs {2 * m} test images"
+                             f"{f' of class {c}' if labels is not None else ''}; the test split has {len(idx)}")
+        reference, other = reference + [idx[:m]], other + [idx[m:2 * m]]
+    reference, other, start = torch.cat(reference), torch.cat(other), time.time()
+    x = draw(net, len(reference), cfg, ctx, g, labels=labels)
+    figures = {"samples": {}, "test": {}, "seconds": time.time() - start}
     test = binarise(data["test"][torch.cat([reference, other]).to(ctx.device)], g)
-    f_samples, l_samples, samples = image_figures(clf, x)
-    f_test, l_test, test_figures = image_figures(clf, test[:len(reference)])
-    f_other, _, _ = image_figures(clf, test[len(reference):])
-    samples["frechet"] = frechet_distance(f_samples, f_test)
-    test_figures["frechet"] = frechet_distance(f_other, f_test)
-    if labels is not None:
-        for figures, found in ((samples, l_samples), (test_figures, l_test)):
-            figures["accuracy"] = (found == labels).float().mean().item()
-            if cfg.digits == 2:  # each digit on its own: the tens (left) and the units (right)
-                figures["accuracy_tens"] = (found // 10 == labels // 10).float().mean().item()
-                figures["accuracy_units"] = (found % 10 == labels % 10).float().mean().item()
+    for kind in "ab":
+        clf, resample = train_classifier(cfg, ctx, kind), torch.Generator().manual_seed(cfg.seed)
+        (f_s, l_s, s), (f_t, l_t, t) = image_figures(clf, x), image_figures(clf, test[:len(reference)])
+        f_o = image_figures(clf, test[len(reference):])[0]
+        s["frechet"], t["frechet"] = frechet_distance(f_s, f_t), frechet_distance(f_o, f_t)
+        s["frechet_spread"] = torch.tensor([frechet_distance(f_s[torch.randint(len(f_s), (len(f_s),), generator=
+                                            resample)], f_t) for _ in range(20)]).std().item()
+        classes = [] if labels is None else [c for c in labels.unique().tolist() if (labels == c).sum() > 1]
         spread = lambda f: torch.cov(f.double().T).trace()  # noqa: E731  the total variance of features (M, D)
-        classes = [c for c in labels.unique().tolist() if (labels == c).sum() > 1]
-        for figures, f in ((samples, f_samples), (test_figures, f_other)):
-            figures["frechet_by_class"] = {str(c): frechet_distance(f[labels == c], f_test[labels == c])
-                                           for c in classes}
-            figures["diversity"] = sum(spread(f[labels == c]) / spread(f_test[labels == c]) for c in classes).item() \
-                / max(1, len(classes))
-    return {"samples": samples, "test": test_figures, "seconds": seconds}
+        for part, found, f in ((s, l_s, f_s), (t, l_t, f_o)) if labels is not None else ():
+            part["accuracy"] = (found == labels).float().mean().item()
+            if cfg.digits == 2:  # each digit on its own: the tens (left) and the units (right)
+                part["accuracy_tens"] = (found // 10 == labels // 10).float().mean().item()
+                part["accuracy_units"] = (found % 10 == labels % 10).float().mean().item()
+            part["frechet_by_class"] = {str(c): frechet_distance(f[labels == c], f_t[labels == c]) for c in classes}
+            part["diversity"] = sum(spread(f[labels == c]) / spread(f_t[labels == c]) for c in classes).item() / max(
+                1, len(classes))
+        for name, part in (("samples", s), ("test", t)):
+            figures[name].update({f"{key}_{kind}": value for key, value in part.items()})
+    return figures
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training: setup -> build -> resume -> the loop. DDP when launched by torchrun; rank 0 logs, evaluates, samples and
-# writes files. This section is the same in every script.
-
-PREEMPTED = 75  # exit code after a preemption signal: the checkpoint is saved, resume with --resume (EX_TEMPFAIL)
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what cluster schedulers send before a kill
+def swept(cfg):
+    """The sampling settings that take several values, each sampled in turn (sample_all)."""
+    return ("sampler", "sample_steps", "guidance", "grad_guidance")
 
 
-@dataclass
+# ======================================================================================================================
+# Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
+# these names of the experiment: SCRIPT, UNIT, Config, PRESETS, check (settings); load_data, get_batch,
+# evaluation_set, to_unit (data); from_authors (the authors' checkpoints); train_loss, evaluate (loss and test bound);
+# sample, complete, sample_quality, swept (figures, conditional samples, sample quality, the settings swept).
+# ======================================================================================================================
+
+PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
+MODES = ("preset", "resume", "eval_only", "sample_only", "init_from", "out_dir", "device", "dtype", "compile")
+
+
+def flag(name, value=True):
+    """A setting as the command line writes it: flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
+    shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+    return f"--{name.replace('_', '-')}" + ("" if value is True else f" {shown}")
+
+
+def parse_args(argv=None, saved=None, source="the checkpoint"):
+    """Command line -> Config. A setting's value is, by rising priority: its default, the --preset's, a checkpoint's
+    (saved: a run directory remembers its settings), the command line's. A value the setting does not accept, a
+    combination check() refuses, or a flag that changes the checkpoint's model or data stops with one line."""
+    argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--preset", default="paper")
+    defaults = {k: f.default for k, f in fields.items()} | PRESETS.get(first.parse_known_args(argv)[0].preset, {})
+    for k, v in (saved or {}).items():  # a checkpoint may hold one value where several are allowed now
+        if k in fields and k not in MODES:
+            defaults[k] = (tuple(v) if isinstance(v, (tuple, list)) else (v,)) if fields[k].type is tuple else v
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    for k, f in fields.items():
+        meta, default = f.metadata, defaults[k]
+        kind = dict(action="store_true") if f.type is bool else dict(nargs="+", type=type(f.default[0])) \
+            if f.type is tuple else dict(type=f.type)
+        choices = " {" + ", ".join(map(str, meta["choices"])) + "}" if "choices" in meta else ""
+        shown = f" (default: {flag(k, default)[len(k) + 3:]})" if default not in ("", False) else ""
+        p.add_argument(flag(k), default=default, help=meta["help"] + choices + shown, **kind)
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
+    if differ := [f"{flag(k, saved[k])} in the checkpoint, {getattr(cfg, k)} now" for k, f in fields.items()
+                  if f.metadata["fixed"] and k in (saved or {}) and getattr(cfg, k) != saved[k]]:
+        raise SystemExit(f"{SCRIPT}: error: {source} was made with other model or data settings: {'; '.join(differ)}. "
+                         f"Leave those flags out to use the checkpoint's")
+    for k, meta in ((k, f.metadata) for k, f in fields.items()):
+        for v in getattr(cfg, k) if fields[k].type is tuple else (getattr(cfg, k),):
+            if "choices" in meta and v not in meta["choices"]:
+                choices = list(map(str, meta["choices"]))
+                p.error(f"{flag(k)} takes {', '.join(choices[:-1])} or {choices[-1]}, got {v}")
+            if ("low" in meta and v < meta["low"]) or ("high" in meta and v >= meta["high"]):
+                span = f"in [{meta['low']}, {meta['high']})" if "high" in meta else f">= {meta['low']}"
+                p.error(f"{flag(k)} must be {span}, got {v}")
+    cfg, problems = check(cfg)
+    for problem in problems:
+        p.error(problem)
+    return cfg
+
+
+@dataclasses.dataclass
 class Context:
-    """Where this process runs: device, autocast, its rank among `world` processes, and the run's log file."""
+    """Where this process runs: device, autocast, its rank among `world` processes, and the run directory."""
     device: torch.device
     autocast: torch.autocast
     rank: int
     world: int
     out_dir: str
 
-    @property
-    def ddp(self):
-        """Launched by torchrun with more than one process."""
-        return self.world > 1
-
-    @property
-    def master(self):
-        """Rank 0: the process that logs, evaluates, samples and writes files."""
-        return self.rank == 0
-
     def log(self, line):
-        """Print and append to log.txt, on rank 0 only."""
-        if self.master:
-            print(line, flush=True)
+        """On rank 0: print with the time, and append to <out-dir>/log.txt (made on first use)."""
+        if self.rank == 0:
+            print(line := time.strftime("%H:%M:%S ") + line, flush=True)
+            os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
 
 
 def keep_freed_memory():
-    """glibc hands large freed blocks back to the system at once, so every training step faults its activations back
-    into memory (measured on the MNIST quick preset: 22,000 page faults and 8% of the CPU time per step, 10% fewer
-    examples/s). Keep freed memory in the process instead: allocations up to 32 MB come from the heap, which is never
-    trimmed below 1 GB. Returns whether it applied (only with glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # macOS, Windows, musl: their allocators differ, nothing to do
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's parameters, from glibc's malloc.h
-    return all([libc.mallopt(M_MMAP_THRESHOLD, 32 << 20), libc.mallopt(M_TRIM_THRESHOLD, 1 << 30),
-                libc.mallopt(M_TOP_PAD, 256 << 20)])
+    """On glibc, keep freed memory in the process (blocks up to 32 MB, the heap never trimmed below 1 GB), so that a
+    step does not fault its activations back in each time. Returns whether it applied."""
+    with contextlib.suppress(OSError):  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD (glibc's malloc.h)
+        return all(ctypes.CDLL("libc.so.6").mallopt(k, v) for k, v in ((-3, 32 << 20), (-1, 1 << 30), (-2, 256 << 20)))
+    return False
 
 
 def setup(cfg):
-    """Process group (under torchrun), device, autocast dtype, run directory, memory allocator -> Context."""
+    """Process group (under torchrun), device, autocast dtype, allocator -> Context. --device cuda is this process's
+    GPU; a device that is not here stops with one line saying which are."""
     keep_freed_memory()
-    rank, local_rank, world = 0, 0, int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        on_gpu = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
-        backend = "nccl" if on_gpu else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
-        rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
-    device = cfg.device
-    if device == "auto":
-        device = "mps" if torch.backends.mps.is_available() else "cpu"
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else device
-    device = torch.device(device)
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = ["cpu", *[f"cuda:{k}" for k in range(gpus)], *(["mps"] if torch.backends.mps.is_available() else [])]
+    name = {"auto": "cuda" if gpus else here[-1]}.get(cfg.device, cfg.device)
+    name = f"cuda:{local % max(1, gpus)}" if name == "cuda" else name
+    if name not in here:
+        raise SystemExit(f"{SCRIPT}: error: --device {cfg.device} is not available here; available: {', '.join(here)}")
+    if world > 1:  # the others wait while rank 0 evaluates: a long timeout
+        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
+    device = torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    return Context(device, autocast, rank, world, cfg.out_dir)
+    return Context(device, autocast, dist.get_rank() if world > 1 else 0, world, cfg.out_dir)
 
 
 def build(cfg, device):
     """The network, its EMA copy (evaluation and sampling) and AdamW, with weight decay on weights only."""
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = UNet(cfg.channels, (1, 2, 2), cfg.res_blocks, cfg.dropout, num_classes(cfg)).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, positions
-    no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return model, ema, torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    model = UNet(cfg.channels, (1, 2, 2), cfg.res_blocks, cfg.dropout, 10 ** cfg.digits if cfg.conditional else 0,
+                 cfg.norm_groups).to(device)
+    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if all(p is not q for q in decay)], "weight_decay": 0.0}]
+    return model, copy.deepcopy(model).eval().requires_grad_(False), torch.optim.AdamW(groups, cfg.lr, cfg.betas)
+
+
+class Progress:
+    """For long evaluations and sampling runs: 'label: done / total | seconds | ETA' at most every 30 seconds."""
+
+    def __init__(self, label, total):
+        self.label, self.total, self.done, self.start = label, total, 0, time.time()
+        self.last = self.start
+
+    def tick(self):
+        self.done, now = self.done + 1, time.time()
+        if now - self.last >= 30:
+            eta = (now - self.start) / self.done * (self.total - self.done) / 60
+            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta:.1f} min", flush=True)
+            self.last = now
+
+
+def summarise(losses, recon, cfg):
+    """Per-example losses in nats, pass after pass -> {n: {loss, recon, total, stderr}} in the paper's unit; each
+    example's losses are averaged over the passes first, so the standard error is over examples."""
+    per_example = lambda parts: to_unit(torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
+    recon, result = per_example(recon), {}
+    for n, parts in losses.items():
+        total = per_example(parts) + recon
+        result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
+                     "stderr": total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")}
+    return result
 
 
 def fingerprint(data):
@@ -982,80 +882,135 @@ def fingerprint(data):
     crc = 0
     for split in sorted(data):
         crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
-    shapes = ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data))
-    return f"{shapes}, crc32 {crc:08x}"
+    return ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data)) + f", crc32 {crc:08x}"
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, keep the previous checkpoint as ckpt-prev.pt, then rename: a crash or a full disk
-    mid-write never leaves the run without a readable checkpoint."""
+def read_checkpoint(cfg, ctx):
+    """The checkpoint to start from: --init-from's, or for --resume, --eval-only and --sample-only <out-dir>/ckpt.pt
+    (ckpt-prev.pt if that is unreadable, saying so); None for a fresh run. Loading never runs code (weights_only)."""
+    resuming = cfg.resume or cfg.eval_only or cfg.sample_only
+    paths = [cfg.init_from] if cfg.init_from else [os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "ckpt-prev.pt")]
+    for path in paths if cfg.init_from or resuming else []:
+        try:
+            ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
+            if not isinstance(ckpt, dict) or not ({"model", "ema", "config"} <= set(ckpt) or any(
+                    str(k).startswith("net.") for k in ckpt)):  # ours, or the authors' (net.* tensors)
+                raise ValueError(f"neither a checkpoint of {SCRIPT} nor one of the authors' release")
+        except FileNotFoundError:
+            continue
+        except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
+            message = f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            if cfg.init_from:
+                raise SystemExit(f"{SCRIPT}: error: --init-from {message}")
+            ctx.log(f"warning: {message}")
+            continue
+        if "config" in ckpt and (ckpt.get("script", SCRIPT) != SCRIPT or not set(ckpt["config"]) <= set(
+                Config.__dataclass_fields__)):
+            raise SystemExit(f"{SCRIPT}: error: {path} is a checkpoint of {ckpt.get('script', 'another script')}")
+        if path.endswith("ckpt-prev.pt"):
+            ctx.log(f"using the previous checkpoint {path}")
+        return ckpt
+    if cfg.init_from or resuming:
+        raise SystemExit(f"{SCRIPT}: error: --init-from {cfg.init_from}: no such file" if cfg.init_from else
+                         f"{SCRIPT}: error: no checkpoint in {cfg.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, "
+                         f"evaluate or sample from")
+
+
+def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
+    """Load a checkpoint's weights (for --resume also its optimiser and step) after checking its model and data
+    settings, tensors and (for --resume) data against this run's; log what changed since. Returns the first step."""
+    if ckpt is None:
+        return 0
+    source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+    fixed = [f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]]
+    state, saved = (ckpt["model"], parse_args([], ckpt["config"])) if "config" in ckpt else (from_authors(ckpt), cfg)
+    for name in sorted(set(model.state_dict()) | set(state)):  # the first tensor that does not fit, if any
+        have, want = [tuple(s[name].shape) if name in s else None for s in (state, model.state_dict())]
+        if have != want:
+            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have or 'missing'}"
+                             f" there, {want or 'not in this network'} here. Give the network flags "
+                             f"({', '.join(flag(k) for k in fixed)}) of the run that wrote it")
+    if ckpt.get("data", data_id) != data_id:
+        message = f"the checkpoint was trained on other data ({ckpt['data']}; now {data_id})"
+        if cfg.resume:
+            raise SystemExit(f"{SCRIPT}: error: {message}. Resume on the same data, or use another --out-dir")
+        ctx.log(f"note: {message}")
+    model.load_state_dict(state)
+    ema.load_state_dict(ckpt.get("ema", state))
+    if cfg.init_from:
+        ctx.log(f"weights from {source} ({'step ' + str(ckpt['step']) if 'config' in ckpt else 'the authors' + chr(39) + ' layout'}); the optimiser and the step count start afresh")
+        return 0
+    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in ckpt["config"]
+               if k not in MODES and getattr(saved, k) != getattr(cfg, k)]
+    ctx.log("changed since the checkpoint: " + (", ".join(changed) or "nothing"))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"]
+
+
+def save_checkpoint(cfg, ctx, model, ema, optimizer, step, data_id):
+    """ckpt.pt written through a temporary file, the previous one kept as ckpt-prev.pt: a crash or a full disk mid-write
+    never leaves the run without a readable checkpoint."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
     try:
-        torch.save(state, path + ".tmp")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": step, "config": dataclasses.asdict(cfg), "data": data_id, "script": SCRIPT}, path + ".tmp")
         if os.path.exists(path):
-            os.replace(path, os.path.join(os.path.dirname(path), "ckpt-prev.pt"))
+            os.replace(path, os.path.join(cfg.out_dir, "ckpt-prev.pt"))
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         raise SystemExit(f"{SCRIPT}: error: writing the checkpoint {path} failed ({e}); stopping. The last good "
-                         f"checkpoint is still in {os.path.dirname(path) or '.'}")
+                         f"checkpoint is still in {cfg.out_dir}")
+    ctx.log(f"checkpoint at step {step}: {path}")
 
 
-def load_checkpoint(ctx):
-    """<out-dir>/ckpt.pt, or ckpt-prev.pt (saying so) if ckpt.pt is missing or unreadable. weights_only: loading a
-    checkpoint never runs code from it."""
-    for name in ("ckpt.pt", "ckpt-prev.pt"):
-        path = os.path.join(ctx.out_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
-            if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "step", "config"} <= set(ckpt):
-                raise ValueError("not a checkpoint written by this script")
-            if name != "ckpt.pt":
-                ctx.log(f"using the previous checkpoint {path}")
-            return ckpt
-        except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-            ctx.log(f"warning: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    raise SystemExit(f"{SCRIPT}: error: no checkpoint in {ctx.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, evaluate "
-                     f"or sample from")
+def available_memory(device):
+    """Bytes this process can still allocate: free GPU memory, or on Linux the available memory (within a container's
+    limit); None where that is unknown."""
+    if device.type != "cpu":
+        return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
+            torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        free = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) * 1024
+        with contextlib.suppress(OSError, ValueError):
+            limit, used = (open(f"/sys/fs/cgroup/memory.{k}").read().strip() for k in ("max", "current"))
+            free = free if limit == "max" else min(free, int(limit) - int(used))
+        return free
 
 
-def check_config(cfg, saved, ctx, source, log_changes=True):
-    """Stop, naming each flag, if a setting that fixes the model or the data differs from the checkpoint's (`source`
-    names it); log the other differences (steps, intervals, evaluation, sampling, device, ...), which are safe."""
-    now = dataclasses.asdict(cfg)
-    fixed = {f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]}
-    modes = {"preset", "resume", "eval_only", "sample_only", "init_from"}
-
-    def as_now(k):  # the checkpoint's value in this version's type (it may hold one value where a list is allowed)
-        if isinstance(now[k], tuple):
-            return tuple(saved[k]) if isinstance(saved[k], (list, tuple)) else (saved[k],)
-        return type(now[k])(saved[k])
-
-    differ = [k for k in now if k not in modes and k in saved and now[k] != as_now(k)]
-    if any(k in fixed for k in differ):
-        changes = [f"{as_flag(k, saved[k])} in the checkpoint, {flag_value(now[k])} now" for k in differ if k in fixed]
-        raise SystemExit(f"{SCRIPT}: error: {source} was made with other model or data settings: "
-                         f"{'; '.join(changes)}. Give the checkpoint's values")
-    if differ and log_changes:
-        changes = [f"{as_flag(k, saved[k])} -> {flag_value(now[k])}" for k in differ]
-        ctx.log("changed since the checkpoint: " + ", ".join(changes))
-
-
-def resume(cfg, ctx, model, ema, optimizer, data_id):
-    """Load the checkpoint in --out-dir into model, EMA and optimiser after checking its settings. Returns its step."""
-    ckpt = load_checkpoint(ctx)
-    check_config(cfg, ckpt["config"], ctx, f"the checkpoint in {ctx.out_dir} (use another --out-dir for a new run)")
-    if ckpt.get("data") != data_id:
-        message = f"the checkpoint was trained on other data ({ckpt.get('data')}; now {data_id})"
-        if cfg.resume:
-            raise SystemExit(f"{SCRIPT}: error: {message}. Resume on the same data, or use another --out-dir")
-        ctx.log(f"note: {message}")
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    return ckpt["step"]
+def plan_steps(cfg, ctx, model, data):
+    """Before the first step: a forward and backward pass on 2 examples, timed, counting the tensors autograd keeps for
+    the backward pass; scaled to --batch-size, against the memory available. A batch that does not fit is split into
+    micro-batches that do (the global batch, and so the training, unchanged); if one example cannot fit, stop. Logs
+    what a step costs, on a CPU or MPS without --preset quick pointing to it. Returns micro-batches per batch."""
+    kept, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+    pack = lambda t: kept.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t  # noqa: E731
+    probe, start = dataclasses.replace(cfg, batch_size=2), time.time()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_loss(model, get_batch(data, probe), probe, ctx).mean().backward()
+    model.zero_grad(set_to_none=True)
+    seconds = (time.time() - start) / 2 * cfg.batch_size * cfg.grad_accum
+    example = 1.5 * sum(v for k, v in kept.items() if k not in weights) / 2  # and half again for backward temporaries
+    state = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # gradients and AdamW's two moments
+    free, gib, pieces = available_memory(ctx.device), lambda b: f"{b / 2 ** 30:.2g} GiB", 1  # noqa: E731
+    if free is not None and state + example * cfg.batch_size > 0.9 * free:
+        if state + example > 0.9 * free:
+            sizes = ", ".join(flag(f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"] and f.type is int)
+            raise SystemExit(f"{SCRIPT}: error: one example needs ≈{gib(state + example)} on {ctx.device} and "
+                             f"{gib(free)} is available: lower {sizes}")
+        pieces = min(k for k in range(1, cfg.batch_size + 1)
+                     if cfg.batch_size % k == 0 and state + example * cfg.batch_size / k <= 0.9 * free)
+        ctx.log(f"memory: a batch of {cfg.batch_size} needs ≈{gib(state + example * cfg.batch_size)} and "
+                f"{gib(free)} is available: each is split into {pieces} micro-batches (the same global batch)")
+    total = cfg.steps * seconds
+    total = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.0f} min" if total >= 60 else f"{total:.0f} s"
+    ctx.log(f"plan: ≈{seconds:.2g} s per step (timed on 2 examples), ≈{total} for {cfg.steps} steps, ≈"
+            f"{gib(state + example * cfg.batch_size / pieces)} of {gib(free) if free else 'unknown'} memory" +
+            ("; --preset quick trains a small model in minutes" if ctx.device.type != "cuda" and cfg.preset != "quick"
+             else ""))
+    return pieces
 
 
 def learning_rate(step, cfg):
@@ -1068,259 +1023,211 @@ def learning_rate(step, cfg):
     return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape) if cfg.lr_decay != "none" else cfg.lr
 
 
-def check_shapes(state, model, source):
-    """Stop with one line at the first tensor of `state` whose name or shape does not fit `model`."""
-    own = model.state_dict()
-    for name in sorted(set(own) | set(state)):
-        if name not in state or name not in own or state[name].shape != own[name].shape:
-            have = tuple(state[name].shape) if name in state else "missing"
-            want = tuple(own[name].shape) if name in own else "not in this network"
-            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have} there, "
-                             f"{want} here. Give the network flags ({NETWORK_FLAGS}) of the run that wrote it")
+@contextlib.contextmanager
+def stop_signals(done):
+    """Within: the first SIGTERM, SIGINT or SIGUSR1 says at once that the run stops after the step in progress (the
+    loop then writes the checkpoint and exits with PREEMPTED); a second ends the process at once, the last checkpoint
+    untouched. done[0]: the steps done. Yields the names of the signals received."""
+    received, main_thread = [], threading.current_thread() is threading.main_thread()
 
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signal.Signals(signum).name)
+        os.write(1, f"{received[0]}: stopping after step {done[0] + 1}; a second signal stops at once\n".encode())
 
-def load_weights(cfg, ctx, model, ema):
-    """--init-from: the model and EMA weights of another run's checkpoint; the optimiser and the step count start
-    afresh. Its network settings must be the flags' (checked as for --resume)."""
-    path = cfg.init_from
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) if main_thread}
     try:
-        ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path}: no such file")
-    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is unreadable ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})")
-    if isinstance(ckpt, dict) and any(str(k).startswith("net.") for k in ckpt):  # the authors' release
-        state = from_authors(ckpt)
-        check_shapes(state, model, path)
-        model.load_state_dict(state)
-        ema.load_state_dict(state)
-        ctx.log(f"weights from {path} (the authors' layout, into the model and its EMA); the optimiser and the step "
-                f"count start afresh")
-        return
-    if not isinstance(ckpt, dict) or not {"model", "ema", "config"} <= set(ckpt):
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is neither a checkpoint written by {SCRIPT} nor one of "
-                         f"the authors' release (a state_dict of net.* tensors)")
-    check_config(cfg, ckpt["config"], ctx, f"--init-from {path}", log_changes=False)
-    for key in ("model", "ema"):
-        check_shapes(ckpt[key], model, path)
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    ctx.log(f"weights from {path} (its step {ckpt.get('step')}); the optimiser and the step count start afresh")
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
-def peak_memory_mb(device):
-    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class Meter:
+    """The training log line: the loss in the paper's unit (the mean over processes), examples/s and ms/step since the
+    last line (evaluation and sampling left out), peak memory, ETA; the first line after 10 steps or 5 seconds."""
+
+    def __init__(self, cfg, ctx, step):
+        self.cfg, self.ctx, self.first, self.last, self.loss = cfg, ctx, step, step, torch.zeros((), device=ctx.device)
+        self.start = self.clock = time.time()
+
+    def due(self, step):
+        early = self.last == self.first and (step - self.first >= 10 or time.time() - self.start > 5)
+        return step % self.cfg.log_every == 0 or step == self.cfg.steps or early
+
+    def log(self, step, grad_norm, lr):
+        if self.ctx.world > 1:
+            dist.all_reduce(self.loss)
+        seconds, steps, cfg, world = time.time() - self.clock, step - self.last, self.cfg, self.ctx.world
+        peak = torch.cuda.max_memory_allocated(self.ctx.device) if self.ctx.device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        self.ctx.log(f"step {step} | loss {to_unit(self.loss.item() / steps / world, cfg):.4g} {UNIT} | grad norm "
+                     f"{grad_norm:.3g} | lr {lr:.3g} | {steps * cfg.batch_size * cfg.grad_accum * world / seconds:.1f} "
+                     f"examples/s | {1000 * seconds / steps:.0f} ms/step | peak mem {peak / 2 ** 20:.0f} MB | ETA "
+                     f"{(cfg.steps - step) * seconds / steps / 60:.1f} min")
+        self.loss.zero_()
+        self.clock, self.last = time.time(), step
+
+
+def train(cfg, ctx, data, model, ema, optimizer, step, pieces, data_id):
+    """The training loop from `step` to --steps: batch, L^inf, backward, clip, AdamW, EMA; then the log line, the
+    checkpoint, evaluation and samples at their intervals. pieces: micro-batches per batch (plan_steps)."""
+    net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world > 1 else model
+    net, meter, done = torch.compile(net) if cfg.compile else net, Meter(cfg, ctx, step), [step]
+    with stop_signals(done) as received:
+        while step < cfg.steps:
+            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: from seed, rank, step
+            model.train()
+            parts = [part for _ in range(cfg.grad_accum) for part in zip(
+                *[[None] * pieces if x is None else x.chunk(pieces) for x in get_batch(data, cfg)])]
+            for k, part in enumerate(parts):
+                with net.no_sync() if ctx.world > 1 and k < len(parts) - 1 else contextlib.nullcontext():
+                    loss = train_loss(net, part, cfg, ctx).mean() / len(parts)
+                    loss.backward()
+                meter.loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # EMA with warm-up: the effective decay grows towards --ema-decay
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - min(cfg.ema_decay, (2 + step) / (11 + step)))
+            step = done[0] = step + 1
+            # one host sync per step, agreed by all processes: a non-finite loss, a stop signal, a log line due
+            flags = torch.cat([(~torch.isfinite(meter.loss + grad_norm)).float()[None],
+                               torch.tensor([float(bool(received)), float(meter.due(step))], device=ctx.device)])
+            if ctx.world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, stop, due = flags.tolist()
+            if bad:
+                raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step} (grad norm {grad_norm.item()}); "
+                                 f"the last checkpoint is untouched")
+            if due:
+                meter.log(step, grad_norm.item(), group["lr"])
+            if ctx.rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or stop):
+                save_checkpoint(cfg, ctx, model, ema, optimizer, step, data_id)
+            if stop:
+                ctx.log(f"preempted by {received[0] if received else 'a signal to another process'} after step "
+                        f"{step}: the checkpoint is written; continue with the same command and --resume")
+                raise SystemExit(PREEMPTED)
+            if ctx.rank == 0 and step < cfg.steps:  # evaluation and sampling are left out of examples/s
+                start = time.time()
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    run_eval(ema, data, "val", step, cfg, ctx)
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    sample_all(ema, data, cfg, ctx, quality=False)
+                meter.clock += time.time() - start
+    return step
 
 
 def run_eval(ema, data, split, step, cfg, ctx):
     """Evaluate the EMA network on a split, log the bound for each n and write eval.json."""
     examples = evaluation_set(data[split], cfg)
-    result = evaluate(ema, examples, cfg, ctx.autocast, seed=hash((cfg.seed, -1, step)) % 2 ** 62)
-    bounds = [f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()]
-    ctx.log(f"eval {split} step {step} | " + " | ".join(bounds) + f" {UNIT}")
+    result = evaluate(ema, examples, cfg, ctx, seed=hash((cfg.seed, -1, step)) % 2 ** 62)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "repeats": cfg.eval_repeats,
                    "n": result}, f, indent=1)
+    ctx.log(f"eval {split} step {step} | " + " | ".join(f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r "
+                                                          f"{r['recon']:.3f})" for n, r in result.items()) +
+            f" {UNIT} | eval.json")
 
 
 def sample_all(ema, data, cfg, ctx, quality):
-    """Sample with every combination of --sampler, --sample-steps and the script's other swept settings: its grids
-    (samples.png, evolution.png; samples-SAMPLER-STEPS.png and so on when there are several, with -gW for --guidance W
-    when there are several weights), complete()'s conditional samples (--inpaint, --prompt, --infill) and, with
-    quality (--eval-samples N), its sample quality: the figures of sample_quality for N samples and for real test
-    data, logged, and a table of every combination (sampler, steps, the swept settings, network calls, seconds to
-    draw the N samples, figures) in samples.json and in eval.json under "samples"."""
-    table, settings = [], {k: getattr(cfg, k) for k in swept(cfg)}  # {name: its values}
+    """Every combination of --sampler, --sample-steps and the experiment's other swept settings: the figures of
+    sample(), the conditional samples of complete() and, with quality (--eval-samples), the sample-quality figures,
+    logged and tabled (a row per combination, with its network calls and seconds) in samples.json and eval.json.
+    Files of a combination are tagged -SAMPLER-STEPS (and -gW for --guidance W, ...) when there are several."""
+    table, settings = [], {k: getattr(cfg, k) for k in swept(cfg)}
     runs = [dict(zip(settings, values)) for values in itertools.product(*settings.values())]
     for run in runs:
-        one = dataclasses.replace(cfg, **run)
-        extra = {k: v for k, v in run.items() if k not in ("sampler", "sample_steps")}  # e.g. guidance
+        one, extra = dataclasses.replace(cfg, **run), {k: v for k, v in run.items() if k not in swept(cfg)[:2]}
         tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}" + "".join(
             f"-{k[0]}{v:g}" for k, v in extra.items() if len(settings[k]) > 1)
-        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
-        complete(ema, data, one, ctx, tag)
+        sample(ema, one, ctx, tag)
+        complete(ema, one, ctx, data, tag)
         if quality:
-            figures = sample_quality(ema, data, one, ctx)
+            figures = sample_quality(ema, one, ctx, data)
             table.append(dict(sampler=one.sampler, steps=one.sample_steps, **extra, network_calls=one.sample_steps + 1,
                               examples=cfg.eval_samples, seconds=round(figures.pop("seconds"), 1), **figures))
             show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, float))  # noqa: E731
-            shown = "".join(f", {k} {v:g}" for k, v in extra.items())
-            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps{shown}, {cfg.eval_samples} samples, "
+            named = "".join(f", {k} {v:g}" for k, v in extra.items() if v or len(settings[k]) > 1)
+            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps{named}, {cfg.eval_samples} samples, "
                     f"{table[-1]['seconds']} s) | samples: {show(figures['samples'])} | test data: "
                     f"{show(figures['test'])}")
     if quality:
-        with open(os.path.join(cfg.out_dir, "samples.json"), "w") as f:
-            json.dump(table, f, indent=1)
         path = os.path.join(cfg.out_dir, "eval.json")
         result = json.load(open(path)) if os.path.exists(path) else {}
-        result["samples"] = table
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        for name, content in (("samples.json", table), ("eval.json", result | {"samples": table})):
+            with open(os.path.join(cfg.out_dir, name), "w") as f:
+                json.dump(content, f, indent=1)
+        ctx.log("sample quality: samples.json, eval.json")
 
 
-def cpu_notice(cfg, ctx, model, data):
-    """On a CPU (or MPS) with no --preset and the paper-size model: one line with the measured cost of a step."""
-    paper = Config()
-    if ctx.device.type not in ("cpu", "mps") or cfg.preset or cfg.steps == 0 or any(
-            getattr(cfg, f.name) != getattr(paper, f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"]):
-        return
-    t0 = time.time()
-    train_loss(model, get_batch(data, dataclasses.replace(cfg, batch_size=2)), cfg, ctx.autocast).mean().backward()
-    model.zero_grad(set_to_none=True)
-    step_seconds = (time.time() - t0) * cfg.batch_size / 2 * cfg.grad_accum
-    total = cfg.steps * step_seconds
-    total = f"{total / 3600:.0f} h" if total >= 3600 else f"{total / 60:.0f} min" if total >= 60 else f"{total:.0f} s"
-    ctx.log(f"notice: the paper-size model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
-            f"{cfg.batch_size} x {cfg.grad_accum}) on {ctx.device.type}: ≈{step_seconds:.0f} s per step (timed on 2 "
-            f"examples), ≈{total} for {cfg.steps} steps; --preset quick runs a small model in minutes")
+def log_start(cfg, ctx, argv, model, step, data_id):
+    """The run's header in log.txt (the date, the command as typed, the commit, the device), its settings beyond the
+    paper's defaults, its size and data."""
+    git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a], text=True,  # noqa: E731
+                                    capture_output=True, timeout=10).stdout.strip()
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if sha := git("rev-parse", "--short", "HEAD"):
+            commit = f" | commit {sha}" + (" (modified)" if git("status", "--porcelain", "-uno") else "")
+    command = shlex.join(["python", SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+    ctx.log(f"==== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} | {command}{commit} | device {ctx.device} x {ctx.world}")
+    ctx.log("settings beyond the paper's defaults: " + (" ".join(flag(k, v) for k, v in dataclasses.asdict(
+        cfg).items() if v != getattr(Config, k) and k not in MODES) or "none"))
+    ctx.log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | data {data_id} | step {step}")
 
 
 @contextlib.contextmanager
-def preemption_signals():
-    """Within: SIGTERM, SIGINT and SIGUSR1 are recorded in the yielded list instead of ending the process."""
-    received = []
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
-        yield received
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in PREEMPTION_SIGNALS}
+def failures(cfg, ctx):
+    """Within: CUDA out of memory is one line naming the flags to lower; under torchrun the process that fails says
+    why in the run's log before it ends (torchrun then ends the others); the process group is closed."""
     try:
-        yield received
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        ctx.log(cause := f"{SCRIPT}: error: out of memory on {ctx.device} ({str(e).splitlines()[0]}). Lower "
+                         f"--batch-size {cfg.batch_size} (raise --grad-accum {cfg.grad_accum} to keep the global "
+                         f"batch) or --eval-batch-size {cfg.eval_batch_size}")
+        raise SystemExit(cause)
+    except BaseException as e:
+        if ctx.world > 1 and not (isinstance(e, SystemExit) and e.code in (0, None, PREEMPTED)):
+            print(line := f"process {ctx.rank} of {ctx.world} stopped: {type(e).__name__}: {e}", file=sys.stderr)
+            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+        raise
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
-    """The training loop from `step` to --steps: batch, L^inf, backward, clip, AdamW, EMA, log, checkpoint, evaluate.
-    Returns the final step."""
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.ddp else model
-    if cfg.compile:
-        net = torch.compile(net)
-    loss_sum, last_step, logged = torch.zeros((), device=ctx.device), step, False
-    t_start = t_last = time.time()
-    with preemption_signals() as received:
-        while step < cfg.steps:
-            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: from seed, rank, step
-            model.train()
-            step_loss = torch.zeros((), device=ctx.device)
-            for micro in range(cfg.grad_accum):
-                batch = get_batch(data, cfg)
-                last_micro = micro == cfg.grad_accum - 1
-                with net.no_sync() if ctx.ddp and not last_micro else contextlib.nullcontext():
-                    loss = train_loss(net, batch, cfg, ctx.autocast).mean() / cfg.grad_accum
-                    loss.backward()
-                step_loss += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            # one host sync per step, agreed by all processes: a non-finite loss, a preemption signal, a log line due
-            early = not logged and (step + 1 - last_step >= 10 or time.time() - t_start > 5)  # a first ETA soon
-            log_due = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or early
-            flags = torch.tensor([float(not (torch.isfinite(step_loss) and torch.isfinite(grad_norm))),
-                                  float(len(received) > 0), float(log_due)], device=ctx.device)
-            if ctx.ddp:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            non_finite, preempted, log_due = flags.tolist()
-            if non_finite:
-                ctx.log(f"non-finite loss or gradient at step {step + 1} (loss {step_loss.item()}, grad norm "
-                        f"{grad_norm.item()}): stopping; the last good checkpoint {ckpt_path} is untouched")
-                raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step + 1}")
-            loss_sum += step_loss
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            with torch.no_grad():  # EMA with warm-up: the effective decay grows towards --ema-decay
-                ema_decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - ema_decay)
-            if log_due:
-                if ctx.ddp:  # the mean over all processes, not rank 0's batches alone
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= ctx.world
-                seconds, steps_done = time.time() - t_last, step - last_step
-                loss = to_unit(loss_sum.item() / steps_done, cfg)
-                examples_per_s = steps_done * cfg.batch_size * cfg.grad_accum * ctx.world / seconds
-                ms_per_step = 1000 * seconds / steps_done
-                eta_min = (cfg.steps - step) * seconds / steps_done / 60
-                ctx.log(f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm.item():.3g} | lr {lr:.3g} | "
-                        f"{examples_per_s:.1f} examples/s | {ms_per_step:.0f} ms/step | "
-                        f"peak mem {peak_memory_mb(ctx.device):.0f} MB | ETA {eta_min:.1f} min")
-                loss_sum.zero_()
-                t_last, last_step, logged = time.time(), step, True
-            if ctx.master and (step % cfg.ckpt_every == 0 or step == cfg.steps or preempted):
-                save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": step,
-                                            "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                                            "data": data_id})
-            if preempted:
-                name = signal.Signals(received[0]).name if received else "a signal on another process"
-                ctx.log(f"preempted by {name} after step {step}: checkpoint {ckpt_path} written; continue with the "
-                        f"same command and --resume")
-                raise SystemExit(PREEMPTED)
-            t_side = time.time()  # evaluation and sampling time is left out of examples/s
-            if ctx.master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                run_eval(ema, data, "val", step, cfg, ctx)
-            if ctx.master and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                sample_all(ema, data, cfg, ctx, quality=False)
-            t_last += time.time() - t_side
-    return step
+        if ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv=None):
     """Parse the flags, then train (or only evaluate, or only sample) in the run directory."""
     cfg = parse_args(argv)
     ctx = setup(cfg)
-    try:
+    with failures(cfg, ctx):
+        ckpt = read_checkpoint(cfg, ctx)
+        if ckpt is not None and "config" in ckpt:  # the checkpoint's settings where the command line gives none
+            fields = Config.__dataclass_fields__
+            cfg = parse_args(argv, {k: v for k, v in ckpt["config"].items() if not cfg.init_from or fields[k].metadata[
+                "fixed"]}, cfg.init_from or f"the checkpoint in {cfg.out_dir}")
         data = load_data(cfg, ctx.device)
         data_id = fingerprint(data)
         model, ema, optimizer = build(cfg, ctx.device)
-        step = 0
-        if cfg.init_from:
-            load_weights(cfg, ctx, model, ema)
-        elif cfg.resume or cfg.eval_only or cfg.sample_only:
-            step = resume(cfg, ctx, model, ema, optimizer, data_id)
-        overrides = " ".join(preset_overrides(cfg)) or "none"
-        ctx.log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-        ctx.log(f"preset {cfg.preset or 'paper (none given)'}, flags that differ from it: {overrides}")
-        ctx.log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | device {ctx.device} | "
-                f"processes {ctx.world} | data {data_id} | step {step}")
-        if cfg.eval_only or cfg.sample_only:
-            if ctx.master and cfg.eval_only:
-                run_eval(ema, data, "test", step, cfg, ctx)
-            if ctx.master and (cfg.sample_only or cfg.eval_samples):
-                sample_all(ema, data, cfg, ctx, quality=cfg.eval_samples > 0)
-            return
-        cpu_notice(cfg, ctx, model, data)
-        step = train(cfg, ctx, data, model, ema, optimizer, step, data_id)
-        if ctx.master:
+        step = restore(cfg, ctx, ckpt, model, ema, optimizer, data_id)
+        log_start(cfg, ctx, argv, model, step, data_id)
+        if not (cfg.eval_only or cfg.sample_only):
+            step = train(cfg, ctx, data, model, ema, optimizer, step, plan_steps(cfg, ctx, model, data), data_id)
+        if ctx.rank == 0 and not cfg.sample_only:
             run_eval(ema, data, "test", step, cfg, ctx)
+        if ctx.rank == 0 and (not cfg.eval_only or cfg.eval_samples):
             sample_all(ema, data, cfg, ctx, quality=cfg.eval_samples > 0)
-            ctx.log(f"done: {cfg.out_dir}")
-        if ctx.ddp:
+        ctx.log(f"done: {cfg.out_dir}")
+        if ctx.world > 1:
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples
-    except torch.cuda.OutOfMemoryError as e:
-        in_use = torch.cuda.memory_allocated(ctx.device) / 2 ** 30 if ctx.device.type == "cuda" else float("nan")
-        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; " \
-                f"{str(e).splitlines()[0]}). Lower --batch-size {cfg.batch_size} (raise --grad-accum " \
-                f"{cfg.grad_accum} to keep the global batch) or --eval-batch-size {cfg.eval_batch_size}"
-        ctx.log(cause)
-        raise SystemExit(cause)
-    except BaseException as e:  # under torchrun: say which process failed and why, in the run's log, then end
-        if ctx.ddp and not (isinstance(e, SystemExit) and e.code in (0, None, PREEMPTED)):
-            line = f"process {ctx.rank} of {ctx.world} stopped: {type(e).__name__}: {e}"
-            print(line, file=sys.stderr, flush=True)
-            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
-                f.write(line + "\n")
-        raise
-    finally:
-        if ctx.ddp and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,29 +1,17 @@
 """Bayesian Flow Network on text8 characters (§6 of Graves et al., arXiv:2308.07037): discrete data, K = 27.
 
-Trains the authors' non-causal transformer with the continuous-time loss L^inf (Algorithm 8), evaluates the test
-bound L^inf + L^r and L^n + L^r in bits/char, and samples text with Algorithm 9. `--text-file PATH` trains on any
-UTF-8 text instead: its alphabet is the file's own characters (space and a-z, as text8, if it uses no others), and
-beta(1) follows the rule of common.discrete_beta_1 for the alphabet's size K (0.5625, the paper's, for K >= 27;
-larger below).
+Trains the authors' non-causal transformer with the continuous-time loss L^inf (Algorithm 8), evaluates the test bound
+L^inf + L^r and L^n + L^r in bits/char (the paper: 1.41), and samples with Algorithm 9 or the ODE or SDE solver of
+common.py. --text-file trains on any UTF-8 text, its alphabet its own characters, beta(1) by common.discrete_beta_1.
+Writes log.txt, ckpt.pt, eval.json, samples.txt and evolution.txt/.gif (theta and p_O over time) to --out-dir.
 
-    python bfn_text8.py --preset quick                # a 0.80M-parameter transformer, minutes on a CPU
-    python bfn_text8.py                               # the paper's model (170.2M parameters), 128 windows per step
-    python bfn_text8.py --grad-accum 26               # the paper's batch, 3328 windows of 256 characters, on one GPU
-    torchrun --nproc_per_node=8 bfn_text8.py --batch-size 104 --grad-accum 4     # the paper's batch on 8 GPUs
-    python bfn_text8.py --preset quick --text-file book.txt   # any UTF-8 text: its own characters, beta(1) by rule
-    python bfn_text8.py --preset quick --sample-only --infill "the ____ of the united states" --sampler ode
+    python bfn_text8.py --preset quick --text-file book.txt   # a small transformer on any text, minutes on a CPU
+    python bfn_text8.py --steps 1000                          # the paper's model and optimiser (text8 downloaded)
+    torchrun --nproc_per_node=8 bfn_text8.py --batch-size 104 --grad-accum 4   # the paper's batch on 8 GPUs
+    python bfn_text8.py --sample-only --sampler ode sde --sample-steps 10 100 --eval-samples 200   # scored
+    python bfn_text8.py --sample-only --infill "the ____ of the united states" --particles 8
+    python bfn_text8.py --sample-only --guide-word zero --grad-guidance 3     # steer any model towards a word
 
-Paper: 1.41 bits/char (L^inf + L^r, test set); a uniform model scores log2(27) = 4.75 bits/char.
-Measured: --preset quick on the first 12.5M characters of text8, 3.493 ± 0.026 bits/char (all 4,902 test windows);
-2 AMD EPYC CPU cores, torch 2.14.1, 2026-11-29.
-
-Data: text8.zip (downloaded into --data-dir and verified: 31,344,016 bytes, inner file 100,000,000 bytes with CRC-32
-0x7d6be66f), symbols space = 0, a-z = 1..26, split first 90% / next 5% / last 5% (the standard 90M / 5M / 5M).
-Outputs in --out-dir (default runs/bfn_text8): log.txt, ckpt.pt (and ckpt-prev.pt), eval.json, samples.txt
-(--num-samples samples of --seq-len characters) and evolution.txt (one sample's most likely characters under the
-input theta and under the network's output, at t = 0, 0.1, ..., 1), evolution.gif (the same at every step, for 3
-samples). With --eval-samples N, sample quality (spelling, 5-gram bits/char) in eval.json and samples.json (one row
-per --sampler and --sample-steps: `--sampler paper ode --sample-steps 10 100` runs each).
 Shapes: B batch, L sequence length (--seq-len), K symbols (27 for text8), W transformer width.
 """
 import argparse
@@ -37,13 +25,15 @@ import json
 import math
 import os
 import resource
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -52,170 +42,107 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_beta_1, discrete_flow, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, \
-    discrete_sample, discrete_sample_ode, discrete_sample_sde, stratified_steps
+from common import discrete_beta_1, discrete_flow, discrete_guided_probs, discrete_loss_inf, discrete_loss_n, \
+    discrete_recon_loss, discrete_sample, discrete_sample_ode, discrete_sample_sde, stratified_steps
 
 SCRIPT, UNIT = "bfn_text8.py", "bits/char"
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Config: every field is a command-line flag (--batch-size for batch_size); defaults are the paper's.
+
+def opt(default, help, fixed=False, **accepts):
+    """A setting: default, --help, whether it fixes the model or the data (a checkpoint keeps it), and the values it
+    accepts (choices=(...), low: at least, high: below)."""
+    return dataclasses.field(default=default, metadata={"help": help, "fixed": fixed, **accepts})
 
 
-def opt(default, help, fixed=False):
-    """A setting: its default, its --help, and whether it fixes the model or the data (a resumed run must keep it)."""
-    return field(default=default, metadata={"help": help, "fixed": fixed})
-
-
-@dataclass
+@dataclasses.dataclass
 class Config:
-    """Every setting of a run; parse_args makes each a flag, and the checkpoint stores them."""
-    preset: str = opt("", "paper: the authors' model and optimiser (the defaults); quick: the README's CPU recipe")
-    # data
-    data_dir: str = opt("data", "where text8.zip is downloaded / found")
+    """Every setting of a run, each a flag (--batch-size for batch_size); the defaults are the paper's."""
+    data_dir: str = opt("data", "where text8.zip is, or is downloaded to")
     text_file: str = opt("", "train on this UTF-8 text file instead of text8")
-    alphabet: str = opt("", "the K symbols in order (empty: space and a-z, text8's; with --text-file, the file's own "
-                            "characters if it has others); stored with the model", fixed=True)
-    seq_len: int = opt(256, "characters per window", fixed=True)
-    # BFN
-    beta_1: float = opt(0.0, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8); 0: the rule of "
-                             "discrete_beta_1 for K symbols, 0.5625 (the paper's) for K >= 27", fixed=True)
-    # network
-    layers: int = opt(24, "transformer layers", fixed=True)
-    heads: int = opt(12, "attention heads", fixed=True)
-    width: int = opt(768, "transformer width", fixed=True)
-    # optimisation
-    steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
-    batch_size: int = opt(128, "windows per process and micro-batch (global: batch size x grad accum x processes)")
-    grad_accum: int = opt(1, "micro-batches per optimiser step")
-    lr: float = opt(1e-4, "AdamW learning rate (the peak, with a schedule)")
-    lr_warmup: int = opt(0, "steps of linear learning-rate warm-up from 0 (0: none, the paper's)")
-    lr_decay: str = opt("none", "learning-rate decay after the warm-up: none (constant, the paper's), cosine or linear")
-    lr_final: float = opt(0.1, "with --lr-decay: the learning rate at --steps, as a fraction of --lr")
-    betas: tuple = opt((0.9, 0.98), "AdamW betas")
-    weight_decay: float = opt(0.01, "AdamW weight decay (on the weights of linear and convolution layers only)")
-    grad_clip: float = opt(5.0, "clip the gradient norm to this")
-    ema_decay: float = opt(0.9999, "EMA decay of the weights used to evaluate and sample (warmed up)")
-    # evaluation and sampling
-    eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test losses L^n + L^r ('inf': continuous time)")
-    eval_examples: int = opt(0, "evaluate on N test windows drawn with a fixed seed (0: all 19,531 of text8)")
-    eval_repeats: int = opt(1, "passes over them, each with fresh noise")
-    eval_batch_size: int = opt(256, "windows per evaluation batch")
+    alphabet: str = opt("", "the K symbols in order (default: text8's, or the --text-file's own characters)", True)
+    seq_len: int = opt(256, "characters per window", True, low=1)
+    beta_1: float = opt(0.0, "final accuracy beta(1) of beta(t) = beta(1) t^2 (§6.8); 0: 0.5625 for K >= 27, larger "
+                             "below (discrete_beta_1)", True, low=0)
+    layers: int = opt(24, "transformer layers", True, low=1)
+    heads: int = opt(12, "attention heads", True, low=1)
+    width: int = opt(768, "transformer width (a multiple of 2 x --heads)", True, low=1)
+    steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)", low=0)
+    batch_size: int = opt(128, "windows per process and step (global: x --grad-accum x processes)", low=1)
+    grad_accum: int = opt(1, "batches accumulated per optimiser step", low=1)
+    lr: float = opt(1e-4, "AdamW learning rate (the peak, with a schedule)", low=1e-12)
+    lr_warmup: int = opt(0, "steps of linear learning-rate warm-up (0: the paper's)", low=0)
+    lr_decay: str = opt("none", "decay to --lr-final x --lr at --steps", choices=("none", "cosine", "linear"))
+    lr_final: float = opt(0.1, "with --lr-decay: the final learning rate as a fraction of --lr", low=0, high=1)
+    betas: tuple = opt((0.9, 0.98), "AdamW betas", low=0, high=1)
+    weight_decay: float = opt(0.01, "AdamW weight decay (weights of linear layers)", low=0)
+    grad_clip: float = opt(5.0, "clip the gradient norm to this", low=1e-12)
+    ema_decay: float = opt(0.9999, "EMA decay of the weights that evaluate and sample (warmed up)", low=0, high=1)
+    eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test bounds L^n + L^r (inf: continuous time)")
+    eval_examples: int = opt(0, "evaluate on N test windows drawn with a fixed seed (0: all)", low=0)
+    eval_repeats: int = opt(1, "passes over them with fresh noise", low=1)
+    eval_batch_size: int = opt(256, "windows per evaluation and sampling batch", low=1)
+    sampler: tuple = opt(("paper",), "Algorithm 9, or the second-order ODE or SDE solver; several: each",
+                         choices=("paper", "ode", "sde"))
+    sample_steps: tuple = opt((1000,), "generation steps n; several: each", low=1)
+    num_samples: int = opt(8, "samples in samples.txt, and completions of --prompt or --infill", low=1)
+    final: str = opt("sample", "the result at t = 1: a draw of p_O (the paper's) or its mode", choices=("sample", "mode"))
+    eval_samples: int = opt(0, "sample quality of N samples and N test windows: real words, 5-gram bits/char", low=0)
     prompt: str = opt("", "sample continuations of this text (of the alphabet), fixed at the start of every window")
-    infill: str = opt("", "fill in the underscores of this text (of the alphabet, and _), fixed at the start of every "
-                          "window; the rest of the window is generated too")
-    eval_samples: int = opt(0, "sample quality: draw N samples and score them and N test windows by spelling (words "
-                               "of the training text) and by a character 5-gram model of the training text")
-    sample_steps: tuple = opt((1000,), "generation steps n of Algorithm 9; several: each, with each --sampler")
-    num_samples: int = opt(8, "samples in samples.txt")
-    sampler: tuple = opt(("paper",), "paper: the paper's sampler; ode: the second-order probability-flow ODE solver; "
-                                     "sde: the second-order SDE solver (both for few steps); several: each")
-    final: str = opt("sample", "the samplers' result at t = 1: sample (a draw of p_O, the paper's) or mode (its most "
-                               "likely value, as the authors' release)")
-    # run
-    out_dir: str = opt("runs/bfn_text8", "run directory: log.txt, ckpt.pt, eval.json, samples.txt, evolution.txt")
-    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (or ckpt-prev.pt if ckpt.pt is unreadable)")
-    init_from: str = opt("", "start from the weights of another run's ckpt.pt or of an authors' checkpoint (fresh "
-                             "optimiser, step 0): fine-tune, or evaluate and sample with --eval-only / --sample-only")
-    eval_only: bool = opt(False, "load <out-dir>/ckpt.pt, evaluate on the test set, exit")
-    sample_only: bool = opt(False, "load <out-dir>/ckpt.pt, sample, exit")
+    infill: str = opt("", "fill in the underscores of this text, fixed at the start of every window")
+    particles: int = opt(1, "with --prompt or --infill: sequential Monte Carlo over P particles (1: replacement)", low=1)
+    guide_word: str = opt("", "with --grad-guidance: steer samples towards containing this word")
+    grad_guidance: tuple = opt((0.0,), "guidance weight towards --guide-word, through the network; several: each",
+                               low=0)
+    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win", choices=("paper", "quick"))
+    out_dir: str = opt("runs/bfn_text8", "the run directory")
+    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its settings (flags given change them)")
+    init_from: str = opt("", "start from the weights of another run's ckpt.pt or an authors' checkpoint")
+    eval_only: bool = opt(False, "evaluate the checkpoint in <out-dir> on the test set")
+    sample_only: bool = opt(False, "sample from the checkpoint in <out-dir>")
     seed: int = opt(0, "everything random derives from it")
-    device: str = opt("auto", "auto (cuda, mps, cpu), or a torch device such as cuda:0")
-    dtype: str = opt("auto", "autocast dtype around the network: auto (bfloat16 on cuda), float32, bfloat16, float16")
+    device: str = opt("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
+    dtype: str = opt("auto", "autocast dtype (auto: bfloat16 on cuda)", choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(False, "torch.compile the network for training")
-    log_every: int = opt(100, "steps between log lines (the first comes after a few seconds)")
-    eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end, on test)")
-    sample_every: int = opt(5000, "steps between samples (0: only at the end)")
-    ckpt_every: int = opt(1000, "steps between checkpoints")
+    log_every: int = opt(100, "steps between log lines", low=1)
+    eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end)", low=0)
+    sample_every: int = opt(5000, "steps between samples (0: only at the end)", low=0)
+    ckpt_every: int = opt(1000, "steps between checkpoints", low=1)
 
 
-# --preset quick: the measured CPU recipe of the README (≈9 minutes on 2 CPU cores); paper: the defaults above.
 PRESETS = {"paper": {}, "quick": dict(layers=4, heads=4, width=128, seq_len=128, batch_size=32, lr=1e-3, steps=3000,
                                       eval_every=0, sample_every=0, eval_examples=1000, num_samples=4,
                                       sample_steps=(100,))}
 
 
-def parse_args(argv=None):
-    """Command line -> Config: the preset's values, then the flags given; a bad value stops with one line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.type is tuple:
-            p.add_argument(flag, nargs="+", type=type(f.default[0]), default=f.default, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
-    preset = p.parse_known_args(argv)[0].preset
-    if preset not in ("", *PRESETS):
-        p.error(f"--preset must be {' or '.join(PRESETS)}, got {preset}")
-    p.set_defaults(**PRESETS[preset or "paper"])  # explicit flags still win
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
+def check(cfg):
+    """The settings that depend on each other -> (cfg, with the alphabet and beta(1) resolved; the problems, each a
+    one-line message)."""
     if not cfg.alphabet:  # the text's own characters, or text8's when it has no others
         alphabet = "".join(sorted(set(read_text(cfg.text_file)))) if cfg.text_file else ALPHABET
         cfg = dataclasses.replace(cfg, alphabet=ALPHABET if set(alphabet) <= set(ALPHABET) else alphabet)
     if cfg.beta_1 == 0:
         cfg = dataclasses.replace(cfg, beta_1=discrete_beta_1(len(cfg.alphabet)))
-    for bad, message in [
-        (len(set(cfg.alphabet)) != len(cfg.alphabet) or not 2 <= len(cfg.alphabet) <= MAX_K,
-         f"--alphabet needs 2 to {MAX_K} different symbols, got {len(cfg.alphabet)} ({len(set(cfg.alphabet))} "
-         f"different)"),
-        (cfg.seq_len < 1, f"--seq-len must be >= 1, got {cfg.seq_len}"),
-        (cfg.steps < 0, f"--steps must be >= 0, got {cfg.steps}"),
-        (cfg.batch_size < 1 or cfg.grad_accum < 1, "--batch-size and --grad-accum must be >= 1"),
-        (min(cfg.layers, cfg.heads, cfg.width) < 1, "--layers, --heads and --width must be >= 1"),
+    text, outside = cfg.prompt or cfg.infill or cfg.guide_word, set(cfg.prompt + cfg.guide_word + cfg.infill.replace(
+        "_", "")) - set(cfg.alphabet)
+    return cfg, [message for bad, message in [
+        (len(set(cfg.alphabet)) != len(cfg.alphabet) or not 2 <= len(cfg.alphabet) <= 4096,
+         f"--alphabet needs 2 to 4096 different symbols, got {len(cfg.alphabet)} ({len(set(cfg.alphabet))} different)"),
         (cfg.width % cfg.heads != 0 or cfg.width // cfg.heads % 2 != 0,
          f"--width must be a multiple of 2 x --heads, got width {cfg.width} and heads {cfg.heads}"),
-        (cfg.beta_1 < 0, f"--beta-1 must be > 0 (0: the rule), got {cfg.beta_1}"),
-        (cfg.lr <= 0 or cfg.grad_clip <= 0, "--lr and --grad-clip must be > 0"),
-        (cfg.lr_warmup < 0 or cfg.lr_decay not in ("none", "cosine", "linear") or not 0 <= cfg.lr_final <= 1,
-         "--lr-warmup must be >= 0, --lr-decay none, cosine or linear, --lr-final in [0, 1]"),
-        (not 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
-        (len(cfg.betas) != 2, "--betas takes two numbers"),
         (any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n),
-         f"--eval-n takes 'inf' or positive integers, got {' '.join(cfg.eval_n)}"),
-        (cfg.eval_examples < 0 or cfg.eval_batch_size < 1, "--eval-examples must be >= 0 and --eval-batch-size >= 1"),
-        (min(cfg.sample_steps) < 1 or cfg.num_samples < 1, "--sample-steps and --num-samples must be >= 1"),
-        (cfg.eval_samples < 0 or cfg.eval_samples == 1, f"--eval-samples must be 0 or >= 2, got {cfg.eval_samples}"),
-        (not set(cfg.sampler) <= {"paper", "ode", "sde"},
-         f"--sampler takes paper, ode or sde, got {' '.join(cfg.sampler)}"),
-        (cfg.final not in ("sample", "mode"), f"--final must be sample or mode, got {cfg.final}"),
+         f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}"),
+        (cfg.eval_samples == 1 or len(cfg.betas) != 2, "--eval-samples must be 0 or >= 2; --betas takes two numbers"),
         (bool(cfg.prompt) and bool(cfg.infill), "--prompt and --infill exclude each other"),
-        (not set(cfg.prompt) <= set(cfg.alphabet) or not set(cfg.infill) <= set(cfg.alphabet + "_"),
-         f"--prompt and --infill take the symbols of the alphabet {cfg.alphabet!r} (and _ for --infill)"),
-        (len(cfg.prompt or cfg.infill) > cfg.seq_len,
-         f"--prompt or --infill is longer than --seq-len {cfg.seq_len}"),
-        (cfg.eval_repeats < 1, f"--eval-repeats must be >= 1, got {cfg.eval_repeats}"),
-        (min(cfg.log_every, cfg.ckpt_every) < 1 or min(cfg.eval_every, cfg.sample_every) < 0,
-         "--log-every and --ckpt-every must be >= 1, --eval-every and --sample-every >= 0"),
-        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
-         f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype}"),
+        (bool(outside), f"--prompt, --infill and --guide-word take the symbols of the alphabet {cfg.alphabet!r}; "
+                        f"{''.join(sorted(outside))!r} {'is' if len(outside) == 1 else 'are'} not in it"),
+        (bool(cfg.infill) and "_" not in cfg.infill, "--infill needs at least one _ to fill in"),
+        (len(text) > cfg.seq_len, f"--prompt, --infill or --guide-word is longer than --seq-len {cfg.seq_len}"),
+        (any(cfg.grad_guidance) != bool(cfg.guide_word), "--grad-guidance and --guide-word go together"),
+        (cfg.particles > 1 and not (cfg.prompt or cfg.infill), "--particles is for --prompt and --infill"),
+        (cfg.particles > 1 and "ode" in cfg.sampler, "--particles needs a stochastic sampler (paper, sde): the ODE "
+         "solver is deterministic after its first draw, so there is nothing to reweight"),
         (cfg.eval_only and cfg.sample_only, "--eval-only and --sample-only exclude each other"),
-        (cfg.resume and bool(cfg.init_from), "--resume and --init-from exclude each other"),
-    ]:
-        if bad:
-            p.error(message)
-    return cfg
-
-
-def flag_value(value):
-    """A setting's value as the command line writes it: flag_value(("inf", "10")) = "inf 10"."""
-    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-
-
-def as_flag(name, value):
-    """A setting and its value as the command line writes them: as_flag("eval_n", ("inf", "10")) = "--eval-n inf 10",
-    as_flag("eval_only", True) = "--eval-only"."""
-    flag = f"--{name.replace('_', '-')}"
-    return flag if value is True else f"{flag} {flag_value(value)}"
-
-
-def preset_overrides(cfg):
-    """The settings whose values differ from the preset's (with the same --text-file and its alphabet, so the file is
-    not read again), as '--flag value' strings."""
-    text = ["--text-file", cfg.text_file, f"--alphabet={cfg.alphabet}"] if cfg.text_file else []
-    base = dataclasses.asdict(parse_args((["--preset", cfg.preset] if cfg.preset else []) + text))
-    return [as_flag(k, v) for k, v in dataclasses.asdict(cfg).items() if k != "preset" and v != base[k]]
+        (cfg.resume and bool(cfg.init_from), "--resume and --init-from exclude each other")] if bad]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -224,36 +151,33 @@ def preset_overrides(cfg):
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 TEXT8_ZIP_BYTES, TEXT8_BYTES, TEXT8_CRC32 = 31_344_016, 100_000_000, 0x7D6BE66F
 ALPHABET = " abcdefghijklmnopqrstuvwxyz"  # text8's symbols: symbol k is ALPHABET[k]
-MAX_K = 4096  # the most symbols an alphabet may have
-
-
-def download(url, path):
-    """Stream url to path (through path.part, renamed when complete), printing a progress line."""
-    import requests
-    try:
-        with requests.get(url, stream=True, timeout=60) as r:
-            r.raise_for_status()
-            total, done = int(r.headers.get("content-length", 0)), 0
-            with open(path + ".part", "wb") as f:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-                    done += len(chunk)
-                    progress = f"\rdownloading {url}: {done / 1e6:.1f} / {total / 1e6:.1f} MB"
-                    print(progress, end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-    except (requests.RequestException, OSError) as e:
-        raise SystemExit(f"{SCRIPT}: error: downloading {url} to {path} failed ({e}). Check the network, or put the "
-                         f"file there by hand.")
-    os.replace(path + ".part", path)
 
 
 def load_text8(data_dir):
-    """The 100,000,000 characters of text8 as bytes, downloaded into data_dir/text8.zip if missing, then verified."""
+    """The 100,000,000 characters of text8 as bytes: data_dir/text8.zip, downloaded (streamed, with a progress line)
+    if missing, then checked (size and CRC-32). A failed download leaves nothing behind."""
     path = os.path.join(data_dir, "text8.zip")
     if not os.path.exists(path):
-        os.makedirs(data_dir, exist_ok=True)
-        download(TEXT8_URL, path)
-    fix = f"Delete {path} and run again to download it afresh."
+        if data_dir != Config.data_dir and not os.path.isdir(data_dir):
+            raise SystemExit(f"{SCRIPT}: error: --data-dir {data_dir} does not exist")
+        made = not os.path.exists(data_dir)
+        try:
+            import requests
+            os.makedirs(data_dir, exist_ok=True)
+            with requests.get(TEXT8_URL, stream=True, timeout=60) as r, open(path + ".part", "wb") as f:
+                r.raise_for_status()
+                for k, chunk in enumerate(r.iter_content(1 << 20)):
+                    f.write(chunk)
+                    print(f"\rdownloading {TEXT8_URL}: {k + 1} / {TEXT8_ZIP_BYTES >> 20} MB", end="", file=sys.stderr)
+            os.replace(path + ".part", path)
+        except Exception as e:
+            with contextlib.suppress(OSError):
+                os.remove(path + ".part")
+            if made:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            raise SystemExit(f"{SCRIPT}: error: downloading {TEXT8_URL} (31 MB) failed ({type(e).__name__}). Put "
+                             f"text8.zip into {data_dir}/ by hand, or train on any text with --text-file FILE")
+    fix = f"Delete {path} to download it afresh."
     if os.path.getsize(path) != TEXT8_ZIP_BYTES:
         raise SystemExit(f"{SCRIPT}: error: {path} is {os.path.getsize(path):,} bytes, expected {TEXT8_ZIP_BYTES:,}: "
                          f"the download is truncated or corrupt. {fix}")
@@ -263,9 +187,8 @@ def load_text8(data_dir):
     except (zipfile.BadZipFile, zlib.error, KeyError, OSError, EOFError) as e:
         raise SystemExit(f"{SCRIPT}: error: {path} is not a valid text8 archive ({e}). {fix}")
     if len(raw) != TEXT8_BYTES or zlib.crc32(raw) != TEXT8_CRC32:
-        raise SystemExit(f"{SCRIPT}: error: the text8 in {path} is {len(raw):,} bytes with CRC-32 "
-                         f"{zlib.crc32(raw):#010x}, expected {TEXT8_BYTES:,} bytes with CRC-32 "
-                         f"{TEXT8_CRC32:#010x}. {fix}")
+        raise SystemExit(f"{SCRIPT}: error: the text8 in {path} is {len(raw):,} bytes with CRC-32 {zlib.crc32(raw):#010x}"
+                         f", expected {TEXT8_BYTES:,} bytes with CRC-32 {TEXT8_CRC32:#010x}. {fix}")
     return raw
 
 
@@ -278,6 +201,8 @@ def read_text(path):
         raise SystemExit(f"{SCRIPT}: error: --text-file {path} does not exist")
     except UnicodeDecodeError as e:
         raise SystemExit(f"{SCRIPT}: error: --text-file {path} is not UTF-8 text (byte {e.start:,}: {e.reason})")
+    if not text.strip():
+        raise SystemExit(f"{SCRIPT}: error: --text-file {path} is empty")
     return text[:-1] if text.endswith("\n") else text
 
 
@@ -292,11 +217,9 @@ def encode(text, alphabet, source):
     known = [ord(c) for c in alphabet if ord(c) < len(table)]
     table[known] = torch.tensor([alphabet.index(chr(c)) for c in known], dtype=torch.long)
     x = table[codes.clamp_max(len(table) - 1)].masked_fill(codes >= len(table), -1)
-    bad = (x < 0).nonzero()
-    if len(bad):
-        pos = bad[0].item()
-        raise SystemExit(f"{SCRIPT}: error: {source} has the character {chr(codes[pos])!r} at position {pos:,}, which "
-                         f"is not in the alphabet {alphabet!r}")
+    if len(bad := (x < 0).nonzero()):
+        raise SystemExit(f"{SCRIPT}: error: {source} has the character {chr(codes[bad[0].item()])!r} at position "
+                         f"{bad[0].item():,}, which is not in the alphabet {alphabet!r}")
     return x.to(torch.uint8 if len(alphabet) <= 256 else torch.int16)
 
 
@@ -304,8 +227,7 @@ def load_data(cfg, device):
     """{train, val, test}: (N,) symbols on the device; the first 90%, the next 5%, the last 5%."""
     if cfg.text_file:
         text = read_text(cfg.text_file)
-        x = encode(text.encode() if cfg.alphabet == ALPHABET and text.isascii() else text, cfg.alphabet,
-                   cfg.text_file)
+        x = encode(text.encode() if cfg.alphabet == ALPHABET and text.isascii() else text, cfg.alphabet, cfg.text_file)
     else:
         x = encode(load_text8(cfg.data_dir), cfg.alphabet, "text8")
     a, b = len(x) * 90 // 100, len(x) * 95 // 100
@@ -316,15 +238,9 @@ def load_data(cfg, device):
 
 
 def get_batch(data, cfg):
-    """Random training windows (B, L) of symbols (long), and None (no labels); the global RNG is seeded per step."""
-    train = data["train"]
-    start = torch.randint(len(train) - cfg.seq_len + 1, (cfg.batch_size, 1), device=train.device)
-    return train[start + torch.arange(cfg.seq_len, device=train.device)].long(), None
-
-
-def swept(cfg):
-    """The sampling settings that take several values, each sampled in turn (sample_all)."""
-    return ("sampler", "sample_steps")
+    """Random training windows (B, L) of symbols (long), and None (no labels)."""
+    start = torch.randint(len(data["train"]) - cfg.seq_len + 1, (cfg.batch_size, 1), device=data["train"].device)
+    return data["train"][start + torch.arange(cfg.seq_len, device=start.device)].long(), None
 
 
 def evaluation_set(data, cfg):
@@ -416,39 +332,31 @@ def from_authors(state):
     return state
 
 
-NETWORK_FLAGS = "--layers, --heads, --width, --seq-len"
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# BFN glue: the network as the output distribution p_O(. | theta, t) of discrete data (§6.4), and the losses.
+# BFN: the network as the output distribution of discrete data (§6.4), the loss, the test bound and the draw.
 
-def output_log_probs(net, theta, t, autocast):
-    """ln p_O(k | theta, t): theta (B, L, K), t (B,) -> (B, L, K), a log-softmax over the K logits in float32."""
-    with autocast:
+def output_log_probs(net, theta, t, ctx):
+    """ln p_O(k | theta, t), a log-softmax over the K logits in float32: theta (B, L, K), t (B,) -> (B, L, K)."""
+    with ctx.autocast:
         logits = net(2 * theta - 1, t)  # (B, L, K)
     return torch.log_softmax(logits.float(), -1)
 
 
-def train_loss(net, batch, cfg, autocast):
-    """L^inf (§6.7, Algorithm 8) of a batch (x (B, L), None): t ~ U(0, 1), theta ~ p_F(. | x; t). Returns (B,)
-    nats/window."""
+def train_loss(net, batch, cfg, ctx):
+    """L^inf (§6.7, Algorithm 8) of a batch (x (B, L), None): t ~ U(0, 1), theta ~ p_F(. | x; t). (B,) nats/window."""
     x, _ = batch
     t = torch.rand(len(x), device=x.device)
     theta = discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet))
-    return discrete_loss_inf(x, output_log_probs(net, theta, t, autocast).exp(), t, cfg.beta_1)
+    return discrete_loss_inf(x, output_log_probs(net, theta, t, ctx).exp(), t, cfg.beta_1)
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation and sampling (with the EMA network)
 
 @torch.no_grad()
-def evaluate(net, windows, cfg, autocast, seed):
-    """Test bound -ln p(x) <= L^n + L^r for each n in --eval-n, in bits/char, over --eval-repeats passes with fresh
-    noise; the steps i of L^n are stratified over the examples. windows (N, L) uint8 ->
-    {n: {loss, recon, total, stderr}}."""
+def evaluate(net, windows, cfg, ctx, seed):
+    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n in --eval-n (inf: L^inf, §6.7), over --eval-repeats
+    passes with fresh noise; the steps i of L^n stratified over the windows. windows (N, L) -> {n: {loss, recon, total,
+    stderr}} in bits/char."""
     g = torch.Generator(windows.device).manual_seed(seed)
-    flow = lambda x, t: discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet), g)  # noqa: E731
-    log_p = lambda x, t: output_log_probs(net, flow(x, t), t, autocast)  # noqa: E731  ln p_O at theta ~ p_F(. | x; t)
+    log_p = lambda x, t: output_log_probs(net, discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet), g), t, ctx)  # noqa: E731
     losses, recon = {n: [] for n in cfg.eval_n}, []
     progress = Progress("evaluating", cfg.eval_repeats * math.ceil(len(windows) / cfg.eval_batch_size))
     for _ in range(cfg.eval_repeats):
@@ -456,156 +364,96 @@ def evaluate(net, windows, cfg, autocast, seed):
         for start in range(0, len(windows), cfg.eval_batch_size):
             progress.tick()
             x = windows[start:start + cfg.eval_batch_size].long()
-            B = len(x)
-            ones = torch.ones(B, device=x.device)
-            recon.append(discrete_recon_loss(x, log_p(x, ones)))
+            recon.append(discrete_recon_loss(x, log_p(x, torch.ones(len(x), device=x.device))))
             for n in cfg.eval_n:
                 if n == "inf":
-                    t = torch.rand(B, generator=g, device=x.device)
-                    loss = discrete_loss_inf(x, log_p(x, t).exp(), t, cfg.beta_1)
+                    t = torch.rand(len(x), generator=g, device=x.device)
+                    losses[n].append(discrete_loss_inf(x, log_p(x, t).exp(), t, cfg.beta_1))
                 else:
-                    i = steps[n][start:start + B]
-                    t = (i - 1) / int(n)
-                    loss = discrete_loss_n(x, log_p(x, t), i, int(n), cfg.beta_1, g)
-                losses[n].append(loss)
+                    i = steps[n][start:start + len(x)]
+                    losses[n].append(discrete_loss_n(x, log_p(x, (i - 1) / int(n)), i, int(n), cfg.beta_1, g))
     return summarise(losses, recon, cfg)
 
 
-class Progress:
-    """For long evaluations and sampling runs: 'label: done / total | seconds | ETA' at most every 30 seconds."""
-
-    def __init__(self, label, total, every=30.0):
-        self.label, self.total, self.every, self.done = label, total, every, 0
-        self.start = self.last = time.time()
-
-    def tick(self):
-        """One unit of work done; print a line if the last was `every` seconds ago."""
-        self.done += 1
-        now = time.time()
-        if now - self.last >= self.every:
-            eta_min = (now - self.start) / self.done * (self.total - self.done) / 60
-            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta_min:.1f} min",
-                  flush=True)
-            self.last = now
-
-
-def summarise(losses, recon, cfg):
-    """Per-example losses in nats, pass after pass -> {n: {loss, recon, total, stderr}} in the paper's unit. Each
-    example's losses are averaged over the passes first, so the standard error is over examples."""
-    per_example = lambda parts: to_unit(torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
-    recon = per_example(recon)
-    result = {}
-    for n, parts in losses.items():
-        total = per_example(parts) + recon
-        stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
-        result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
-                     "stderr": stderr}
-    return result
-
-
-def draw(net, n, cfg, autocast, device, generator, trajectory=False, given=None):
-    """n samples (n, L) of Algorithm 9 or the ODE solver (--sampler, --sample-steps, --final), in batches of
-    --eval-batch-size; with trajectory, one batch and also the trajectory (theta and p_O at each step).
-    given (n, L): known symbols (-1 where unknown). There p_O is replaced by the known symbol at every step, so that
-    those positions follow the Bayesian flow of their true values, the network sees them as it would in training, and
-    it generates the rest consistently (prompts, infilling); this works alike for every sampler."""
+@torch.no_grad()
+def draw(net, n, cfg, ctx, generator, trajectory=False, known=None):
+    """n samples (n, L) of the --sampler (Algorithm 9, or the ODE or SDE solver) at --sample-steps, in batches of
+    --eval-batch-size; with trajectory, one batch, and its trajectory (theta and p_O at each network call). known
+    (n, L): symbols to condition on, -1 where unknown (with --particles; common.py, Conditioning). With --guide-word,
+    gradient guidance towards it."""
     sampler = {"paper": discrete_sample, "ode": discrete_sample_ode, "sde": discrete_sample_sde}[cfg.sampler]
-    K = len(cfg.alphabet)
-    chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(cfg.eval_batch_size)
+    particles, word = cfg.particles if known is not None else 1, [cfg.alphabet.index(c) for c in cfg.guide_word]
+    chunks = [torch.arange(n)] if trajectory else torch.arange(n).split(max(1, cfg.eval_batch_size // particles))
     progress = Progress(f"sampling ({cfg.sampler}, {cfg.sample_steps} steps)", len(chunks) * (cfg.sample_steps + 1))
 
     def run(idx):
-        def probs_fn(theta, t):  # p_O(. | theta, t), counting the network calls for the progress line
-            progress.tick()
-            probs = output_log_probs(net, theta, t, autocast).exp()
-            if given is None:
-                return probs
-            known = given[idx]
-            return torch.where(known[..., None] >= 0, F.one_hot(known.clamp_min(0), K).float(), probs)
-
-        return sampler(probs_fn, (len(idx), cfg.seq_len), cfg.sample_steps, cfg.beta_1, K, generator=generator,
-                       device=device, return_trajectory=trajectory, final_mode=cfg.final == "mode")
+        probs_fn = lambda theta, t: progress.tick() or guided_probs(net, theta, t, cfg, ctx, word)  # noqa: E731
+        return sampler(probs_fn, (len(idx), cfg.seq_len), cfg.sample_steps, cfg.beta_1, len(cfg.alphabet),
+                       generator=generator, device=ctx.device, return_trajectory=trajectory,
+                       final_mode=cfg.final == "mode", known=None if known is None else known[idx],
+                       **{"particles": particles} if particles > 1 else {})
 
     out = [run(idx) for idx in chunks]
     return out[0] if trajectory else torch.cat(out)
 
 
-@torch.no_grad()
-def sample(net, cfg, autocast, device, out_dir, tag=""):
-    """Algorithm 9 (or the ODE solver): samples.txt, evolution.txt (the most likely characters of theta and p_O at
-    t = 0, 0.1, ..., 1) and evolution.gif (the same at every step, for 3 samples)."""
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    x, trajectory = draw(net, cfg.num_samples, cfg, autocast, device, g, trajectory=True)
-    decode_line = lambda x: decode(x, cfg.alphabet).replace("\n", "¶")  # noqa: E731  one line, also for new lines
-    with open(os.path.join(out_dir, f"samples{tag}.txt"), "w") as f:
-        for b in range(len(x)):
-            f.write(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n"
-                    f"{decode(x[b], cfg.alphabet)}\n")
-    times = [k / 10 for k in range(11)]
-    with open(os.path.join(out_dir, f"evolution{tag}.txt"), "w") as f:
-        f.write(f"sample 0 over {cfg.sample_steps} steps: the most likely character under the input theta and "
-                f"under the output p_O\n")
-        for tt in times:
-            s = min(trajectory, key=lambda s: abs(s["t"] - tt))
-            f.write(f"t={s['t']:.2f} input  |{decode_line(s['input'][0].argmax(-1))}|\n"
-                    f"       output |{decode_line(s['output'][0].argmax(-1))}|\n")
-        f.write(f"final sample |{decode_line(x[0])}|\n")
-    frames = []  # evolution.gif: a frame per step, the most likely characters of theta and p_O of 3 samples
-    one_hot = F.one_hot(x, len(cfg.alphabet))
-    final = {"t": 1.0, "input": one_hot, "output": one_hot, "label": ", the samples"}
-    for s in trajectory + [final]:
-        lines = [f"t = {s['t']:.3f}{s.get('label', '')}"]
-        for b in range(min(3, cfg.num_samples)):
-            for name in ("input", "output"):
-                text = decode_line(s[name][b].argmax(-1))
-                lines += [f"{name:6} |{text[k:k + 64]}|" for k in range(0, len(text), 64)]
-            lines.append("")
-        frames.append(lines)
-    save_text_gif(frames, os.path.join(out_dir, f"evolution{tag}.gif"))
+# ----------------------------------------------------------------------------------------------------------------------
+# Beyond the paper: gradient guidance towards a word, prompts and infilling.
+
+def guided_probs(net, theta, t, cfg, ctx, word=()):
+    """p_O(. | theta, t) for sampling; with a --guide-word (word: its symbols) and w = --grad-guidance, gradient
+    guidance p_O + w grad_y ln c(theta, t) (common.py, Guidance), c the probability under p_O, its positions taken as
+    independent, that a window spells the word, summed over where it starts (log-sum-exp over positions). The
+    gradient goes back through the network to theta: one backward pass per step."""
+    if not word or not cfg.grad_guidance:
+        return output_log_probs(net, theta, t, ctx).exp()
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_()
+        log_p = output_log_probs(net, th, t, ctx)  # (B, L, K)
+        spelled = sum(log_p[:, j:log_p.shape[1] - len(word) + 1 + j, k] for j, k in enumerate(word))  # (B, L - m + 1)
+        grad, = torch.autograd.grad(torch.logsumexp(spelled, -1).sum(), th)
+    return discrete_guided_probs(log_p.detach().exp(), theta, grad, cfg.grad_guidance)
 
 
 @torch.no_grad()
-def complete(net, data, cfg, ctx, tag=""):
-    """--prompt or --infill: --num-samples windows that start with the given text (its underscores, for --infill,
-    left to the network, as is everything after it), written to completions.txt; for --infill the log gives the
-    fraction of filled-in words that are words of the training text."""
-    text = cfg.prompt or cfg.infill
+def complete(net, cfg, ctx, data, tag=""):
+    """--prompt or --infill: --num-samples windows that start with the given text (its underscores, for --infill, left
+    to the network, as is everything after it), given it by replacement or, with --particles, sequential Monte Carlo;
+    in prompt.txt or infill.txt. For --infill the log gives how many filled-in words are words of the training text."""
+    text, kind = cfg.prompt or cfg.infill, "prompt" if cfg.prompt else "infill"
     if not text:
         return
-    known = torch.full((cfg.seq_len,), -1, dtype=torch.long)
-    for i, c in enumerate(text):
-        if c != "_":
-            known[i] = cfg.alphabet.index(c)
-    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 2)
-    n = cfg.num_samples
-    x = draw(net, n, cfg, ctx.autocast, ctx.device, g, given=known.to(ctx.device).expand(n, -1))
-    samples = [decode(row, cfg.alphabet) for row in x]
-    kind = "prompt" if cfg.prompt else "infill"
-    with open(os.path.join(cfg.out_dir, f"completions{tag}.txt"), "w") as f:
-        f.write(f"{kind} |{text}| ({cfg.sampler} sampler, {cfg.sample_steps} steps)\n")
-        for b, sample_text in enumerate(samples):
-            f.write(f"--- {b}\n{sample_text}\n")
-    line = f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps): {n} completions"
+    known, start = torch.full((cfg.seq_len,), -1, dtype=torch.long), time.time()
+    known[:len(text)] = torch.tensor([cfg.alphabet.index(c) if c != "_" or cfg.prompt else -1 for c in text])
+    g, n = torch.Generator(ctx.device).manual_seed(cfg.seed + 2), cfg.num_samples
+    samples = [decode(row, cfg.alphabet) for row in draw(net, n, cfg, ctx, g, known=known.to(ctx.device).expand(n, -1))]
+    with open(os.path.join(cfg.out_dir, f"{kind}{tag}.txt"), "w") as f:
+        f.write(f"{kind} |{text}| ({cfg.sampler} sampler, {cfg.sample_steps} steps, {cfg.particles} particles)\n" +
+                "".join(f"--- {b}\n{s}\n" for b, s in enumerate(samples)))
+    line = f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps, {cfg.particles} particles, {time.time() - start:.0f} s): " \
+           f"{n} completions"
     if cfg.infill:
-        vocabulary, _ = training_text_models(data["train"], cfg.alphabet)
+        vocabulary = training_text_models(data["train"], cfg.alphabet)[0]
         filled = [filled_words(text, s) for s in samples]
         words = [w for ws in filled for w in ws]
-        right = sum(w in vocabulary for w in words) / len(words) if words else float("nan")
-        line += f"; the filled-in words are words of the training text for {right:.1%} of {len(words)}, e.g. " \
-                f"{', '.join(filled[0][:5])}"
-    ctx.log(line)
+        line += f"; the filled-in words are words of the training text for {sum(w in vocabulary for w in words)} of " \
+                f"{len(words)}, e.g. {', '.join(filled[0][:5])}"
+    ctx.log(line + f" | {kind}{tag}.txt")
 
 
 def filled_words(pattern, text):
     """The words of text that overlap the underscores of pattern (text has the pattern's known characters)."""
     words, start = [], 0
     for word in text.split(" "):
-        end = start + len(word)
-        if word and "_" in pattern[start:end]:
+        if word and "_" in pattern[start:start + len(word)]:
             words.append(word)
-        start = end + 1
+        start += len(word) + 1
     return words
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures and sample quality: samples as text and as an animation; how many sampled words are real words of the
+# training text, and how likely the samples are under a character 5-gram model of it.
 
 def save_text_gif(frames, path, max_frames=100):
     """An animated GIF of text, at most max_frames frames evenly spaced (the last one kept, and held): frames, a list
@@ -615,26 +463,48 @@ def save_text_gif(frames, path, max_frames=100):
         if len(frames) > max_frames else list(range(len(frames)))
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     pitch = max(measure.textlength(c) for c in set("".join(frames[keep[-1]]) + "w"))  # a fixed advance per character
-    width = 8 + round(pitch * max(len(line) for k in keep for line in frames[k]))
-    height = 8 + 12 * max(len(frames[k]) for k in keep)
+    width, height = 8 + round(pitch * max(len(line) for k in keep for line in frames[k])), 8 + 12 * max(
+        len(frames[k]) for k in keep)
     images = []
     for k in keep:
-        image = Image.new("L", (width, height), 255)
-        draw_text = ImageDraw.Draw(image)
+        images.append(Image.new("L", (width, height), 255))
         for j, line in enumerate(frames[k]):
             for i, c in enumerate(line):
-                draw_text.text((4 + round(i * pitch), 4 + 12 * j), c, fill=0)
-        images.append(image)
+                ImageDraw.Draw(images[-1]).text((4 + round(i * pitch), 4 + 12 * j), c, fill=0)
     images[0].save(path, save_all=True, append_images=images[1:], duration=[80] * (len(images) - 1) + [2000], loop=0)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sample quality (--eval-samples): how many sampled words are real words of the training text, and how likely the
-# samples are under a character 5-gram model of the training text; the same figures for real test windows beside them.
+@torch.no_grad()
+def sample(net, cfg, ctx, tag=""):
+    """samples.txt, evolution.txt (the most likely characters of theta and of p_O at t = 0, 0.1, ..., 1) and
+    evolution.gif (the same at every network call, for 3 samples)."""
+    x, trajectory = draw(net, cfg.num_samples, cfg, ctx, torch.Generator(ctx.device).manual_seed(cfg.seed), True)
+    line = lambda x: decode(x, cfg.alphabet).replace("\n", "¶")  # noqa: E731  one line, also for new lines
+    with open(os.path.join(cfg.out_dir, f"samples{tag}.txt"), "w") as f:
+        f.write("".join(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{decode(x[b], cfg.alphabet)}"
+                        f"\n" for b in range(len(x))))
+    with open(os.path.join(cfg.out_dir, f"evolution{tag}.txt"), "w") as f:
+        f.write(f"sample 0 over {cfg.sample_steps} steps: the most likely character under the input theta and under "
+                f"the output p_O\n")
+        for s in [min(trajectory, key=lambda s: abs(s["t"] - k / 10)) for k in range(11)]:
+            f.write(f"t={s['t']:.2f} input  |{line(s['input'][0].argmax(-1))}|\n       output |"
+                    f"{line(s['output'][0].argmax(-1))}|\n")
+        f.write(f"final sample |{line(x[0])}|\n")
+    frames, one_hot = [], F.one_hot(x, len(cfg.alphabet))  # evolution.gif: a frame per network call, 3 samples
+    for s in trajectory + [{"t": 1.0, "input": one_hot, "output": one_hot, "label": ", the samples"}]:
+        lines = [f"t = {s['t']:.3f}{s.get('label', '')}"]
+        for b in range(min(3, cfg.num_samples)):
+            for name in ("input", "output"):
+                text = line(s[name][b].argmax(-1))
+                lines += [f"{name:6} |{text[k:k + 64]}|" for k in range(0, len(text), 64)]
+            lines.append("")
+        frames.append(lines)
+    save_text_gif(frames, os.path.join(cfg.out_dir, f"evolution{tag}.gif"))
+    ctx.log(f"samples: samples{tag}.txt, evolution{tag}.txt, evolution{tag}.gif")
+
 
 def whole_words(text):
-    """The words of a window that are whole: split at white space, without the first and the last (cut by the
-    edges)."""
+    """The words of a window that are whole: split at white space, without the first and last (cut by the edges)."""
     words = text.split()
     return words[1 if text[:1].strip() else 0:len(words) - (1 if text[-1:].strip() else 0)]
 
@@ -652,8 +522,7 @@ class NGram:
             grams, counts = torch.unique(codes, return_counts=True)  # sorted
             contexts, which = torch.unique(grams // K, return_inverse=True)
             context_counts = torch.zeros(len(contexts), dtype=torch.long).index_add_(0, which, counts)
-            followers = torch.bincount(which, minlength=len(contexts))
-            self.tables.append((grams, counts, contexts, context_counts, followers))
+            self.tables.append((grams, counts, contexts, context_counts, torch.bincount(which, minlength=len(contexts))))
 
     @staticmethod
     def lookup(keys, values, queries):
@@ -662,16 +531,15 @@ class NGram:
         return torch.where(keys[i] == queries, values[i], torch.zeros_like(values[i]))
 
     def bits_per_char(self, windows):
-        """Mean -log2 p of each symbol given the order - 1 before it, over every position that has them.
-        windows (M, L) -> float."""
+        """Mean -log2 p of each symbol given the order - 1 before it, over every position that has them. (M, L) ->
+        float."""
         w, K = windows.long().cpu(), self.K
         p = torch.full((len(w), w.shape[1] - self.order + 1), 1 / K, dtype=torch.float64)
         for k, (grams, counts, contexts, context_counts, followers) in enumerate(self.tables, start=1):
             start = self.order - k  # the k-gram ending at each scored position
             codes = sum(w[:, start + j:w.shape[1] - k + 1 + j] * K ** (k - 1 - j) for j in range(k))
-            c_hc = self.lookup(grams, counts, codes).double()
-            c_h = self.lookup(contexts, context_counts, codes // K).double()
-            t_h = self.lookup(contexts, followers, codes // K).double()
+            c_hc, c_h, t_h = (self.lookup(*table, q).double() for table, q in (
+                ((grams, counts), codes), ((contexts, context_counts), codes // K), ((contexts, followers), codes // K)))
             p = torch.where(c_h > 0, (c_hc + t_h * p) / (c_h + t_h).clamp_min(1), p)
         return -p.log2().mean().item()
 
@@ -680,8 +548,8 @@ TRAINING_TEXT_MODELS = {}  # (the training split's address, length) -> (its word
 
 
 def training_text_models(train, alphabet):
-    """The set of words of the training split and its character 5-gram model, built once per process: a sampling run
-    scores every sampler and step count against the same ones. train (N,) symbols -> (set, NGram)."""
+    """The set of words of the training split and its character 5-gram model, built once per process (a sampling run
+    scores every sampler and step count against the same ones). train (N,) symbols -> (set, NGram)."""
     key = (train.data_ptr(), len(train))
     if key not in TRAINING_TEXT_MODELS:
         ascii_only = max(map(ord, alphabet)) < 128  # text8: one byte per character
@@ -691,111 +559,171 @@ def training_text_models(train, alphabet):
     return TRAINING_TEXT_MODELS[key]
 
 
-def text_figures(windows, vocabulary, ngram, alphabet):
-    """Spelling accuracy (the fraction of whole words that occur in the training text), the number of words it is
-    over, and the bits/char of a 5-gram model of the training text. windows (M, L) -> dict."""
-    words = [w for x in windows for w in whole_words(decode(x, alphabet))]
-    spelled = sum(w in vocabulary for w in words) / len(words) if words else float("nan")
-    return {"spelling_accuracy": spelled, "words": len(words), "ngram_bits_per_char": ngram.bits_per_char(windows)}
-
-
-def sample_quality(net, data, cfg, ctx):
-    """--eval-samples N: N sampled windows (the --sampler at --sample-steps) and N test windows, scored against the
-    training split's own vocabulary and 5-gram statistics, so that it works for any --text-file."""
+def sample_quality(net, cfg, ctx, data):
+    """--eval-samples N: N sampled windows and N test windows, scored against the training split's own words and
+    5-gram statistics (so that it works for any --text-file): spelling accuracy (the fraction of whole words that occur
+    in the training text), the number of words, the 5-gram bits/char; with --guide-word, the fraction of windows that
+    contain it."""
     n = cfg.eval_samples
     test = data["test"][: len(data["test"]) // cfg.seq_len * cfg.seq_len].view(-1, cfg.seq_len)[:n]  # (n, L)
     if len(test) < n:
         raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs as many test windows; the test split has "
                          f"{len(test)} of --seq-len {cfg.seq_len}")
-    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     start = time.time()
-    x = draw(net, n, cfg, ctx.autocast, ctx.device, g)
-    seconds = time.time() - start
-    vocabulary, ngram = training_text_models(data["train"], cfg.alphabet)
-    return {"samples": text_figures(x, vocabulary, ngram, cfg.alphabet),
-            "test": text_figures(test, vocabulary, ngram, cfg.alphabet), "seconds": seconds}
+    x = draw(net, n, cfg, ctx, torch.Generator(ctx.device).manual_seed(cfg.seed + 1))
+    figures, (vocabulary, ngram) = {"seconds": time.time() - start}, training_text_models(data["train"], cfg.alphabet)
+    for name, windows in (("samples", x), ("test", test)):
+        texts = [decode(w, cfg.alphabet) for w in windows]
+        words = [w for text in texts for w in whole_words(text)]
+        figures[name] = {"spelling_accuracy": sum(w in vocabulary for w in words) / len(words) if words else math.nan,
+                         "words": len(words), "ngram_bits_per_char": ngram.bits_per_char(windows)}
+        if cfg.guide_word:
+            figures[name]["has_word"] = sum(cfg.guide_word in text for text in texts) / len(texts)
+    return figures
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training: setup -> build -> resume -> the loop. DDP when launched by torchrun; rank 0 logs, evaluates, samples and
-# writes files. This section is the same in every script.
-
-PREEMPTED = 75  # exit code after a preemption signal: the checkpoint is saved, resume with --resume (EX_TEMPFAIL)
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what cluster schedulers send before a kill
+def swept(cfg):
+    """The sampling settings that take several values, each sampled in turn (sample_all)."""
+    return ("sampler", "sample_steps", "grad_guidance")
 
 
-@dataclass
+# ======================================================================================================================
+# Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
+# these names of the experiment: SCRIPT, UNIT, Config, PRESETS, check (settings); load_data, get_batch,
+# evaluation_set, to_unit (data); from_authors (the authors' checkpoints); train_loss, evaluate (loss and test bound);
+# sample, complete, sample_quality, swept (figures, conditional samples, sample quality, the settings swept).
+# ======================================================================================================================
+
+PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
+MODES = ("preset", "resume", "eval_only", "sample_only", "init_from", "out_dir", "device", "dtype", "compile")
+
+
+def flag(name, value=True):
+    """A setting as the command line writes it: flag("eval_n", ("inf", "10")) = "--eval-n inf 10"."""
+    shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+    return f"--{name.replace('_', '-')}" + ("" if value is True else f" {shown}")
+
+
+def parse_args(argv=None, saved=None, source="the checkpoint"):
+    """Command line -> Config. A setting's value is, by rising priority: its default, the --preset's, a checkpoint's
+    (saved: a run directory remembers its settings), the command line's. A value the setting does not accept, a
+    combination check() refuses, or a flag that changes the checkpoint's model or data stops with one line."""
+    argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--preset", default="paper")
+    defaults = {k: f.default for k, f in fields.items()} | PRESETS.get(first.parse_known_args(argv)[0].preset, {})
+    for k, v in (saved or {}).items():  # a checkpoint may hold one value where several are allowed now
+        if k in fields and k not in MODES:
+            defaults[k] = (tuple(v) if isinstance(v, (tuple, list)) else (v,)) if fields[k].type is tuple else v
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    for k, f in fields.items():
+        meta, default = f.metadata, defaults[k]
+        kind = dict(action="store_true") if f.type is bool else dict(nargs="+", type=type(f.default[0])) \
+            if f.type is tuple else dict(type=f.type)
+        choices = " {" + ", ".join(map(str, meta["choices"])) + "}" if "choices" in meta else ""
+        shown = f" (default: {flag(k, default)[len(k) + 3:]})" if default not in ("", False) else ""
+        p.add_argument(flag(k), default=default, help=meta["help"] + choices + shown, **kind)
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
+    if differ := [f"{flag(k, saved[k])} in the checkpoint, {getattr(cfg, k)} now" for k, f in fields.items()
+                  if f.metadata["fixed"] and k in (saved or {}) and getattr(cfg, k) != saved[k]]:
+        raise SystemExit(f"{SCRIPT}: error: {source} was made with other model or data settings: {'; '.join(differ)}. "
+                         f"Leave those flags out to use the checkpoint's")
+    for k, meta in ((k, f.metadata) for k, f in fields.items()):
+        for v in getattr(cfg, k) if fields[k].type is tuple else (getattr(cfg, k),):
+            if "choices" in meta and v not in meta["choices"]:
+                choices = list(map(str, meta["choices"]))
+                p.error(f"{flag(k)} takes {', '.join(choices[:-1])} or {choices[-1]}, got {v}")
+            if ("low" in meta and v < meta["low"]) or ("high" in meta and v >= meta["high"]):
+                span = f"in [{meta['low']}, {meta['high']})" if "high" in meta else f">= {meta['low']}"
+                p.error(f"{flag(k)} must be {span}, got {v}")
+    cfg, problems = check(cfg)
+    for problem in problems:
+        p.error(problem)
+    return cfg
+
+
+@dataclasses.dataclass
 class Context:
-    """Where this process runs: device, autocast, its rank among `world` processes, and the run's log file."""
+    """Where this process runs: device, autocast, its rank among `world` processes, and the run directory."""
     device: torch.device
     autocast: torch.autocast
     rank: int
     world: int
     out_dir: str
 
-    @property
-    def ddp(self):
-        """Launched by torchrun with more than one process."""
-        return self.world > 1
-
-    @property
-    def master(self):
-        """Rank 0: the process that logs, evaluates, samples and writes files."""
-        return self.rank == 0
-
     def log(self, line):
-        """Print and append to log.txt, on rank 0 only."""
-        if self.master:
-            print(line, flush=True)
+        """On rank 0: print with the time, and append to <out-dir>/log.txt (made on first use)."""
+        if self.rank == 0:
+            print(line := time.strftime("%H:%M:%S ") + line, flush=True)
+            os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
 
 
 def keep_freed_memory():
-    """glibc hands large freed blocks back to the system at once, so every training step faults its activations back
-    into memory (measured on the MNIST quick preset: 22,000 page faults and 8% of the CPU time per step, 10% fewer
-    examples/s). Keep freed memory in the process instead: allocations up to 32 MB come from the heap, which is never
-    trimmed below 1 GB. Returns whether it applied (only with glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # macOS, Windows, musl: their allocators differ, nothing to do
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's parameters, from glibc's malloc.h
-    return all([libc.mallopt(M_MMAP_THRESHOLD, 32 << 20), libc.mallopt(M_TRIM_THRESHOLD, 1 << 30),
-                libc.mallopt(M_TOP_PAD, 256 << 20)])
+    """On glibc, keep freed memory in the process (blocks up to 32 MB, the heap never trimmed below 1 GB), so that a
+    step does not fault its activations back in each time. Returns whether it applied."""
+    with contextlib.suppress(OSError):  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD (glibc's malloc.h)
+        return all(ctypes.CDLL("libc.so.6").mallopt(k, v) for k, v in ((-3, 32 << 20), (-1, 1 << 30), (-2, 256 << 20)))
+    return False
 
 
 def setup(cfg):
-    """Process group (under torchrun), device, autocast dtype, run directory, memory allocator -> Context."""
+    """Process group (under torchrun), device, autocast dtype, allocator -> Context. --device cuda is this process's
+    GPU; a device that is not here stops with one line saying which are."""
     keep_freed_memory()
-    rank, local_rank, world = 0, 0, int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        on_gpu = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
-        backend = "nccl" if on_gpu else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))  # the others wait while rank 0 evaluates
-        rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
-    device = cfg.device
-    if device == "auto":
-        device = "mps" if torch.backends.mps.is_available() else "cpu"
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else device
-    device = torch.device(device)
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = ["cpu", *[f"cuda:{k}" for k in range(gpus)], *(["mps"] if torch.backends.mps.is_available() else [])]
+    name = {"auto": "cuda" if gpus else here[-1]}.get(cfg.device, cfg.device)
+    name = f"cuda:{local % max(1, gpus)}" if name == "cuda" else name
+    if name not in here:
+        raise SystemExit(f"{SCRIPT}: error: --device {cfg.device} is not available here; available: {', '.join(here)}")
+    if world > 1:  # the others wait while rank 0 evaluates: a long timeout
+        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
+    device = torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    return Context(device, autocast, rank, world, cfg.out_dir)
+    return Context(device, autocast, dist.get_rank() if world > 1 else 0, world, cfg.out_dir)
 
 
 def build(cfg, device):
     """The network, its EMA copy (evaluation and sampling) and AdamW, with weight decay on weights only."""
     torch.manual_seed(cfg.seed)  # the initial weights
     model = Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width, len(cfg.alphabet)).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms, positions
-    no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return model, ema, torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # not biases, norms
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if all(p is not q for q in decay)], "weight_decay": 0.0}]
+    return model, copy.deepcopy(model).eval().requires_grad_(False), torch.optim.AdamW(groups, cfg.lr, cfg.betas)
+
+
+class Progress:
+    """For long evaluations and sampling runs: 'label: done / total | seconds | ETA' at most every 30 seconds."""
+
+    def __init__(self, label, total):
+        self.label, self.total, self.done, self.start = label, total, 0, time.time()
+        self.last = self.start
+
+    def tick(self):
+        self.done, now = self.done + 1, time.time()
+        if now - self.last >= 30:
+            eta = (now - self.start) / self.done * (self.total - self.done) / 60
+            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta:.1f} min", flush=True)
+            self.last = now
+
+
+def summarise(losses, recon, cfg):
+    """Per-example losses in nats, pass after pass -> {n: {loss, recon, total, stderr}} in the paper's unit; each
+    example's losses are averaged over the passes first, so the standard error is over examples."""
+    per_example = lambda parts: to_unit(torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
+    recon, result = per_example(recon), {}
+    for n, parts in losses.items():
+        total = per_example(parts) + recon
+        result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
+                     "stderr": total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")}
+    return result
 
 
 def fingerprint(data):
@@ -803,80 +731,135 @@ def fingerprint(data):
     crc = 0
     for split in sorted(data):
         crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
-    shapes = ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data))
-    return f"{shapes}, crc32 {crc:08x}"
+    return ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data)) + f", crc32 {crc:08x}"
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, keep the previous checkpoint as ckpt-prev.pt, then rename: a crash or a full disk
-    mid-write never leaves the run without a readable checkpoint."""
+def read_checkpoint(cfg, ctx):
+    """The checkpoint to start from: --init-from's, or for --resume, --eval-only and --sample-only <out-dir>/ckpt.pt
+    (ckpt-prev.pt if that is unreadable, saying so); None for a fresh run. Loading never runs code (weights_only)."""
+    resuming = cfg.resume or cfg.eval_only or cfg.sample_only
+    paths = [cfg.init_from] if cfg.init_from else [os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "ckpt-prev.pt")]
+    for path in paths if cfg.init_from or resuming else []:
+        try:
+            ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
+            if not isinstance(ckpt, dict) or not ({"model", "ema", "config"} <= set(ckpt) or any(
+                    str(k).startswith("net.") for k in ckpt)):  # ours, or the authors' (net.* tensors)
+                raise ValueError(f"neither a checkpoint of {SCRIPT} nor one of the authors' release")
+        except FileNotFoundError:
+            continue
+        except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
+            message = f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            if cfg.init_from:
+                raise SystemExit(f"{SCRIPT}: error: --init-from {message}")
+            ctx.log(f"warning: {message}")
+            continue
+        if "config" in ckpt and (ckpt.get("script", SCRIPT) != SCRIPT or not set(ckpt["config"]) <= set(
+                Config.__dataclass_fields__)):
+            raise SystemExit(f"{SCRIPT}: error: {path} is a checkpoint of {ckpt.get('script', 'another script')}")
+        if path.endswith("ckpt-prev.pt"):
+            ctx.log(f"using the previous checkpoint {path}")
+        return ckpt
+    if cfg.init_from or resuming:
+        raise SystemExit(f"{SCRIPT}: error: --init-from {cfg.init_from}: no such file" if cfg.init_from else
+                         f"{SCRIPT}: error: no checkpoint in {cfg.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, "
+                         f"evaluate or sample from")
+
+
+def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
+    """Load a checkpoint's weights (for --resume also its optimiser and step) after checking its model and data
+    settings, tensors and (for --resume) data against this run's; log what changed since. Returns the first step."""
+    if ckpt is None:
+        return 0
+    source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+    fixed = [f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]]
+    state, saved = (ckpt["model"], parse_args([], ckpt["config"])) if "config" in ckpt else (from_authors(ckpt), cfg)
+    for name in sorted(set(model.state_dict()) | set(state)):  # the first tensor that does not fit, if any
+        have, want = [tuple(s[name].shape) if name in s else None for s in (state, model.state_dict())]
+        if have != want:
+            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have or 'missing'}"
+                             f" there, {want or 'not in this network'} here. Give the network flags "
+                             f"({', '.join(flag(k) for k in fixed)}) of the run that wrote it")
+    if ckpt.get("data", data_id) != data_id:
+        message = f"the checkpoint was trained on other data ({ckpt['data']}; now {data_id})"
+        if cfg.resume:
+            raise SystemExit(f"{SCRIPT}: error: {message}. Resume on the same data, or use another --out-dir")
+        ctx.log(f"note: {message}")
+    model.load_state_dict(state)
+    ema.load_state_dict(ckpt.get("ema", state))
+    if cfg.init_from:
+        ctx.log(f"weights from {source} ({'step ' + str(ckpt['step']) if 'config' in ckpt else 'the authors' + chr(39) + ' layout'}); the optimiser and the step count start afresh")
+        return 0
+    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in ckpt["config"]
+               if k not in MODES and getattr(saved, k) != getattr(cfg, k)]
+    ctx.log("changed since the checkpoint: " + (", ".join(changed) or "nothing"))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"]
+
+
+def save_checkpoint(cfg, ctx, model, ema, optimizer, step, data_id):
+    """ckpt.pt written through a temporary file, the previous one kept as ckpt-prev.pt: a crash or a full disk mid-write
+    never leaves the run without a readable checkpoint."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
     try:
-        torch.save(state, path + ".tmp")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": step, "config": dataclasses.asdict(cfg), "data": data_id, "script": SCRIPT}, path + ".tmp")
         if os.path.exists(path):
-            os.replace(path, os.path.join(os.path.dirname(path), "ckpt-prev.pt"))
+            os.replace(path, os.path.join(cfg.out_dir, "ckpt-prev.pt"))
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         raise SystemExit(f"{SCRIPT}: error: writing the checkpoint {path} failed ({e}); stopping. The last good "
-                         f"checkpoint is still in {os.path.dirname(path) or '.'}")
+                         f"checkpoint is still in {cfg.out_dir}")
+    ctx.log(f"checkpoint at step {step}: {path}")
 
 
-def load_checkpoint(ctx):
-    """<out-dir>/ckpt.pt, or ckpt-prev.pt (saying so) if ckpt.pt is missing or unreadable. weights_only: loading a
-    checkpoint never runs code from it."""
-    for name in ("ckpt.pt", "ckpt-prev.pt"):
-        path = os.path.join(ctx.out_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
-            if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "step", "config"} <= set(ckpt):
-                raise ValueError("not a checkpoint written by this script")
-            if name != "ckpt.pt":
-                ctx.log(f"using the previous checkpoint {path}")
-            return ckpt
-        except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-            ctx.log(f"warning: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    raise SystemExit(f"{SCRIPT}: error: no checkpoint in {ctx.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, evaluate "
-                     f"or sample from")
+def available_memory(device):
+    """Bytes this process can still allocate: free GPU memory, or on Linux the available memory (within a container's
+    limit); None where that is unknown."""
+    if device.type != "cpu":
+        return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
+            torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        free = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) * 1024
+        with contextlib.suppress(OSError, ValueError):
+            limit, used = (open(f"/sys/fs/cgroup/memory.{k}").read().strip() for k in ("max", "current"))
+            free = free if limit == "max" else min(free, int(limit) - int(used))
+        return free
 
 
-def check_config(cfg, saved, ctx, source, log_changes=True):
-    """Stop, naming each flag, if a setting that fixes the model or the data differs from the checkpoint's (`source`
-    names it); log the other differences (steps, intervals, evaluation, sampling, device, ...), which are safe."""
-    now = dataclasses.asdict(cfg)
-    fixed = {f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]}
-    modes = {"preset", "resume", "eval_only", "sample_only", "init_from"}
-
-    def as_now(k):  # the checkpoint's value in this version's type (it may hold one value where a list is allowed)
-        if isinstance(now[k], tuple):
-            return tuple(saved[k]) if isinstance(saved[k], (list, tuple)) else (saved[k],)
-        return type(now[k])(saved[k])
-
-    differ = [k for k in now if k not in modes and k in saved and now[k] != as_now(k)]
-    if any(k in fixed for k in differ):
-        changes = [f"{as_flag(k, saved[k])} in the checkpoint, {flag_value(now[k])} now" for k in differ if k in fixed]
-        raise SystemExit(f"{SCRIPT}: error: {source} was made with other model or data settings: "
-                         f"{'; '.join(changes)}. Give the checkpoint's values")
-    if differ and log_changes:
-        changes = [f"{as_flag(k, saved[k])} -> {flag_value(now[k])}" for k in differ]
-        ctx.log("changed since the checkpoint: " + ", ".join(changes))
-
-
-def resume(cfg, ctx, model, ema, optimizer, data_id):
-    """Load the checkpoint in --out-dir into model, EMA and optimiser after checking its settings. Returns its step."""
-    ckpt = load_checkpoint(ctx)
-    check_config(cfg, ckpt["config"], ctx, f"the checkpoint in {ctx.out_dir} (use another --out-dir for a new run)")
-    if ckpt.get("data") != data_id:
-        message = f"the checkpoint was trained on other data ({ckpt.get('data')}; now {data_id})"
-        if cfg.resume:
-            raise SystemExit(f"{SCRIPT}: error: {message}. Resume on the same data, or use another --out-dir")
-        ctx.log(f"note: {message}")
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    return ckpt["step"]
+def plan_steps(cfg, ctx, model, data):
+    """Before the first step: a forward and backward pass on 2 examples, timed, counting the tensors autograd keeps for
+    the backward pass; scaled to --batch-size, against the memory available. A batch that does not fit is split into
+    micro-batches that do (the global batch, and so the training, unchanged); if one example cannot fit, stop. Logs
+    what a step costs, on a CPU or MPS without --preset quick pointing to it. Returns micro-batches per batch."""
+    kept, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+    pack = lambda t: kept.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t  # noqa: E731
+    probe, start = dataclasses.replace(cfg, batch_size=2), time.time()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_loss(model, get_batch(data, probe), probe, ctx).mean().backward()
+    model.zero_grad(set_to_none=True)
+    seconds = (time.time() - start) / 2 * cfg.batch_size * cfg.grad_accum
+    example = 1.5 * sum(v for k, v in kept.items() if k not in weights) / 2  # and half again for backward temporaries
+    state = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # gradients and AdamW's two moments
+    free, gib, pieces = available_memory(ctx.device), lambda b: f"{b / 2 ** 30:.2g} GiB", 1  # noqa: E731
+    if free is not None and state + example * cfg.batch_size > 0.9 * free:
+        if state + example > 0.9 * free:
+            sizes = ", ".join(flag(f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"] and f.type is int)
+            raise SystemExit(f"{SCRIPT}: error: one example needs ≈{gib(state + example)} on {ctx.device} and "
+                             f"{gib(free)} is available: lower {sizes}")
+        pieces = min(k for k in range(1, cfg.batch_size + 1)
+                     if cfg.batch_size % k == 0 and state + example * cfg.batch_size / k <= 0.9 * free)
+        ctx.log(f"memory: a batch of {cfg.batch_size} needs ≈{gib(state + example * cfg.batch_size)} and "
+                f"{gib(free)} is available: each is split into {pieces} micro-batches (the same global batch)")
+    total = cfg.steps * seconds
+    total = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.0f} min" if total >= 60 else f"{total:.0f} s"
+    ctx.log(f"plan: ≈{seconds:.2g} s per step (timed on 2 examples), ≈{total} for {cfg.steps} steps, ≈"
+            f"{gib(state + example * cfg.batch_size / pieces)} of {gib(free) if free else 'unknown'} memory" +
+            ("; --preset quick trains a small model in minutes" if ctx.device.type != "cuda" and cfg.preset != "quick"
+             else ""))
+    return pieces
 
 
 def learning_rate(step, cfg):
@@ -889,259 +872,211 @@ def learning_rate(step, cfg):
     return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape) if cfg.lr_decay != "none" else cfg.lr
 
 
-def check_shapes(state, model, source):
-    """Stop with one line at the first tensor of `state` whose name or shape does not fit `model`."""
-    own = model.state_dict()
-    for name in sorted(set(own) | set(state)):
-        if name not in state or name not in own or state[name].shape != own[name].shape:
-            have = tuple(state[name].shape) if name in state else "missing"
-            want = tuple(own[name].shape) if name in own else "not in this network"
-            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have} there, "
-                             f"{want} here. Give the network flags ({NETWORK_FLAGS}) of the run that wrote it")
+@contextlib.contextmanager
+def stop_signals(done):
+    """Within: the first SIGTERM, SIGINT or SIGUSR1 says at once that the run stops after the step in progress (the
+    loop then writes the checkpoint and exits with PREEMPTED); a second ends the process at once, the last checkpoint
+    untouched. done[0]: the steps done. Yields the names of the signals received."""
+    received, main_thread = [], threading.current_thread() is threading.main_thread()
 
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signal.Signals(signum).name)
+        os.write(1, f"{received[0]}: stopping after step {done[0] + 1}; a second signal stops at once\n".encode())
 
-def load_weights(cfg, ctx, model, ema):
-    """--init-from: the model and EMA weights of another run's checkpoint; the optimiser and the step count start
-    afresh. Its network settings must be the flags' (checked as for --resume)."""
-    path = cfg.init_from
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) if main_thread}
     try:
-        ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path}: no such file")
-    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is unreadable ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})")
-    if isinstance(ckpt, dict) and any(str(k).startswith("net.") for k in ckpt):  # the authors' release
-        state = from_authors(ckpt)
-        check_shapes(state, model, path)
-        model.load_state_dict(state)
-        ema.load_state_dict(state)
-        ctx.log(f"weights from {path} (the authors' layout, into the model and its EMA); the optimiser and the step "
-                f"count start afresh")
-        return
-    if not isinstance(ckpt, dict) or not {"model", "ema", "config"} <= set(ckpt):
-        raise SystemExit(f"{SCRIPT}: error: --init-from {path} is neither a checkpoint written by {SCRIPT} nor one of "
-                         f"the authors' release (a state_dict of net.* tensors)")
-    check_config(cfg, ckpt["config"], ctx, f"--init-from {path}", log_changes=False)
-    for key in ("model", "ema"):
-        check_shapes(ckpt[key], model, path)
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    ctx.log(f"weights from {path} (its step {ckpt.get('step')}); the optimiser and the step count start afresh")
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
-def peak_memory_mb(device):
-    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class Meter:
+    """The training log line: the loss in the paper's unit (the mean over processes), examples/s and ms/step since the
+    last line (evaluation and sampling left out), peak memory, ETA; the first line after 10 steps or 5 seconds."""
+
+    def __init__(self, cfg, ctx, step):
+        self.cfg, self.ctx, self.first, self.last, self.loss = cfg, ctx, step, step, torch.zeros((), device=ctx.device)
+        self.start = self.clock = time.time()
+
+    def due(self, step):
+        early = self.last == self.first and (step - self.first >= 10 or time.time() - self.start > 5)
+        return step % self.cfg.log_every == 0 or step == self.cfg.steps or early
+
+    def log(self, step, grad_norm, lr):
+        if self.ctx.world > 1:
+            dist.all_reduce(self.loss)
+        seconds, steps, cfg, world = time.time() - self.clock, step - self.last, self.cfg, self.ctx.world
+        peak = torch.cuda.max_memory_allocated(self.ctx.device) if self.ctx.device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        self.ctx.log(f"step {step} | loss {to_unit(self.loss.item() / steps / world, cfg):.4g} {UNIT} | grad norm "
+                     f"{grad_norm:.3g} | lr {lr:.3g} | {steps * cfg.batch_size * cfg.grad_accum * world / seconds:.1f} "
+                     f"examples/s | {1000 * seconds / steps:.0f} ms/step | peak mem {peak / 2 ** 20:.0f} MB | ETA "
+                     f"{(cfg.steps - step) * seconds / steps / 60:.1f} min")
+        self.loss.zero_()
+        self.clock, self.last = time.time(), step
+
+
+def train(cfg, ctx, data, model, ema, optimizer, step, pieces, data_id):
+    """The training loop from `step` to --steps: batch, L^inf, backward, clip, AdamW, EMA; then the log line, the
+    checkpoint, evaluation and samples at their intervals. pieces: micro-batches per batch (plan_steps)."""
+    net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world > 1 else model
+    net, meter, done = torch.compile(net) if cfg.compile else net, Meter(cfg, ctx, step), [step]
+    with stop_signals(done) as received:
+        while step < cfg.steps:
+            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: from seed, rank, step
+            model.train()
+            parts = [part for _ in range(cfg.grad_accum) for part in zip(
+                *[[None] * pieces if x is None else x.chunk(pieces) for x in get_batch(data, cfg)])]
+            for k, part in enumerate(parts):
+                with net.no_sync() if ctx.world > 1 and k < len(parts) - 1 else contextlib.nullcontext():
+                    loss = train_loss(net, part, cfg, ctx).mean() / len(parts)
+                    loss.backward()
+                meter.loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # EMA with warm-up: the effective decay grows towards --ema-decay
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - min(cfg.ema_decay, (2 + step) / (11 + step)))
+            step = done[0] = step + 1
+            # one host sync per step, agreed by all processes: a non-finite loss, a stop signal, a log line due
+            flags = torch.cat([(~torch.isfinite(meter.loss + grad_norm)).float()[None],
+                               torch.tensor([float(bool(received)), float(meter.due(step))], device=ctx.device)])
+            if ctx.world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, stop, due = flags.tolist()
+            if bad:
+                raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step} (grad norm {grad_norm.item()}); "
+                                 f"the last checkpoint is untouched")
+            if due:
+                meter.log(step, grad_norm.item(), group["lr"])
+            if ctx.rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or stop):
+                save_checkpoint(cfg, ctx, model, ema, optimizer, step, data_id)
+            if stop:
+                ctx.log(f"preempted by {received[0] if received else 'a signal to another process'} after step "
+                        f"{step}: the checkpoint is written; continue with the same command and --resume")
+                raise SystemExit(PREEMPTED)
+            if ctx.rank == 0 and step < cfg.steps:  # evaluation and sampling are left out of examples/s
+                start = time.time()
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    run_eval(ema, data, "val", step, cfg, ctx)
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    sample_all(ema, data, cfg, ctx, quality=False)
+                meter.clock += time.time() - start
+    return step
 
 
 def run_eval(ema, data, split, step, cfg, ctx):
     """Evaluate the EMA network on a split, log the bound for each n and write eval.json."""
     examples = evaluation_set(data[split], cfg)
-    result = evaluate(ema, examples, cfg, ctx.autocast, seed=hash((cfg.seed, -1, step)) % 2 ** 62)
-    bounds = [f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r {r['recon']:.3f})" for n, r in result.items()]
-    ctx.log(f"eval {split} step {step} | " + " | ".join(bounds) + f" {UNIT}")
+    result = evaluate(ema, examples, cfg, ctx, seed=hash((cfg.seed, -1, step)) % 2 ** 62)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump({"step": step, "split": split, "unit": UNIT, "examples": len(examples), "repeats": cfg.eval_repeats,
                    "n": result}, f, indent=1)
+    ctx.log(f"eval {split} step {step} | " + " | ".join(f"L^{n}+L^r {r['total']:.3f} ± {r['stderr']:.3f} (L^r "
+                                                          f"{r['recon']:.3f})" for n, r in result.items()) +
+            f" {UNIT} | eval.json")
 
 
 def sample_all(ema, data, cfg, ctx, quality):
-    """Sample with every combination of --sampler, --sample-steps and the script's other swept settings: its grids
-    (samples.png, evolution.png; samples-SAMPLER-STEPS.png and so on when there are several, with -gW for --guidance W
-    when there are several weights), complete()'s conditional samples (--inpaint, --prompt, --infill) and, with
-    quality (--eval-samples N), its sample quality: the figures of sample_quality for N samples and for real test
-    data, logged, and a table of every combination (sampler, steps, the swept settings, network calls, seconds to
-    draw the N samples, figures) in samples.json and in eval.json under "samples"."""
-    table, settings = [], {k: getattr(cfg, k) for k in swept(cfg)}  # {name: its values}
+    """Every combination of --sampler, --sample-steps and the experiment's other swept settings: the figures of
+    sample(), the conditional samples of complete() and, with quality (--eval-samples), the sample-quality figures,
+    logged and tabled (a row per combination, with its network calls and seconds) in samples.json and eval.json.
+    Files of a combination are tagged -SAMPLER-STEPS (and -gW for --guidance W, ...) when there are several."""
+    table, settings = [], {k: getattr(cfg, k) for k in swept(cfg)}
     runs = [dict(zip(settings, values)) for values in itertools.product(*settings.values())]
     for run in runs:
-        one = dataclasses.replace(cfg, **run)
-        extra = {k: v for k, v in run.items() if k not in ("sampler", "sample_steps")}  # e.g. guidance
+        one, extra = dataclasses.replace(cfg, **run), {k: v for k, v in run.items() if k not in swept(cfg)[:2]}
         tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}" + "".join(
             f"-{k[0]}{v:g}" for k, v in extra.items() if len(settings[k]) > 1)
-        sample(ema, one, ctx.autocast, ctx.device, cfg.out_dir, tag)
-        complete(ema, data, one, ctx, tag)
+        sample(ema, one, ctx, tag)
+        complete(ema, one, ctx, data, tag)
         if quality:
-            figures = sample_quality(ema, data, one, ctx)
+            figures = sample_quality(ema, one, ctx, data)
             table.append(dict(sampler=one.sampler, steps=one.sample_steps, **extra, network_calls=one.sample_steps + 1,
                               examples=cfg.eval_samples, seconds=round(figures.pop("seconds"), 1), **figures))
             show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, float))  # noqa: E731
-            shown = "".join(f", {k} {v:g}" for k, v in extra.items())
-            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps{shown}, {cfg.eval_samples} samples, "
+            named = "".join(f", {k} {v:g}" for k, v in extra.items() if v or len(settings[k]) > 1)
+            ctx.log(f"sample quality ({one.sampler}, {one.sample_steps} steps{named}, {cfg.eval_samples} samples, "
                     f"{table[-1]['seconds']} s) | samples: {show(figures['samples'])} | test data: "
                     f"{show(figures['test'])}")
     if quality:
-        with open(os.path.join(cfg.out_dir, "samples.json"), "w") as f:
-            json.dump(table, f, indent=1)
         path = os.path.join(cfg.out_dir, "eval.json")
         result = json.load(open(path)) if os.path.exists(path) else {}
-        result["samples"] = table
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        for name, content in (("samples.json", table), ("eval.json", result | {"samples": table})):
+            with open(os.path.join(cfg.out_dir, name), "w") as f:
+                json.dump(content, f, indent=1)
+        ctx.log("sample quality: samples.json, eval.json")
 
 
-def cpu_notice(cfg, ctx, model, data):
-    """On a CPU (or MPS) with no --preset and the paper-size model: one line with the measured cost of a step."""
-    paper = Config()
-    if ctx.device.type not in ("cpu", "mps") or cfg.preset or cfg.steps == 0 or any(
-            getattr(cfg, f.name) != getattr(paper, f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"]):
-        return
-    t0 = time.time()
-    train_loss(model, get_batch(data, dataclasses.replace(cfg, batch_size=2)), cfg, ctx.autocast).mean().backward()
-    model.zero_grad(set_to_none=True)
-    step_seconds = (time.time() - t0) * cfg.batch_size / 2 * cfg.grad_accum
-    total = cfg.steps * step_seconds
-    total = f"{total / 3600:.0f} h" if total >= 3600 else f"{total / 60:.0f} min" if total >= 60 else f"{total:.0f} s"
-    ctx.log(f"notice: the paper-size model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
-            f"{cfg.batch_size} x {cfg.grad_accum}) on {ctx.device.type}: ≈{step_seconds:.0f} s per step (timed on 2 "
-            f"examples), ≈{total} for {cfg.steps} steps; --preset quick runs a small model in minutes")
+def log_start(cfg, ctx, argv, model, step, data_id):
+    """The run's header in log.txt (the date, the command as typed, the commit, the device), its settings beyond the
+    paper's defaults, its size and data."""
+    git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a], text=True,  # noqa: E731
+                                    capture_output=True, timeout=10).stdout.strip()
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if sha := git("rev-parse", "--short", "HEAD"):
+            commit = f" | commit {sha}" + (" (modified)" if git("status", "--porcelain", "-uno") else "")
+    command = shlex.join(["python", SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+    ctx.log(f"==== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} | {command}{commit} | device {ctx.device} x {ctx.world}")
+    ctx.log("settings beyond the paper's defaults: " + (" ".join(flag(k, v) for k, v in dataclasses.asdict(
+        cfg).items() if v != getattr(Config, k) and k not in MODES) or "none"))
+    ctx.log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | data {data_id} | step {step}")
 
 
 @contextlib.contextmanager
-def preemption_signals():
-    """Within: SIGTERM, SIGINT and SIGUSR1 are recorded in the yielded list instead of ending the process."""
-    received = []
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
-        yield received
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in PREEMPTION_SIGNALS}
+def failures(cfg, ctx):
+    """Within: CUDA out of memory is one line naming the flags to lower; under torchrun the process that fails says
+    why in the run's log before it ends (torchrun then ends the others); the process group is closed."""
     try:
-        yield received
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        ctx.log(cause := f"{SCRIPT}: error: out of memory on {ctx.device} ({str(e).splitlines()[0]}). Lower "
+                         f"--batch-size {cfg.batch_size} (raise --grad-accum {cfg.grad_accum} to keep the global "
+                         f"batch) or --eval-batch-size {cfg.eval_batch_size}")
+        raise SystemExit(cause)
+    except BaseException as e:
+        if ctx.world > 1 and not (isinstance(e, SystemExit) and e.code in (0, None, PREEMPTED)):
+            print(line := f"process {ctx.rank} of {ctx.world} stopped: {type(e).__name__}: {e}", file=sys.stderr)
+            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+        raise
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def train(cfg, ctx, data, model, ema, optimizer, step, data_id):
-    """The training loop from `step` to --steps: batch, L^inf, backward, clip, AdamW, EMA, log, checkpoint, evaluate.
-    Returns the final step."""
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.ddp else model
-    if cfg.compile:
-        net = torch.compile(net)
-    loss_sum, last_step, logged = torch.zeros((), device=ctx.device), step, False
-    t_start = t_last = time.time()
-    with preemption_signals() as received:
-        while step < cfg.steps:
-            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)  # batch, t, noise: from seed, rank, step
-            model.train()
-            step_loss = torch.zeros((), device=ctx.device)
-            for micro in range(cfg.grad_accum):
-                batch = get_batch(data, cfg)
-                last_micro = micro == cfg.grad_accum - 1
-                with net.no_sync() if ctx.ddp and not last_micro else contextlib.nullcontext():
-                    loss = train_loss(net, batch, cfg, ctx.autocast).mean() / cfg.grad_accum
-                    loss.backward()
-                step_loss += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            # one host sync per step, agreed by all processes: a non-finite loss, a preemption signal, a log line due
-            early = not logged and (step + 1 - last_step >= 10 or time.time() - t_start > 5)  # a first ETA soon
-            log_due = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or early
-            flags = torch.tensor([float(not (torch.isfinite(step_loss) and torch.isfinite(grad_norm))),
-                                  float(len(received) > 0), float(log_due)], device=ctx.device)
-            if ctx.ddp:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            non_finite, preempted, log_due = flags.tolist()
-            if non_finite:
-                ctx.log(f"non-finite loss or gradient at step {step + 1} (loss {step_loss.item()}, grad norm "
-                        f"{grad_norm.item()}): stopping; the last good checkpoint {ckpt_path} is untouched")
-                raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step + 1}")
-            loss_sum += step_loss
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            with torch.no_grad():  # EMA with warm-up: the effective decay grows towards --ema-decay
-                ema_decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - ema_decay)
-            if log_due:
-                if ctx.ddp:  # the mean over all processes, not rank 0's batches alone
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= ctx.world
-                seconds, steps_done = time.time() - t_last, step - last_step
-                loss = to_unit(loss_sum.item() / steps_done, cfg)
-                examples_per_s = steps_done * cfg.batch_size * cfg.grad_accum * ctx.world / seconds
-                ms_per_step = 1000 * seconds / steps_done
-                eta_min = (cfg.steps - step) * seconds / steps_done / 60
-                ctx.log(f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm.item():.3g} | lr {lr:.3g} | "
-                        f"{examples_per_s:.1f} examples/s | {ms_per_step:.0f} ms/step | "
-                        f"peak mem {peak_memory_mb(ctx.device):.0f} MB | ETA {eta_min:.1f} min")
-                loss_sum.zero_()
-                t_last, last_step, logged = time.time(), step, True
-            if ctx.master and (step % cfg.ckpt_every == 0 or step == cfg.steps or preempted):
-                save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "step": step,
-                                            "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                                            "data": data_id})
-            if preempted:
-                name = signal.Signals(received[0]).name if received else "a signal on another process"
-                ctx.log(f"preempted by {name} after step {step}: checkpoint {ckpt_path} written; continue with the "
-                        f"same command and --resume")
-                raise SystemExit(PREEMPTED)
-            t_side = time.time()  # evaluation and sampling time is left out of examples/s
-            if ctx.master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                run_eval(ema, data, "val", step, cfg, ctx)
-            if ctx.master and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                sample_all(ema, data, cfg, ctx, quality=False)
-            t_last += time.time() - t_side
-    return step
+        if ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv=None):
     """Parse the flags, then train (or only evaluate, or only sample) in the run directory."""
     cfg = parse_args(argv)
     ctx = setup(cfg)
-    try:
+    with failures(cfg, ctx):
+        ckpt = read_checkpoint(cfg, ctx)
+        if ckpt is not None and "config" in ckpt:  # the checkpoint's settings where the command line gives none
+            fields = Config.__dataclass_fields__
+            cfg = parse_args(argv, {k: v for k, v in ckpt["config"].items() if not cfg.init_from or fields[k].metadata[
+                "fixed"]}, cfg.init_from or f"the checkpoint in {cfg.out_dir}")
         data = load_data(cfg, ctx.device)
         data_id = fingerprint(data)
         model, ema, optimizer = build(cfg, ctx.device)
-        step = 0
-        if cfg.init_from:
-            load_weights(cfg, ctx, model, ema)
-        elif cfg.resume or cfg.eval_only or cfg.sample_only:
-            step = resume(cfg, ctx, model, ema, optimizer, data_id)
-        overrides = " ".join(preset_overrides(cfg)) or "none"
-        ctx.log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-        ctx.log(f"preset {cfg.preset or 'paper (none given)'}, flags that differ from it: {overrides}")
-        ctx.log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | device {ctx.device} | "
-                f"processes {ctx.world} | data {data_id} | step {step}")
-        if cfg.eval_only or cfg.sample_only:
-            if ctx.master and cfg.eval_only:
-                run_eval(ema, data, "test", step, cfg, ctx)
-            if ctx.master and (cfg.sample_only or cfg.eval_samples):
-                sample_all(ema, data, cfg, ctx, quality=cfg.eval_samples > 0)
-            return
-        cpu_notice(cfg, ctx, model, data)
-        step = train(cfg, ctx, data, model, ema, optimizer, step, data_id)
-        if ctx.master:
+        step = restore(cfg, ctx, ckpt, model, ema, optimizer, data_id)
+        log_start(cfg, ctx, argv, model, step, data_id)
+        if not (cfg.eval_only or cfg.sample_only):
+            step = train(cfg, ctx, data, model, ema, optimizer, step, plan_steps(cfg, ctx, model, data), data_id)
+        if ctx.rank == 0 and not cfg.sample_only:
             run_eval(ema, data, "test", step, cfg, ctx)
+        if ctx.rank == 0 and (not cfg.eval_only or cfg.eval_samples):
             sample_all(ema, data, cfg, ctx, quality=cfg.eval_samples > 0)
-            ctx.log(f"done: {cfg.out_dir}")
-        if ctx.ddp:
+        ctx.log(f"done: {cfg.out_dir}")
+        if ctx.world > 1:
             dist.barrier()  # the other processes wait for rank 0's evaluation and samples
-    except torch.cuda.OutOfMemoryError as e:
-        in_use = torch.cuda.memory_allocated(ctx.device) / 2 ** 30 if ctx.device.type == "cuda" else float("nan")
-        cause = f"{SCRIPT}: error: out of memory on {ctx.device} ({in_use:.1f} GiB allocated; " \
-                f"{str(e).splitlines()[0]}). Lower --batch-size {cfg.batch_size} (raise --grad-accum " \
-                f"{cfg.grad_accum} to keep the global batch) or --eval-batch-size {cfg.eval_batch_size}"
-        ctx.log(cause)
-        raise SystemExit(cause)
-    except BaseException as e:  # under torchrun: say which process failed and why, in the run's log, then end
-        if ctx.ddp and not (isinstance(e, SystemExit) and e.code in (0, None, PREEMPTED)):
-            line = f"process {ctx.rank} of {ctx.world} stopped: {type(e).__name__}: {e}"
-            print(line, file=sys.stderr, flush=True)
-            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
-                f.write(line + "\n")
-        raise
-    finally:
-        if ctx.ddp and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -72,3 +72,13 @@ def write_cifar(root, n_per_batch=20, seed=0):
 @pytest.fixture
 def cifar_dir(tmp_path):
     return write_cifar(str(tmp_path / "data"))
+
+
+def cpu_context(out_dir="."):
+    """A stand-in for the scripts' Context on the CPU, for calling their functions directly."""
+    import contextlib
+    import types
+
+    import torch
+    return types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext(), rank=0, world=1,
+                                 out_dir=out_dir, log=lambda line: None)

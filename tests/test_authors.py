@@ -3,7 +3,6 @@ their network's outputs and their L^inf and L^r on fixed inputs, with weights gi
 
     python -m pytest -q tests/test_authors.py
 """
-import contextlib
 import json
 import math
 import os
@@ -14,7 +13,7 @@ import torch
 import bfn_cifar
 import bfn_mnist
 import bfn_text8
-from conftest import ROOT
+from conftest import ROOT, cpu_context
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
@@ -57,7 +56,7 @@ def test_mnist_network_and_losses_are_the_authors(tmp_path):
     state = torch.load(authors_checkpoint(fx, tmp_path / "a.pt"), weights_only=True)
     net.load_state_dict(bfn_mnist.from_authors(state))
     theta = torch.stack([fx["theta0"], 1 - fx["theta0"]], -1)  # (B, 28, 28, 2)
-    x, t, off = fx["data"].long(), fx["t"], contextlib.nullcontext()
+    x, t, off = fx["data"].long(), fx["t"], cpu_context()
     with torch.no_grad():
         close(net(2 * fx["theta0"] - 1, t), fx["logits"])
         log_p = bfn_mnist.output_log_probs(net, theta, t, off)
@@ -86,7 +85,7 @@ def test_text8_network_and_losses_are_the_authors(tmp_path):
     net = bfn_text8.Transformer(16, 2, 2, 32).eval()
     state = torch.load(authors_checkpoint(fx, tmp_path / "a.pt"), weights_only=True)
     net.load_state_dict(bfn_text8.from_authors(state))
-    x, t, theta, off = fx["data"], fx["t"], fx["theta"], contextlib.nullcontext()
+    x, t, theta, off = fx["data"], fx["t"], fx["theta"], cpu_context()
     with torch.no_grad():
         close(net(2 * theta - 1, t), fx["logits"])
         log_p = bfn_text8.output_log_probs(net, theta, t, off)
@@ -117,12 +116,12 @@ def test_cifar_network_and_losses_are_the_authors(output, tmp_path):
     net = bfn_cifar.UNet(64, 2, n_out=2 if output == "discretised" else 1).eval()
     state = torch.load(authors_checkpoint(fx, tmp_path / "a.pt"), weights_only=True)
     net.load_state_dict(bfn_cifar.from_authors(state))
-    x, t, off = fx["x"], fx["t"], contextlib.nullcontext()
+    x, t, off = fx["x"], fx["t"], cpu_context()
     assert fx["exact"].all()  # their -ln p is exact (not their tail approximation) on every pixel of the fixture
     with torch.no_grad():
         close(net(fx["mu"], t), fx["out"])
-        close(bfn_cifar.loss_inf(x, bfn_cifar.network_output(net, fx["mu"], t, cfg, off), t, cfg), fx["loss_inf"])
-        out = bfn_cifar.network_output(net, fx["mu1"], torch.ones_like(t), cfg, off)
+        close(bfn_cifar.loss_inf(x, bfn_cifar.output(net, fx["mu"], t, cfg, off), t, cfg), fx["loss_inf"])
+        out = bfn_cifar.output(net, fx["mu1"], torch.ones_like(t), cfg, off)
         close(bfn_cifar.recon_loss(x, out, cfg), fx["nll"].sum((1, 2, 3)))
 
 

@@ -2,8 +2,8 @@
 
     python -m pytest -q tests/test_mnist.py
 """
-import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import bfn_mnist
-from conftest import ROOT
+from conftest import ROOT, cpu_context
 
 TINY = ["--channels", "8", "--res-blocks", "1", "--batch-size", "4", "--eval-examples", "6", "--eval-batch-size", "4",
         "--eval-n", "inf", "3", "--sample-steps", "3", "--num-samples", "4", "--log-every", "1"]
@@ -38,9 +38,9 @@ def test_three_steps_end_to_end(mnist_dir, tmp_path):
     from PIL import Image
     assert Image.open(os.path.join(out, "evolution.gif")).n_frames == 3 + 2  # each of the n + 1 steps, the samples
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["step"] == 3 and set(ckpt) == {"model", "ema", "optimizer", "step", "config", "data"}
+    assert ckpt["step"] == 3 and set(ckpt) == {"model", "ema", "optimizer", "step", "config", "data", "script"}
     log = open(os.path.join(out, "log.txt")).read()
-    assert "step 3 | loss" in log and "examples/s" in log and "config:" in log
+    assert "step 3 | loss" in log and "examples/s" in log and "settings beyond the paper's defaults:" in log
     # --eval-only and --sample-only reuse the checkpoint
     os.remove(os.path.join(out, "samples.png"))
     run(mnist_dir, out, "--sample-only")
@@ -59,7 +59,7 @@ def test_a_confident_wrong_pixel_is_scored_at_its_true_cost():
     87.3 of an underflowed float32 probability."""
     net = lambda x, t: torch.full_like(x, 30.0)  # noqa: E731
     theta = torch.full((1, 28, 28, 2), 0.5)
-    log_p = bfn_mnist.output_log_probs(net, theta, torch.ones(1), contextlib.nullcontext())
+    log_p = bfn_mnist.output_log_probs(net, theta, torch.ones(1), cpu_context())
     white = torch.zeros(1, 28, 28, dtype=torch.long)
     assert -log_p[0, 0, 0, 0].item() == pytest.approx(30.0, rel=1e-6)
     assert bfn_mnist.discrete_recon_loss(white, log_p).item() == pytest.approx(784 * 30.0, rel=1e-5)
@@ -73,7 +73,8 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     assert data["test"].shape == (10_000, 64, 64) and data["train"].dtype == torch.uint8
     again = bfn_mnist.load_data(dataclasses.replace(cfg, conditional=True), torch.device("cpu"))
     assert torch.equal(data["test"], again["test"])  # deterministic given the seed, with or without labels
-    assert again["test_labels"].shape == (10_000,) and again["test_labels"].max() <= 99 and "test_labels" not in data
+    assert again["test_labels"].shape == (10_000,) and again["test_labels"].max() <= 99
+    assert torch.equal(data["test_labels"], again["test_labels"])  # labels are loaded with or without --conditional
     ink_left, ink_right = data["test"][:, :, :32].float().sum((1, 2)), data["test"][:, :, 32:].float().sum((1, 2))
     assert (ink_left > 0).all() and (ink_right > 0).all()  # a digit in each half
     x = bfn_mnist.binarise(data["test"][:8])
@@ -82,8 +83,8 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     run(mnist_dir, out, "--digits", "2", "--steps", "1", "--eval-examples", "2", "--num-samples", "2", "--conditional",
         "--sample-class", "42", "--guidance", "1", "--channels", "32", "--eval-samples", "2")
     quality = json.load(open(os.path.join(out, "samples.json")))[0]
-    for figures in quality["samples"], quality["test"]:  # both right implies each right
-        assert figures["accuracy"] <= min(figures["accuracy_tens"], figures["accuracy_units"]) <= 1
+    for figures, k in itertools.product((quality["samples"], quality["test"]), "ab"):  # both right: each right
+        assert figures[f"accuracy_{k}"] <= min(figures[f"accuracy_tens_{k}"], figures[f"accuracy_units_{k}"]) <= 1
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["model"]["label_embed.weight"].shape[0] == 22  # tens and units: the digits 0-9 and null each
     from PIL import Image
@@ -91,20 +92,21 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--digits", "3"], "--digits must be 1 or 2"),
-    (["--batch-size", "0"], "--batch-size and --grad-accum must be >= 1"),
+    (["--digits", "3"], "--digits takes 1 or 2, got 3"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--steps", "-5"], "--steps must be >= 0"),
-    (["--eval-n", "inf", "ten"], "--eval-n takes 'inf' or positive integers"),
-    (["--dtype", "float8"], "--dtype must be"),
-    (["--sampler", "paper", "ddpm"], "--sampler takes paper, ode or sde, got paper ddpm"),
-    (["--final", "mean"], "--final must be sample or mode, got mean"),
+    (["--eval-n", "inf", "ten"], "--eval-n takes inf or positive integers, got inf ten"),
+    (["--dtype", "float8"], "--dtype takes auto, float32, bfloat16 or float16, got float8"),
+    (["--sampler", "paper", "ddpm"], "--sampler takes paper, ode or sde, got ddpm"),
+    (["--final", "mean"], "--final takes sample or mode, got mean"),
     (["--eval-repeats", "0"], "--eval-repeats must be >= 1"),
     (["--no-such-flag"], "unrecognized arguments"),
-    (["--guidance", "2"], "--sample-class and --guidance need a --conditional model"),
+    (["--guidance", "2"], "--guidance needs a --conditional model"),
+    (["--sample-class", "2"], "--sample-class needs a --conditional model or --grad-guidance"),
     (["--conditional", "--sample-class", "10"], "--sample-class takes all or classes 0..9, got 10"),
     (["--conditional", "--label-drop", "1"], "--label-drop must be in [0, 1)"),
     (["--conditional", "--guide-on", "both"], "--guide-on takes inputs or outputs, got both"),
-    (["--conditional", "--channels", "16"], "--conditional needs --channels 32 or more"),
+    (["--conditional", "--channels", "16"], "--conditional needs a U-Net level with more channels than GroupNorm"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -146,7 +148,7 @@ def test_torchrun_two_cpu_processes(mnist_dir, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     log = open(os.path.join(out, "log.txt")).read()
-    assert "processes 2" in log and "step 2 | loss" in log
+    assert "device cpu x 2" in log and "step 2 | loss" in log
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
 
 
@@ -154,19 +156,22 @@ def test_sample_quality_figures(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
     run(mnist_dir, out, "--steps", "2", "--eval-samples", "8")
     log = open(os.path.join(out, "log.txt")).read()
-    assert "training the sample-quality classifier" in log and "sample quality (paper, 3 steps, 8 samples, " in log
+    assert "training classifier a" in log and "training classifier b" in log
+    assert "sample quality (paper, 3 steps, 8 samples, " in log
     q, = json.load(open(os.path.join(out, "eval.json")))["samples"]
     assert q["examples"] == 8 and q["network_calls"] == 4 and q["sampler"] == "paper" and q["steps"] == 3
     for part in ("samples", "test"):
-        assert 0 <= q[part]["confident"] <= 1 and 0 <= q[part]["label_entropy_bits"] <= math.log2(10)
-        assert q[part]["frechet"] >= 0
-    assert len([f for f in os.listdir(os.path.join(mnist_dir, "MNIST")) if f.startswith("classifier-")]) == 1
+        for k in "ab":  # two classifiers of different shapes and seeds
+            assert 0 <= q[part][f"confident_{k}"] <= 1 and 0 <= q[part][f"label_entropy_bits_{k}"] <= math.log2(10)
+            assert q[part][f"frechet_{k}"] >= 0
+    assert q["samples"]["frechet_spread_a"] >= 0 and q["samples"]["frechet_a"] != q["samples"]["frechet_b"]
+    assert len([f for f in os.listdir(os.path.join(mnist_dir, "MNIST")) if f.startswith("classifier-")]) == 2
     run(mnist_dir, out, "--sample-only", "--sampler", "ode", "--eval-samples", "4")  # the cached classifier
     log = open(os.path.join(out, "log.txt")).read()
-    assert log.count("training the sample-quality classifier") == 1
+    assert log.count("training classifier a") == 1
     assert "sample quality (ode, 3 steps, 4 samples, " in log
     assert "n" in json.load(open(os.path.join(out, "eval.json")))  # the losses are kept beside the new figures
-    with pytest.raises(SystemExit, match="--eval-samples 30 needs twice as many test images; the test split has 40"):
+    with pytest.raises(SystemExit, match="--eval-samples 30 needs 60 test images; the test split has 40"):
         run(mnist_dir, out, "--sample-only", "--eval-samples", "30")
 
 
@@ -222,8 +227,7 @@ def test_inpainting_keeps_the_known_pixels(sampler):
     missing = bfn_mnist.inpaint_mask(cfg, 28, torch.device("cpu"))
     assert missing[14:].all() and not missing[:14].any()
     given = torch.where(missing, -1, original)
-    x = bfn_mnist.draw(net, 3, one, contextlib.nullcontext(), torch.device("cpu"), torch.Generator().manual_seed(0),
-                       given=given)
+    x = bfn_mnist.draw(net, 3, one, cpu_context(), torch.Generator().manual_seed(0), known=given)
     assert torch.equal(x[:, :14], original[:, :14])
 
 
@@ -233,7 +237,7 @@ def test_inpainting_end_to_end(mnist_dir, tmp_path):
     run(mnist_dir, out, "--sample-only", "--inpaint", "centre", "--sampler", "paper", "ode")
     for sampler in ("paper", "ode"):
         assert os.path.exists(os.path.join(out, f"inpaint-{sampler}-3.png"))
-    assert "inpainting (centre, ode, 3 steps): 4 test images completed, " in open(os.path.join(out, "log.txt")).read()
+    assert "inpainting (centre, ode, 3 steps, 1 particles, " in open(os.path.join(out, "log.txt")).read()
     from PIL import Image
     mask = str(tmp_path / "mask.png")
     Image.new("L", (20, 20), 255).save(mask)
@@ -257,9 +261,9 @@ def test_conditional_network_sees_its_labels():
     with torch.no_grad():
         for p in net.parameters():  # random weights: the zero-initialised output layers hide the label at first
             p.normal_(0, 0.1)
-        out = {y: bfn_mnist.output_log_probs(net, theta, t, contextlib.nullcontext(), torch.tensor([y, y]))
+        out = {y: bfn_mnist.output_log_probs(net, theta, t, cpu_context(), torch.tensor([y, y]))
                for y in (3, 7, 10)}
-        null = bfn_mnist.output_log_probs(net, theta, t, contextlib.nullcontext())
+        null = bfn_mnist.output_log_probs(net, theta, t, cpu_context())
     assert not torch.allclose(out[3], out[7]) and torch.equal(out[10], null)  # no label: the null label
     assert "label_embed.weight" not in bfn_mnist.UNet(8, (1, 2, 2), 1, 0.0).state_dict()  # the authors' network
     rows = net.label_embed.weight
@@ -289,7 +293,7 @@ def test_guided_probabilities_are_the_formula(on, sampler):
     cfg = dataclasses.replace(bfn_mnist.parse_args(["--conditional", "--guide-on", on]), guidance=1.5,
                               sampler=sampler)
     theta, t, y = torch.full((2, 28, 28, 2), 0.5), torch.zeros(2), torch.tensor([7, 7])
-    probs = bfn_mnist.guided_probs(net, theta, t, y, cfg, contextlib.nullcontext())
+    probs = bfn_mnist.guided_probs(net, theta, t, y, cfg, cpu_context())
     cond, uncond = torch.tensor(7 / 4), torch.tensor(10 / 4)  # logits of black
     black = torch.sigmoid(2.5 * cond - 1.5 * uncond) if on == "outputs" or sampler == "paper" else \
         2.5 * torch.sigmoid(cond) - 1.5 * torch.sigmoid(uncond)
@@ -297,14 +301,14 @@ def test_guided_probabilities_are_the_formula(on, sampler):
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 28, 28))
     assert calls == [4]
     cfg = dataclasses.replace(cfg, guidance=0.0)  # w = 0: the conditional model alone, one plain call
-    torch.testing.assert_close(bfn_mnist.guided_probs(net, theta, t, y, cfg, contextlib.nullcontext())[..., 1],
+    torch.testing.assert_close(bfn_mnist.guided_probs(net, theta, t, y, cfg, cpu_context())[..., 1],
                                torch.sigmoid(cond).expand(2, 28, 28))
 
 
 def test_conditional_training_and_guided_sampling(mnist_dir, tmp_path):
     """--conditional end to end: labels in the data fingerprint and the checkpoint's network; a grid row per
     requested class; every sampler with every guidance weight; accuracy and per-class Fréchet distances."""
-    counts = torch.bincount(bfn_mnist.load_mnist_labels(mnist_dir)["test"].long(), minlength=10)
+    counts = torch.bincount(bfn_mnist.load_mnist(mnist_dir)["test"][1].long(), minlength=10)
     a, b = (counts >= 4).nonzero()[:2, 0].tolist()  # two classes with 2 + 2 test images each
     out = str(tmp_path / "run")
     run(mnist_dir, out, "--steps", "2", "--conditional", "--channels", "32")
@@ -317,11 +321,13 @@ def test_conditional_training_and_guided_sampling(mnist_dir, tmp_path):
     table = json.load(open(os.path.join(out, "samples.json")))
     assert [(r["sampler"], r["guidance"]) for r in table] == [(s, w) for s in ("paper", "ode", "sde") for w in (0, 2)]
     for r in table:
-        assert 0 <= r["samples"]["accuracy"] <= 1 and r["test"]["accuracy"] >= 0
-        assert set(r["samples"]["frechet_by_class"]) == {str(a), str(b)}
+        assert 0 <= r["samples"]["accuracy_a"] <= 1 and r["test"]["accuracy_b"] >= 0
+        assert set(r["samples"]["frechet_by_class_a"]) == {str(a), str(b)}
     from PIL import Image
     assert Image.open(os.path.join(out, "samples-sde-3-g2.png")).size == (3 * 30 + 2, 2 * 30 + 2)  # 2 rows of 3
     assert "sample quality (ode, 3 steps, guidance 2, 4 samples, " in open(os.path.join(out, "log.txt")).read()
-    with pytest.raises(SystemExit, match="--conditional"):  # the checkpoint's network has a label embedding
+    with pytest.raises(SystemExit, match="--channels 32 in the checkpoint, 8 now"):  # TINY gives --channels 8
         run(mnist_dir, out, "--sample-only")
+    bfn_mnist.main(["--data-dir", mnist_dir, "--out-dir", out, "--sample-only", "--sample-steps", "2"])
+    assert "--conditional" in open(os.path.join(out, "log.txt")).read().split("====")[-1]  # the directory remembers
 

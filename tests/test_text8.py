@@ -116,11 +116,11 @@ def test_any_utf8_text_has_its_own_alphabet(tmp_path):
     assert samples.count("--- sample ") == 2 and set(re.sub(r"--- sample \d \(3 steps, paper sampler\)\n", "",
                                                            samples)) <= set(cfg.alphabet)
     bfn_text8.main(["--text-file", str(path), "--out-dir", out, *TINY, "--sample-only", "--prompt", "Noël?\nÅ"])
-    lines = open(os.path.join(out, "completions.txt"), encoding="utf-8").read().split("\n--- ")
+    lines = open(os.path.join(out, "prompt.txt"), encoding="utf-8").read().split("\n--- ")
     assert all(chunk.split("\n", 1)[1].startswith("Noël?\nÅ") for chunk in lines[1:])
-    other = tmp_path / "other.txt"  # another alphabet does not fit this checkpoint
+    other = tmp_path / "other.txt"  # another alphabet does not fit this checkpoint's
     other.write_text("Ωmega " * 300, encoding="utf-8")
-    with pytest.raises(SystemExit, match="--alphabet"):
+    with pytest.raises(SystemExit, match="has the character 'a' at position 4, which is not in the alphabet"):
         bfn_text8.main(["--text-file", str(other), "--out-dir", out, *TINY, "--sample-only"])
 
 
@@ -145,8 +145,8 @@ def test_a_different_text8_fails_the_checksum(text8_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,message", [
     (["--width", "30", "--heads", "4"], "--width must be a multiple of 2 x --heads"),
     (["--seq-len", "0"], "--seq-len must be >= 1"),
-    (["--grad-accum", "0"], "--batch-size and --grad-accum must be >= 1"),
-    (["--eval-n", "0"], "--eval-n takes 'inf' or positive integers"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
+    (["--eval-n", "0"], "--eval-n takes inf or positive integers, got 0"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -164,7 +164,7 @@ def test_torchrun_two_cpu_processes(text8_dir, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     log = open(os.path.join(out, "log.txt")).read()
-    assert "processes 2" in log and "step 2 | loss" in log
+    assert "device cpu x 2" in log and "step 2 | loss" in log
 
 
 def test_sample_quality_figures(text8_dir, tmp_path):
@@ -193,13 +193,14 @@ def test_prompt_and_infill_keep_the_given_text(text8_dir, tmp_path, sampler):
     out = str(tmp_path / "run")
     run(text8_dir, out, "--steps", "1")
     run(text8_dir, out, "--sample-only", "--prompt", "the bayesian", "--sampler", sampler)
-    lines = open(os.path.join(out, "completions.txt")).read().splitlines()
+    lines = open(os.path.join(out, "prompt.txt")).read().splitlines()
     assert lines[0].startswith("prompt |the bayesian|") and all(line.startswith("the bayesian") for line in lines[2::2])
     run(text8_dir, out, "--sample-only", "--infill", "the ____ of flow", "--sampler", sampler)
-    lines = open(os.path.join(out, "completions.txt")).read().splitlines()
+    lines = open(os.path.join(out, "infill.txt")).read().splitlines()
     for line in lines[2::2]:
         assert line[:4] == "the " and line[8:16] == " of flow"
     assert "the filled-in words are words of the training text for " in open(os.path.join(out, "log.txt")).read()
+    assert os.path.exists(os.path.join(out, "prompt.txt"))  # the prompt's completions were not overwritten
 
 
 def test_filled_words():

@@ -228,16 +228,16 @@ def test_the_quick_preset_is_the_measured_recipe_and_flags_win(module):
     quick = module.parse_args(["--preset", "quick"])
     assert quick == module.parse_args(["--preset", "quick", *QUICK[module].split()])
     assert module.parse_args(QUICK[module].split()).__dict__ | {"preset": "quick"} == quick.__dict__
-    assert module.parse_args(["--preset", "paper"]).__dict__ | {"preset": ""} == module.parse_args([]).__dict__
+    assert module.parse_args(["--preset", "paper"]) == module.parse_args([])
     mine = module.parse_args(["--preset", "quick", "--steps", "7", "--lr", "3e-4"])
     assert (mine.steps, mine.lr, mine.batch_size) == (7, 3e-4, quick.batch_size)
-    assert module.preset_overrides(mine) == ["--steps 7", "--lr 0.0003"]
+    assert [k for k, v in mine.__dict__.items() if v != quick.__dict__[k]] == ["steps", "lr"]
 
 
 def test_a_bad_preset_fails_clearly(capsys):
     with pytest.raises(SystemExit) as e:
         bfn_text8.parse_args(["--preset", "fast"])
-    assert e.value.code == 2 and "--preset must be paper or quick, got fast" in capsys.readouterr().err
+    assert e.value.code == 2 and "--preset takes paper or quick, got fast" in capsys.readouterr().err
 
 
 def test_the_quick_preset_end_to_end(script, tmp_path):
@@ -248,7 +248,8 @@ def test_the_quick_preset_end_to_end(script, tmp_path):
     short = ["--steps", "2", "--eval-examples", "4", "--num-samples", "2", "--sample-steps", "2"]
     module.main(["--preset", "quick", *data, "--out-dir", out, *short])
     log = open(os.path.join(out, "log.txt")).read()
-    assert "preset quick, flags that differ from it: " in log and "--steps 2 " in log
+    header, settings = [line for line in log.splitlines() if "====" in line or "settings beyond" in line]
+    assert "--preset quick" in header and "--steps 2 " in settings and "--lr 0.001" in settings
     assert load(out)["config"]["lr"] == 1e-3
 
 
@@ -257,7 +258,8 @@ def test_a_paper_size_model_on_a_cpu_says_what_a_step_costs(tmp_path):
     bfn_mnist.main(["--data-dir", write_mnist(str(tmp_path / "data")), "--out-dir", out, "--batch-size", "2", "--steps",
                     "1", "--eval-n", "inf", "--eval-examples", "2", "--num-samples", "1", "--sample-steps", "1"])
     log = open(os.path.join(out, "log.txt")).read()
-    assert "notice: the paper-size model (24.8M parameters, batch 2 x 1) on cpu: ≈" in log and "--preset quick" in log
+    assert "parameters: 24.81M" in log and "plan: ≈" in log and " s per step (timed on 2 examples), ≈" in log
+    assert "; --preset quick trains a small model in minutes" in log
     assert "step 1 | loss" in log and "ETA" in log
 
 
@@ -265,7 +267,7 @@ def test_the_first_log_line_comes_early(tmp_path):
     out = str(tmp_path / "run")
     bfn_mnist.main(["--data-dir", write_mnist(str(tmp_path / "data")), *NETS[bfn_mnist], *TINY, "--out-dir", out,
                     "--steps", "12", "--log-every", "1000"])
-    steps = [line.split(" |")[0] for line in open(os.path.join(out, "log.txt")) if line.startswith("step ")]
+    steps = [line[9:].split(" |")[0] for line in open(os.path.join(out, "log.txt")) if line[9:].startswith("step ")]
     assert int(steps[0].split()[1]) <= 10 and steps[-1] == "step 12"
 
 
@@ -310,8 +312,9 @@ def test_init_from_loads_the_weights_with_a_fresh_optimiser(script, tmp_path):
     ckpt = os.path.join(source, "ckpt.pt")
     cfg = module.parse_args(flags + ["--out-dir", tuned, "--init-from", ckpt])
     ctx = module.setup(cfg)
-    model, ema, _ = module.build(cfg, ctx.device)
-    module.load_weights(cfg, ctx, model, ema)
+    model, ema, optimizer = module.build(cfg, ctx.device)
+    data_id = module.fingerprint(module.load_data(cfg, ctx.device))
+    assert module.restore(cfg, ctx, module.read_checkpoint(cfg, ctx), model, ema, optimizer, data_id) == 0
     assert_same_weights(load(source), {"model": model.state_dict(), "ema": ema.state_dict()})
     module.main(flags + ["--out-dir", tuned, "--steps", "1", "--init-from", ckpt, "--lr", "1e-3"])  # fine-tune
     assert load(tuned)["step"] == 1 and load(tuned)["optimizer"]["state"][0]["step"] == 1  # a fresh AdamW
@@ -335,7 +338,7 @@ def test_init_from_refuses_what_does_not_fit(tmp_path, capsys):
         bfn_mnist.main(run + ["--init-from", authors])
     other = str(tmp_path / "other.pt")
     torch.save({"weights": torch.zeros(3)}, other)
-    with pytest.raises(SystemExit, match="is neither a checkpoint written by bfn_mnist.py nor one of the authors'"):
+    with pytest.raises(SystemExit, match="neither a checkpoint of bfn_mnist.py nor one of the authors' release"):
         bfn_mnist.main(run + ["--init-from", other])
     state = load(source)
     state["model"]["out.2.weight"] = torch.zeros(2, 8, 3, 3)
