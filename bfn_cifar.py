@@ -95,8 +95,6 @@ class Config:
     eval_samples: int = opt(0, "sample quality of N samples against N test images, through two classifiers", low=0)
     sample_class: tuple = opt(("all",), "with --conditional or --grad-guidance: the classes to sample, a row each")
     guidance: tuple = opt((0.0,), "with --conditional: classifier-free guidance weight; several: each", low=-1)
-    guide_on: str = opt("inputs", "classifier-free guidance of the updates of mu (ode, sde) or of the network output",
-                        choices=("inputs", "outputs"))
     grad_guidance: tuple = opt((0.0,), "guidance of any model by the gradient of a classifier of mu; several: each",
                                low=0)
     inpaint: str = opt("", "complete test images: top, bottom, left, right, centre, or a mask image (white: generate)")
@@ -343,16 +341,11 @@ def from_authors(state):
 # BFN: the network as the output distribution of continuous (§4.6) or discretised (§5.3) data, the losses, the test
 # bound and the draw.
 
-def output(net, mu, t, cfg, ctx, y=None, w=0.0):
+def output(net, mu, t, cfg, ctx, y=None):
     """The output distribution's parameters in float32: x_hat (B, 3, 32, 32) for continuous data, (mu_x, sigma_x) for
-    discretised, given labels y (B,) of a conditional network; with w, classifier-free guidance on the network's
-    outputs, (1 + w) out(y) - w out(null) (eps_hat, or mu_eps and ln sigma_eps), from one call on both."""
+    discretised, given labels y (B,) of a conditional network."""
     with ctx.autocast:
-        if w:
-            out = net(mu.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([y, torch.full_like(y, 10)])).float()
-            out = (1 + w) * out[:len(mu)] - w * out[len(mu):]
-        else:
-            out = net(mu, t) if y is None else net(mu, t, y)
+        out = net(mu, t) if y is None else net(mu, t, y)
     out = out.float()  # (B, 1 or 2, 3, H, W)
     if cfg.output == "continuous":
         return continuous_x_hat(mu, t, out[:, 0], cfg.sigma_1)
@@ -456,29 +449,26 @@ def drop_labels(y, cfg):
 
 def guided_output(net, mu, t, y, cfg, ctx, guide=None):
     """What the samplers take, x_hat (continuous) or p_O (discretised), given labels y (B,) (or None). A conditional
-    network predicts for the class, with classifier-free guidance w = --guidance (Ho and Salimans, arXiv:2207.12598):
-    on the network's outputs (output()), or on the inputs: (1 + w) p_O(. | y) - w p_O(. | null), which the ODE and SDE
-    solvers use only through the mean bin k_hat, so this guides their update of mu (for continuous data x_hat is linear
-    in eps_hat, and the two are one). With guide, a classifier of mu and t: gradient guidance, the mean shifted by
-    w (1 - gamma) grad_mu ln c(y | mu, t), w = --grad-guidance (common.py, Guidance; for discretised data, mu_x)."""
+    network predicts for the class, with classifier-free guidance w = --guidance (Ho and Salimans, arXiv:2207.12598) from
+    one call on the class and the null label together: (1 + w) x_hat(y) - w x_hat(null) (clipped to [-1, 1]), or
+    (1 + w) p_O(. | y) - w p_O(. | null), which the ODE and SDE solvers use only through the mean bin k_hat: both guide
+    the update of mu (the paper's sampler draws a bin from the positive part). With guide, a classifier of mu and t:
+    the mean (x_hat, or mu_x) shifted by w (1 - gamma) grad_mu ln c(y | mu, t), w = --grad-guidance (common.py,
+    Guidance)."""
     w = cfg.guidance if cfg.conditional and y is not None else 0
-    inputs = w and cfg.guide_on == "inputs" and cfg.sampler != "paper" and cfg.output == "discretised"
-    if inputs:  # both labels in one call, combined after the gradient's shift
-        mean, sigma_x = output(net, mu.repeat(2, 1, 1, 1), t.repeat(2), cfg, ctx, torch.cat([y, torch.full_like(y, 10)]))
-    else:
-        out = output(net, mu, t, cfg, ctx, y if cfg.conditional else None, w)
-        mean, sigma_x = (out, None) if cfg.output == "continuous" else out
+    both = (mu.repeat(2, 1, 1, 1), t.repeat(2), cfg, ctx, torch.cat([y, torch.full_like(y, 10)])) if w else None
+    out = output(net, *both) if w else output(net, mu, t, cfg, ctx, y if cfg.conditional else None)
+    mean, sigma_x = (out, None) if cfg.output == "continuous" else out
     if guide is not None:
         with torch.enable_grad():
             m = mu.detach().requires_grad_()
             grad, = torch.autograd.grad(guide(guide_input(m, t)).log_softmax(-1).gather(1, y[:, None]).sum(), m)
-        copies = len(mean) // len(mu)
-        mean = continuous_guided_x_hat(mean, t.repeat(copies), grad.repeat(copies, 1, 1, 1), cfg.grad_guidance,
-                                       cfg.sigma_1)
-    if cfg.output == "continuous":
-        return mean
-    probs = discretised_probs(mean, sigma_x, cfg.bins)
-    return (1 + w) * probs[:len(mu)] - w * probs[len(mu):] if inputs else probs
+        k = len(mean) // len(mu)  # 2 with classifier-free guidance
+        mean = continuous_guided_x_hat(mean, t.repeat(k), grad.repeat(k, 1, 1, 1), cfg.grad_guidance, cfg.sigma_1)
+    pred = mean if cfg.output == "continuous" else discretised_probs(mean, sigma_x, cfg.bins)
+    if w:
+        pred = (1 + w) * pred[:len(mu)] - w * pred[len(mu):]
+    return pred.clamp(-1, 1) if cfg.output == "continuous" else pred
 
 
 def guide_input(mu, t):
@@ -683,16 +673,14 @@ def sample_quality(net, cfg, ctx, data):
     return figures
 
 
-def swept(cfg):
-    """The sampling settings that take several values, each sampled in turn (sample_all)."""
-    return ("sampler", "sample_steps", "guidance", "grad_guidance")
+SWEPT = ("sampler", "sample_steps", "guidance", "grad_guidance")  # the sampling settings sample_all() sweeps
 
 
 # ======================================================================================================================
 # Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
 # these names of the experiment: SCRIPT, UNIT, Config, PRESETS, check (settings); load_data, get_batch,
 # evaluation_set, to_unit (data); from_authors (the authors' checkpoints); train_loss, evaluate (loss and test bound);
-# sample, complete, sample_quality, swept (figures, conditional samples, sample quality, the settings swept).
+# sample, complete, sample_quality, SWEPT (figures, conditional samples, sample quality, the settings swept).
 # ======================================================================================================================
 
 PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
@@ -855,16 +843,15 @@ def read_checkpoint(cfg, ctx):
                 raise SystemExit(f"{SCRIPT}: error: --init-from {message}")
             ctx.log(f"warning: {message}")
             continue
-        if "config" in ckpt and (ckpt.get("script", SCRIPT) != SCRIPT or not set(ckpt["config"]) <= set(
-                Config.__dataclass_fields__)):
+        if "config" in ckpt and (ckpt.get("script", SCRIPT) != SCRIPT or set(ckpt["config"]) - set(Config.__annotations__)):
             raise SystemExit(f"{SCRIPT}: error: {path} is a checkpoint of {ckpt.get('script', 'another script')}")
         if path.endswith("ckpt-prev.pt"):
             ctx.log(f"using the previous checkpoint {path}")
         return ckpt
     if cfg.init_from or resuming:
-        raise SystemExit(f"{SCRIPT}: error: --init-from {cfg.init_from}: no such file" if cfg.init_from else
-                         f"{SCRIPT}: error: no checkpoint in {cfg.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, "
-                         f"evaluate or sample from")
+        raise SystemExit(f"{SCRIPT}: error: --init-from {cfg.init_from}: no such file" if cfg.init_from else f"{SCRIPT}"
+                         f": error: no checkpoint in {cfg.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, evaluate or "
+                         f"sample from")
 
 
 def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
@@ -931,21 +918,26 @@ def available_memory(device):
         return free
 
 
-def plan_steps(cfg, ctx, model, data):
-    """Before the first step: a forward and backward pass on 2 examples, timed, counting the tensors autograd keeps for
-    the backward pass; scaled to --batch-size, against the memory available. A batch that does not fit is split into
-    micro-batches that do (the global batch, and so the training, unchanged); if one example cannot fit, stop. Logs
-    what a step costs, on a CPU or MPS without --preset quick pointing to it. Returns micro-batches per batch."""
+def step_cost(cfg, ctx, model, data):
+    """A forward and backward pass on 2 examples, timed, counting the tensors autograd keeps for the backward pass ->
+    (seconds per step at --batch-size, bytes per example with half again for the backward pass's temporaries, bytes of
+    the gradients and AdamW's moments)."""
     kept, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
     pack = lambda t: kept.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t  # noqa: E731
     probe, start = dataclasses.replace(cfg, batch_size=2), time.time()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         train_loss(model, get_batch(data, probe), probe, ctx).mean().backward()
     model.zero_grad(set_to_none=True)
-    seconds = (time.time() - start) / 2 * cfg.batch_size * cfg.grad_accum
-    example = 1.5 * sum(v for k, v in kept.items() if k not in weights) / 2  # and half again for backward temporaries
-    state = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # gradients and AdamW's two moments
-    free, gib, pieces = available_memory(ctx.device), lambda b: f"{b / 2 ** 30:.2g} GiB", 1  # noqa: E731
+    return ((time.time() - start) / 2 * cfg.batch_size * cfg.grad_accum, 0.75 * sum(v for k, v in kept.items() if k not
+            in weights), 3 * sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def plan_steps(cfg, ctx, model, data):
+    """Before the first step: what a step costs (step_cost) against the memory available. A batch that does not fit is
+    split into micro-batches that do (the global batch, and so the training, unchanged); if one example cannot fit,
+    stop. Logs the plan; on a CPU or MPS without --preset quick, points to it. Returns micro-batches per batch."""
+    (seconds, example, state), free = step_cost(cfg, ctx, model, data), available_memory(ctx.device)
+    gib, pieces = lambda b: f"{b / 2 ** 30:.2g} GiB", 1  # noqa: E731
     if free is not None and state + example * cfg.batch_size > 0.9 * free:
         if state + example > 0.9 * free:
             sizes = ", ".join(flag(f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"] and f.type is int)
@@ -1090,10 +1082,10 @@ def sample_all(ema, data, cfg, ctx, quality):
     sample(), the conditional samples of complete() and, with quality (--eval-samples), the sample-quality figures,
     logged and tabled (a row per combination, with its network calls and seconds) in samples.json and eval.json.
     Files of a combination are tagged -SAMPLER-STEPS (and -gW for --guidance W, ...) when there are several."""
-    table, settings = [], {k: getattr(cfg, k) for k in swept(cfg)}
+    table, settings = [], {k: getattr(cfg, k) for k in SWEPT}
     runs = [dict(zip(settings, values)) for values in itertools.product(*settings.values())]
     for run in runs:
-        one, extra = dataclasses.replace(cfg, **run), {k: v for k, v in run.items() if k not in swept(cfg)[:2]}
+        one, extra = dataclasses.replace(cfg, **run), {k: v for k, v in run.items() if k not in SWEPT[:2]}
         tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}" + "".join(
             f"-{k[0]}{v:g}" for k, v in extra.items() if len(settings[k]) > 1)
         sample(ema, one, ctx, tag)

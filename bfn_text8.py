@@ -582,16 +582,14 @@ def sample_quality(net, cfg, ctx, data):
     return figures
 
 
-def swept(cfg):
-    """The sampling settings that take several values, each sampled in turn (sample_all)."""
-    return ("sampler", "sample_steps", "grad_guidance")
+SWEPT = ("sampler", "sample_steps", "grad_guidance")  # the sampling settings sample_all() sweeps
 
 
 # ======================================================================================================================
 # Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
 # these names of the experiment: SCRIPT, UNIT, Config, PRESETS, check (settings); load_data, get_batch,
 # evaluation_set, to_unit (data); from_authors (the authors' checkpoints); train_loss, evaluate (loss and test bound);
-# sample, complete, sample_quality, swept (figures, conditional samples, sample quality, the settings swept).
+# sample, complete, sample_quality, SWEPT (figures, conditional samples, sample quality, the settings swept).
 # ======================================================================================================================
 
 PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
@@ -753,16 +751,15 @@ def read_checkpoint(cfg, ctx):
                 raise SystemExit(f"{SCRIPT}: error: --init-from {message}")
             ctx.log(f"warning: {message}")
             continue
-        if "config" in ckpt and (ckpt.get("script", SCRIPT) != SCRIPT or not set(ckpt["config"]) <= set(
-                Config.__dataclass_fields__)):
+        if "config" in ckpt and (ckpt.get("script", SCRIPT) != SCRIPT or set(ckpt["config"]) - set(Config.__annotations__)):
             raise SystemExit(f"{SCRIPT}: error: {path} is a checkpoint of {ckpt.get('script', 'another script')}")
         if path.endswith("ckpt-prev.pt"):
             ctx.log(f"using the previous checkpoint {path}")
         return ckpt
     if cfg.init_from or resuming:
-        raise SystemExit(f"{SCRIPT}: error: --init-from {cfg.init_from}: no such file" if cfg.init_from else
-                         f"{SCRIPT}: error: no checkpoint in {cfg.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, "
-                         f"evaluate or sample from")
+        raise SystemExit(f"{SCRIPT}: error: --init-from {cfg.init_from}: no such file" if cfg.init_from else f"{SCRIPT}"
+                         f": error: no checkpoint in {cfg.out_dir} (ckpt.pt or ckpt-prev.pt) to resume, evaluate or "
+                         f"sample from")
 
 
 def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
@@ -829,21 +826,26 @@ def available_memory(device):
         return free
 
 
-def plan_steps(cfg, ctx, model, data):
-    """Before the first step: a forward and backward pass on 2 examples, timed, counting the tensors autograd keeps for
-    the backward pass; scaled to --batch-size, against the memory available. A batch that does not fit is split into
-    micro-batches that do (the global batch, and so the training, unchanged); if one example cannot fit, stop. Logs
-    what a step costs, on a CPU or MPS without --preset quick pointing to it. Returns micro-batches per batch."""
+def step_cost(cfg, ctx, model, data):
+    """A forward and backward pass on 2 examples, timed, counting the tensors autograd keeps for the backward pass ->
+    (seconds per step at --batch-size, bytes per example with half again for the backward pass's temporaries, bytes of
+    the gradients and AdamW's moments)."""
     kept, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
     pack = lambda t: kept.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t  # noqa: E731
     probe, start = dataclasses.replace(cfg, batch_size=2), time.time()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         train_loss(model, get_batch(data, probe), probe, ctx).mean().backward()
     model.zero_grad(set_to_none=True)
-    seconds = (time.time() - start) / 2 * cfg.batch_size * cfg.grad_accum
-    example = 1.5 * sum(v for k, v in kept.items() if k not in weights) / 2  # and half again for backward temporaries
-    state = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # gradients and AdamW's two moments
-    free, gib, pieces = available_memory(ctx.device), lambda b: f"{b / 2 ** 30:.2g} GiB", 1  # noqa: E731
+    return ((time.time() - start) / 2 * cfg.batch_size * cfg.grad_accum, 0.75 * sum(v for k, v in kept.items() if k not
+            in weights), 3 * sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def plan_steps(cfg, ctx, model, data):
+    """Before the first step: what a step costs (step_cost) against the memory available. A batch that does not fit is
+    split into micro-batches that do (the global batch, and so the training, unchanged); if one example cannot fit,
+    stop. Logs the plan; on a CPU or MPS without --preset quick, points to it. Returns micro-batches per batch."""
+    (seconds, example, state), free = step_cost(cfg, ctx, model, data), available_memory(ctx.device)
+    gib, pieces = lambda b: f"{b / 2 ** 30:.2g} GiB", 1  # noqa: E731
     if free is not None and state + example * cfg.batch_size > 0.9 * free:
         if state + example > 0.9 * free:
             sizes = ", ".join(flag(f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"] and f.type is int)
@@ -988,10 +990,10 @@ def sample_all(ema, data, cfg, ctx, quality):
     sample(), the conditional samples of complete() and, with quality (--eval-samples), the sample-quality figures,
     logged and tabled (a row per combination, with its network calls and seconds) in samples.json and eval.json.
     Files of a combination are tagged -SAMPLER-STEPS (and -gW for --guidance W, ...) when there are several."""
-    table, settings = [], {k: getattr(cfg, k) for k in swept(cfg)}
+    table, settings = [], {k: getattr(cfg, k) for k in SWEPT}
     runs = [dict(zip(settings, values)) for values in itertools.product(*settings.values())]
     for run in runs:
-        one, extra = dataclasses.replace(cfg, **run), {k: v for k, v in run.items() if k not in swept(cfg)[:2]}
+        one, extra = dataclasses.replace(cfg, **run), {k: v for k, v in run.items() if k not in SWEPT[:2]}
         tag = "" if len(runs) == 1 else f"-{one.sampler}-{one.sample_steps}" + "".join(
             f"-{k[0]}{v:g}" for k, v in extra.items() if len(settings[k]) > 1)
         sample(ema, one, ctx, tag)

@@ -123,25 +123,29 @@ def test_inpainting_keeps_the_known_pixels(output):
 
 
 @pytest.mark.parametrize("output", ["continuous", "discretised"])
-def test_guidance_combines_the_network_outputs(output):
-    """A stand-in network whose outputs are the label: with guidance w, (1 + w) out(y) - w out(null) goes through
-    the output distribution, from one call on both batches."""
+def test_guidance_combines_the_predictions(output):
+    """A stand-in network whose outputs are the label: with guidance w, (1 + w) x_hat(y) - w x_hat(null) (continuous)
+    or (1 + w) p_O(. | y) - w p_O(. | null) (discretised: its mean bin is the guided mean bin), from one call on both
+    batches; without guidance, the class's own prediction."""
     calls = []
 
     def net(mu, t, y):
         calls.append(len(mu))
         return y.float()[:, None, None, None, None].expand(len(mu), 2 if output == "discretised" else 1, 3, 32, 32) / 20
 
-    cfg = bfn_cifar.parse_args(["--conditional", "--output", output, "--bins", "16"])
+    cfg = dataclasses.replace(bfn_cifar.parse_args(["--conditional", "--output", output, "--bins", "16"]), guidance=2.0,
+                              sampler="ode")
     mu, t, y = torch.zeros(2, 3, 32, 32), torch.full((2,), 0.5), torch.tensor([4, 4])
-    guided = bfn_cifar.output(net, mu, t, cfg, cpu_context(), y, 2.0)
+    guided = bfn_cifar.guided_output(net, mu, t, y, cfg, cpu_context())
     assert calls == [4]
-    raw = torch.full((2, 3, 32, 32), (3 * 4 - 2 * 10) / 20)  # (1 + w) 4 - w 10 (the null label), over 20
-    if output == "continuous":
-        expected = bfn_cifar.continuous_x_hat(mu, t, raw, cfg.sigma_1)
-    else:
-        expected = bfn_cifar.discretised_output(mu, t, raw, raw, cfg.sigma_1)
-    torch.testing.assert_close(guided, expected)
+    pred = lambda label: bfn_cifar.guided_output(net, mu, t, torch.tensor([label, label]),  # noqa: E731
+                                                 dataclasses.replace(cfg, guidance=0.0), cpu_context())
+    expected = 3 * pred(4) - 2 * pred(10)  # (1 + w) for the class, w for the null label
+    torch.testing.assert_close(guided, expected.clamp(-1, 1) if output == "continuous" else expected)
+    if output == "discretised":  # the guided mean bin is the guided combination of the two mean bins
+        centres = bin_centres(16)
+        torch.testing.assert_close((guided * centres).sum(-1), 3 * (pred(4) * centres).sum(-1) - 2 * (pred(10) *
+                                                                                                     centres).sum(-1))
 
 
 @pytest.mark.parametrize("output", ["continuous", "discretised"])

@@ -105,7 +105,6 @@ def test_two_digits_are_64x64(mnist_dir, tmp_path):
     (["--sample-class", "2"], "--sample-class needs a --conditional model or --grad-guidance"),
     (["--conditional", "--sample-class", "10"], "--sample-class takes all or classes 0..9, got 10"),
     (["--conditional", "--label-drop", "1"], "--label-drop must be in [0, 1)"),
-    (["--conditional", "--guide-on", "both"], "--guide-on takes inputs or outputs, got both"),
     (["--conditional", "--channels", "16"], "--conditional needs a U-Net level with more channels than GroupNorm"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
@@ -279,25 +278,22 @@ def test_conditional_network_sees_its_labels():
     assert abs(dropped.float().mean().item() - 0.3) < 0.02 and bfn_mnist.drop_labels(None, cfg) is None
 
 
-@pytest.mark.parametrize("on,sampler", [("outputs", "ode"), ("inputs", "ode"), ("inputs", "sde"), ("inputs", "paper")])
-def test_guided_probabilities_are_the_formula(on, sampler):
+@pytest.mark.parametrize("sampler", ["paper", "ode", "sde"])
+def test_guided_probabilities_are_the_formula(sampler):
     """A stand-in network whose logit of black is the label: guidance w combines the label-7 and null-label (10)
-    predictions, in log space (outputs, and the paper's sampler) or linearly (inputs), from one call on both
-    batches."""
+    predictions linearly, (1 + w) p_O(. | 7) - w p_O(. | null), from one call on both batches."""
     calls = []
 
     def net(x, t, y):
         calls.append(len(x))
         return y.float()[:, None, None].expand_as(x) / 4
 
-    cfg = dataclasses.replace(bfn_mnist.parse_args(["--conditional", "--guide-on", on]), guidance=1.5,
-                              sampler=sampler)
+    cfg = dataclasses.replace(bfn_mnist.parse_args(["--conditional"]), guidance=1.5, sampler=sampler)
     theta, t, y = torch.full((2, 28, 28, 2), 0.5), torch.zeros(2), torch.tensor([7, 7])
     probs = bfn_mnist.guided_probs(net, theta, t, y, cfg, cpu_context())
     cond, uncond = torch.tensor(7 / 4), torch.tensor(10 / 4)  # logits of black
-    black = torch.sigmoid(2.5 * cond - 1.5 * uncond) if on == "outputs" or sampler == "paper" else \
-        2.5 * torch.sigmoid(cond) - 1.5 * torch.sigmoid(uncond)
-    torch.testing.assert_close(probs[..., 1], black.expand(2, 28, 28))
+    torch.testing.assert_close(probs[..., 1], (2.5 * torch.sigmoid(cond) - 1.5 * torch.sigmoid(uncond)).expand(2, 28,
+                                                                                                              28))
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 28, 28))
     assert calls == [4]
     cfg = dataclasses.replace(cfg, guidance=0.0)  # w = 0: the conditional model alone, one plain call

@@ -1,0 +1,225 @@
+"""What a newcomer meets first: memory and time known before the first step, stopping, devices, a run directory that
+remembers its settings, one-line errors for every input mistake, readable logs and --help.
+
+    python -m pytest -q tests/test_first_contact.py
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import bfn_cifar
+import bfn_mnist
+import bfn_text8
+from conftest import ROOT, write_cifar, write_mnist
+from test_training import NETS, TINY, load, open_or_empty, write_words
+
+
+@pytest.fixture(params=[bfn_mnist, bfn_cifar, bfn_text8], ids=["mnist", "cifar", "text8"])
+def script(request, tmp_path):
+    """(module, data flags) of one of the three scripts with tiny data."""
+    module = request.param
+    if module is bfn_text8:
+        return module, ["--text-file", write_words(tmp_path / "words.txt")]
+    return module, ["--data-dir", (write_mnist if module is bfn_mnist else write_cifar)(str(tmp_path / "data"))]
+
+
+def log_of(out):
+    return open(os.path.join(out, "log.txt")).read()
+
+
+# ---------------------------------------------------------------------------------------------------- memory and time
+
+def test_a_batch_that_does_not_fit_is_split_and_one_that_cannot_stops(script, tmp_path, monkeypatch):
+    """With less memory than a batch needs (the test sets the limit), each batch is split into micro-batches and the
+    run trains as usual; with less than one example needs, it stops with one line naming the size flags."""
+    module, data = script
+    flags = data + NETS[module] + TINY + ["--batch-size", "8", "--steps", "2"]
+    out = str(tmp_path / "split")
+    cfg = module.parse_args(flags + ["--out-dir", out])
+    ctx = module.setup(cfg)
+    model = module.build(cfg, ctx.device)[0]
+    batch_data = module.load_data(cfg, ctx.device)
+    monkeypatch.setattr(module, "available_memory", lambda device: 10 ** 12)
+    assert module.plan_steps(cfg, ctx, model, batch_data) == 1
+    _, example, state = module.step_cost(cfg, ctx, model, batch_data)
+    monkeypatch.setattr(module, "available_memory", lambda device: (state + 3 * example) / 0.9)  # 3 examples fit
+    assert module.plan_steps(cfg, ctx, model, batch_data) == 4  # 8 = 4 x 2: the fewest micro-batches that fit
+    module.main(flags + ["--out-dir", out])
+    log = log_of(out)
+    assert re.search(r"memory: a batch of 8 needs ≈.* GiB and .* GiB is available: each is split into 4 "
+                     r"micro-batches \(the same global batch\)", log) and "step 2 | loss" in log
+    monkeypatch.setattr(module, "available_memory", lambda device: 1000)
+    with pytest.raises(SystemExit, match=r"one example needs ≈.* GiB on cpu and .* GiB is available: lower --"):
+        module.main(flags + ["--out-dir", str(tmp_path / "never")])
+
+
+def test_every_script_says_what_its_run_will_cost_on_a_cpu(script, tmp_path):
+    """The plan line before the first step, with the time per step and for --steps, and (the paper's settings on a
+    CPU) where --preset quick is."""
+    module, data = script
+    out = str(tmp_path / "run")
+    start = time.time()
+    module.main(data + NETS[module] + TINY + ["--out-dir", out, "--steps", "1"])
+    plan = [line for line in log_of(out).splitlines() if " plan: ≈" in line]
+    assert plan and " s per step (timed on 2 examples), ≈" in plan[0] and "for 1 steps" in plan[0]
+    assert "--preset quick trains a small model in minutes" in plan[0] and time.time() - start < 60
+    quick = str(tmp_path / "quick")
+    module.main(["--preset", "quick", *data, *NETS[module], *TINY, "--out-dir", quick, "--steps", "1"])
+    assert "--preset quick trains" not in log_of(quick)
+
+
+def test_the_headline_command_on_a_small_stand_in_that_does_not_fit(tmp_path, monkeypatch):
+    """python bfn_text8.py --steps 1000: a memory limit the test sets, and the paper's batch of 128 windows: it says
+    what a step costs and splits the batch; before, it died silently of memory."""
+    text = write_words(tmp_path / "words.txt", n_words=20_000)
+    monkeypatch.setattr(bfn_text8, "available_memory", lambda device: 150 * 2 ** 20)
+    out = str(tmp_path / "run")
+    bfn_text8.main(["--steps", "1", "--text-file", text, "--layers", "2", "--heads", "2", "--width", "64", "--out-dir",
+                    out, "--eval-examples", "4", "--num-samples", "1", "--sample-steps", "2", "--eval-n", "inf"])
+    log = log_of(out)
+    assert "memory: a batch of 128 needs" in log and "micro-batches (the same global batch)" in log
+    assert "--preset quick trains a small model in minutes" in log and "step 1 | loss" in log
+
+
+# ---------------------------------------------------------------------------------------------------- stopping
+
+def test_a_first_signal_stops_after_the_step_and_a_second_at_once(tmp_path):
+    """A real process: the first SIGINT is answered at once ("stopping after step N"), the run then writes its
+    checkpoint and exits with 75; in another run, a second signal right after the first ends it at once, the last
+    checkpoint untouched."""
+    flags = ["--data-dir", write_mnist(str(tmp_path / "data")), "--batch-size", "16", *TINY[2:], "--ckpt-every", "1"]
+
+    def start(out):
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "bfn_mnist.py"), *flags, "--out-dir", out, "--steps",
+                              "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while "step 3 |" not in open_or_empty(os.path.join(out, "log.txt")) and time.time() < deadline:
+            time.sleep(0.1)
+        return p
+
+    out = str(tmp_path / "once")
+    p = start(out)
+    p.send_signal(signal.SIGINT)
+    stdout, _ = p.communicate(timeout=120)
+    assert p.returncode == bfn_mnist.PREEMPTED and re.search(r"SIGINT: stopping after step \d+", stdout)
+    assert "continue with the same command and --resume" in stdout
+    out = str(tmp_path / "twice")
+    p = start(out)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    before = load(out)["step"] if os.path.exists(os.path.join(out, "ckpt.pt")) else None
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM
+    assert "preempted by" not in log_of(out) and load(out)["step"] in (before, before + 1)
+
+
+# ---------------------------------------------------------------------------------------------------- devices
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7", "mps", "cuda"])
+def test_a_device_that_is_not_here_is_one_line(device, tmp_path):
+    if device == "cuda" and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
+        pytest.skip(f"this machine has {device}")
+    with pytest.raises(SystemExit, match=f"--device {device} is not available here; available: cpu"):
+        bfn_mnist.main(["--device", device, "--out-dir", str(tmp_path / "run")])
+    assert not os.path.exists(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------------- run directories
+
+def test_a_run_directory_remembers_its_settings(script, tmp_path):
+    """--eval-only, --sample-only and --resume on a run directory take its model and data settings when none are
+    given, and the log lists only what the command line changed."""
+    module, data = script
+    out = str(tmp_path / "run")
+    module.main(["--preset", "quick", *data, *NETS[module], *TINY, "--out-dir", out, "--steps", "2"])
+    module.main(["--out-dir", out, "--eval-only"])
+    module.main(["--out-dir", out, "--sample-only", "--sample-steps", "2"])
+    module.main(["--out-dir", out, "--resume", "--steps", "3"])
+    log = log_of(out)
+    assert log.count("changed since the checkpoint: nothing") == 1  # --eval-only
+    assert "changed since the checkpoint: --sample-steps 3 -> 2" in log and "--steps 2 -> 3" in log
+    assert load(out)["step"] == 3
+
+
+def test_init_from_a_checkpoint_of_another_script_says_which(tmp_path):
+    out = str(tmp_path / "text")
+    bfn_text8.main(["--text-file", write_words(tmp_path / "words.txt"), *NETS[bfn_text8], *TINY, "--out-dir", out,
+                    "--steps", "1"])
+    with pytest.raises(SystemExit, match="is a checkpoint of bfn_text8.py"):
+        bfn_mnist.main(["--data-dir", write_mnist(str(tmp_path / "data")), "--init-from",
+                        os.path.join(out, "ckpt.pt"), "--out-dir", str(tmp_path / "mnist")])
+
+
+# ---------------------------------------------------------------------------------------------------- input errors
+
+def test_every_input_mistake_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    text = write_words(tmp_path / "words.txt")
+    for argv, message in [
+        (["--infill", "the cat"], "--infill needs at least one _ to fill in"),
+        (["--prompt", "The cat"], "'T' is not in it"),
+        (["--guide-word", "Zürich", "--grad-guidance", "1"], "'Zü' are not in it"),
+        (["--guide-word", "cat"], "--grad-guidance and --guide-word go together"),
+    ]:
+        with pytest.raises(SystemExit):
+            bfn_text8.parse_args(["--text-file", text, *argv])
+        assert message in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(SystemExit, match="--text-file .*empty.txt is empty"):
+        bfn_text8.parse_args(["--text-file", str(tmp_path / "empty.txt")])
+    with pytest.raises(SystemExit):
+        bfn_mnist.parse_args(["--inpaint", "mask.png"])
+    assert "--inpaint takes top, bottom, left, right, centre or a mask image, and mask.png is neither (no such file)" \
+        in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # the default data/ and runs/ folders, here
+    with pytest.raises(SystemExit, match="--data-dir /no/such/dir does not exist"):
+        bfn_mnist.main(["--data-dir", "/no/such/dir"])
+    assert not os.path.exists("/no/such/dir") and not os.path.exists("runs")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    import requests
+    import torchvision
+    monkeypatch.setattr(requests, "get", offline)
+    with pytest.raises(SystemExit, match=r"downloading http://mattmahoney.net/dc/text8.zip \(31 MB\) failed .* Put "
+                                         r"text8.zip into data/ by hand, or train on any text with --text-file FILE"):
+        bfn_text8.main([])
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(SystemExit, match=r"downloading MNIST \(4 files, 11 MB\) into data/MNIST/raw failed"):
+        bfn_mnist.main([])
+    assert set(os.listdir(tmp_path)) == {"words.txt", "empty.txt"}  # no data/ or runs/ left behind
+
+
+# ---------------------------------------------------------------------------------------------------- logs and help
+
+def test_each_run_in_the_log_starts_with_a_header_and_lines_are_timed(tmp_path):
+    out = str(tmp_path / "run")
+    flags = ["--data-dir", write_mnist(str(tmp_path / "data")), *NETS[bfn_mnist], *TINY, "--out-dir", out]
+    bfn_mnist.main(flags + ["--steps", "1"])
+    bfn_mnist.main(flags + ["--sample-only"])
+    lines = log_of(out).splitlines()
+    headers = [line for line in lines if " ==== " in line]
+    assert len(headers) == 2 and all(re.match(r"\d\d:\d\d:\d\d ==== \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| python "
+                                              r"bfn_mnist.py --data-dir .* \| device cpu x 1$", h) for h in headers)
+    assert "--sample-only" in headers[1] and all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines)
+    for name in ("ckpt.pt", "eval.json", "samples.png", "evolution.png", "evolution.gif"):
+        assert name in log_of(out) and os.path.exists(os.path.join(out, name))
+
+
+def test_help_shows_choices_defaults_as_typed_and_the_presets_values(capsys):
+    with pytest.raises(SystemExit):
+        bfn_mnist.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{paper, ode, sde}" in text and "(default: inf 10 100)" in text and "(default: )" not in text
+    assert "(default: 128)" in text and "(default: 0.9 0.98)" in text
+    with pytest.raises(SystemExit):
+        bfn_mnist.parse_args(["--preset", "quick", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "U-Net base channels (a multiple of 8) (default: 32)" in text and "(default: 1600)" in text
