@@ -843,8 +843,8 @@ def read_checkpoint(cfg, ctx):
                 raise SystemExit(f"{SCRIPT}: error: --init-from {message}")
             ctx.log(f"warning: {message}")
             continue
-        if "config" in ckpt and (ckpt.get("script", SCRIPT) != SCRIPT or set(ckpt["config"]) - set(Config.__annotations__)):
-            raise SystemExit(f"{SCRIPT}: error: {path} is a checkpoint of {ckpt.get('script', 'another script')}")
+        if ckpt.get("script", SCRIPT) != SCRIPT:
+            raise SystemExit(f"{SCRIPT}: error: {path} is a checkpoint of {ckpt['script']}; use that script")
         if path.endswith("ckpt-prev.pt"):
             ctx.log(f"using the previous checkpoint {path}")
         return ckpt
@@ -878,8 +878,8 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
     if cfg.init_from:
         ctx.log(f"weights from {source} ({'step ' + str(ckpt['step']) if 'config' in ckpt else 'the authors' + chr(39) + ' layout'}); the optimiser and the step count start afresh")
         return 0
-    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in ckpt["config"]
-               if k not in MODES and getattr(saved, k) != getattr(cfg, k)]
+    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in Config.__annotations__
+               if k in ckpt["config"] and k not in MODES and getattr(saved, k) != getattr(cfg, k)]
     ctx.log("changed since the checkpoint: " + (", ".join(changed) or "nothing"))
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["step"]
@@ -1154,8 +1154,8 @@ def main(argv=None):
         ckpt = read_checkpoint(cfg, ctx)
         if ckpt is not None and "config" in ckpt:  # the checkpoint's settings where the command line gives none
             fields = Config.__dataclass_fields__
-            cfg = parse_args(argv, {k: v for k, v in ckpt["config"].items() if not cfg.init_from or fields[k].metadata[
-                "fixed"]}, cfg.init_from or f"the checkpoint in {cfg.out_dir}")
+            cfg = parse_args(argv, {k: v for k, v in ckpt["config"].items() if k in fields and (
+                not cfg.init_from or fields[k].metadata["fixed"])}, cfg.init_from or f"the checkpoint in {cfg.out_dir}")
         data = load_data(cfg, ctx.device)
         data_id = fingerprint(data)
         model, ema, optimizer = build(cfg, ctx.device)

@@ -162,3 +162,17 @@ def test_conditional_training_and_guided_sampling(cifar_dir, tmp_path, output):
     assert [(r["sampler"], r["guidance"]) for r in table] == [(s, w) for s in ("paper", "ode", "sde") for w in (0, 3)]
     assert all(r["samples"]["accuracy_a"] in (0, 0.5, 1) and str(a) in r["samples"]["frechet_by_class_b"] for r in table)
     assert os.path.getsize(os.path.join(out, "samples-ode-3-g3.png")) > 0
+
+
+@pytest.mark.parametrize("output", ["continuous", "discretised"])
+def test_gradient_guidance_and_particles_end_to_end(cifar_dir, tmp_path, output):
+    """--grad-guidance towards a class through the classifier of mu with every sampler, and inpainting by sequential
+    Monte Carlo with the stochastic samplers, on an unconditional model."""
+    out, counts = str(tmp_path / "run"), torch.bincount(bfn_cifar.load_cifar(cifar_dir)["test"][1], minlength=10)
+    run(cifar_dir, out, "--steps", "1", "--output", output, "--bins", "16")
+    run(cifar_dir, out, "--sample-only", "--grad-guidance", "1", "--sample-class", str((counts >= 4).nonzero()[0, 0].item()),
+        "--sampler", "paper", "ode", "sde", "--eval-samples", "2")
+    table = json.load(open(os.path.join(out, "samples.json")))
+    assert [r["sampler"] for r in table] == ["paper", "ode", "sde"] and all(r["grad_guidance"] == 1 for r in table)
+    run(cifar_dir, out, "--sample-only", "--inpaint", "left", "--particles", "2", "--sampler", "paper", "sde")
+    assert "inpainting (left, sde, 3 steps, 2 particles, " in open(os.path.join(out, "log.txt")).read()

@@ -327,3 +327,22 @@ def test_conditional_training_and_guided_sampling(mnist_dir, tmp_path):
     bfn_mnist.main(["--data-dir", mnist_dir, "--out-dir", out, "--sample-only", "--sample-steps", "2"])
     assert "--conditional" in open(os.path.join(out, "log.txt")).read().split("====")[-1]  # the directory remembers
 
+
+
+def test_gradient_guidance_and_particles_end_to_end(mnist_dir, tmp_path):
+    """--grad-guidance towards a class through the classifier of theta (trained once, cached) with every sampler, and
+    inpainting by sequential Monte Carlo with the stochastic samplers, on an unconditional model."""
+    out, counts = str(tmp_path / "run"), torch.bincount(bfn_mnist.load_mnist(mnist_dir)["test"][1].long(), minlength=10)
+    run(mnist_dir, out, "--steps", "1")
+    run(mnist_dir, out, "--sample-only", "--grad-guidance", "0", "2", "--sample-class", str((counts >= 4).nonzero()[0, 0]
+        .item()), "--sampler", "paper", "ode", "sde", "--eval-samples", "2")
+    table = json.load(open(os.path.join(out, "samples.json")))
+    assert [(r["sampler"], r["grad_guidance"]) for r in table] == [(s, w) for s in ("paper", "ode", "sde") for w in (0, 2)]
+    assert all(0 <= r["samples"]["accuracy_a"] <= 1 for r in table)
+    assert "training classifier guide" in open(os.path.join(out, "log.txt")).read()
+    assert len([f for f in os.listdir(os.path.join(mnist_dir, "MNIST")) if f.startswith("classifier-guide")]) == 1
+    run(mnist_dir, out, "--sample-only", "--inpaint", "bottom", "--particles", "3", "--sampler", "paper", "sde")
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "inpainting (bottom, sde, 3 steps, 3 particles, " in log and "by classifier b" in log
+    with pytest.raises(SystemExit):
+        bfn_mnist.parse_args(["--inpaint", "bottom", "--particles", "3", "--sampler", "ode"])

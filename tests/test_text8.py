@@ -210,3 +210,19 @@ def test_filled_words():
         bfn_text8.parse_args(["--prompt", "Hello"])
     with pytest.raises(SystemExit):
         bfn_text8.parse_args(["--prompt", "a", "--infill", "_"])
+
+
+def test_word_guidance_and_particles_end_to_end(text8_dir, tmp_path):
+    """--guide-word with --grad-guidance through the network, with every sampler (the quality table says how many
+    samples contain the word), and prompts and infilling by sequential Monte Carlo with the stochastic samplers."""
+    out = str(tmp_path / "run")
+    run(text8_dir, out, "--steps", "1")
+    run(text8_dir, out, "--sample-only", "--guide-word", "flow", "--grad-guidance", "0", "3", "--sampler", "paper", "ode",
+        "sde", "--eval-samples", "2")
+    table = json.load(open(os.path.join(out, "samples.json")))
+    assert [(r["sampler"], r["grad_guidance"]) for r in table] == [(s, w) for s in ("paper", "ode", "sde") for w in (0, 3)]
+    assert all(0 <= r["samples"]["has_word"] <= 1 for r in table)
+    for flag, text in (("--prompt", "the flow"), ("--infill", "the ____ of")):
+        run(text8_dir, out, "--sample-only", flag, text, "--particles", "3", "--sampler", "sde")
+        lines = open(os.path.join(out, f"{flag[2:]}.txt")).read().splitlines()
+        assert "3 particles" in lines[0] and all(line.startswith(text[:4]) for line in lines[2::2])
