@@ -63,7 +63,8 @@ class Config:
     """Every setting of a run, each a flag (--batch-size for batch_size); the defaults are the paper's."""
     data_dir: str = opt("data", "where CIFAR-10 is, or is downloaded to (torchvision's: DIR/cifar-10-batches-py)")
     bins: int = opt(256, "K: 256 (8-bit pixels) or 16 (pixels quantised to 4 bits)", True, choices=(256, 16))
-    output: str = opt("discretised", "the output distribution (§4 or §5)", True, choices=("continuous", "discretised"))
+    output: str = opt("discretised", "the output distribution (§4 or §5)", True,
+                      choices=("continuous", "discretised"))
     conditional: bool = opt(False, "the network also sees the class label", True)
     sigma_1: float = opt(0.0, "final input std sigma_1 (§4.5); 0: 0.001 for 256 bins, sqrt(0.001) for 16", True, low=0,
                          high=1)
@@ -91,7 +92,8 @@ class Config:
                          choices=("paper", "ode", "sde"))
     sample_steps: tuple = opt((1000,), "generation steps n; several: each", low=1)
     num_samples: int = opt(64, "images in samples.png, and test images completed by --inpaint", low=1)
-    final: str = opt("sample", "the result at t = 1: a draw of p_O (the paper's) or its mode", choices=("sample", "mode"))
+    final: str = opt("sample", "the result at t = 1: a draw of p_O (the paper's) or its mode",
+                     choices=("sample", "mode"))
     eval_samples: int = opt(0, "sample quality of N samples against N test images, through two classifiers", low=0)
     sample_class: tuple = opt(("all",), "with --conditional or --grad-guidance: the classes to sample, a row each")
     guidance: tuple = opt((0.0,), "with --conditional: classifier-free guidance weight; several: each", low=-1)
@@ -99,7 +101,8 @@ class Config:
                                low=0)
     inpaint: str = opt("", "complete test images: top, bottom, left, right, centre, or a mask image (white: generate)")
     particles: int = opt(1, "with --inpaint: sequential Monte Carlo over P particles (1: replacement)", low=1)
-    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win", choices=("paper", "quick"))
+    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win",
+                      choices=("paper", "quick"))
     out_dir: str = opt("runs/bfn_cifar", "the run directory")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its settings (flags given change them)")
     init_from: str = opt("", "start from the weights of another run's ckpt.pt or an authors' checkpoint")
@@ -107,7 +110,8 @@ class Config:
     sample_only: bool = opt(False, "sample from the checkpoint in <out-dir>")
     seed: int = opt(0, "everything random derives from it")
     device: str = opt("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
-    dtype: str = opt("auto", "autocast dtype (auto: bfloat16 on cuda)", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", "autocast dtype (auto: bfloat16 on cuda)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(False, "torch.compile the network for training")
     log_every: int = opt(100, "steps between log lines", low=1)
     eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end)", low=0)
@@ -368,7 +372,8 @@ def loss_n(x, out, i, n, cfg, generator):
 
 def recon_loss(x, out, cfg):
     """L^r (§4.13 or §5.6) of x (B, 3, 32, 32) given the output at t = 1. (B,) nats/image. The continuous output is
-    scored under N(x_hat, s^2) discretised to the bins, s = sigma_1 for 256 bins and 0.7 sigma_1 for 16 (the authors')."""
+    scored under N(x_hat, s^2) discretised to the bins, s = sigma_1 for 256 bins and 0.7 sigma_1 for 16 (the
+    authors')."""
     if cfg.output == "continuous":
         return continuous_recon_loss(x, out, cfg.sigma_1 if cfg.bins == 256 else 0.7 * cfg.sigma_1, cfg.bins)
     return discretised_recon_loss(x, discretised_log_probs(*out, cfg.bins))
@@ -449,8 +454,8 @@ def drop_labels(y, cfg):
 
 def guided_output(net, mu, t, y, cfg, ctx, guide=None):
     """What the samplers take, x_hat (continuous) or p_O (discretised), given labels y (B,) (or None). A conditional
-    network predicts for the class, with classifier-free guidance w = --guidance (Ho and Salimans, arXiv:2207.12598) from
-    one call on the class and the null label together: (1 + w) x_hat(y) - w x_hat(null) (clipped to [-1, 1]), or
+    network predicts for the class, with classifier-free guidance w = --guidance (Ho and Salimans, arXiv:2207.12598)
+    from one call on the class and the null label together: (1 + w) x_hat(y) - w x_hat(null) (clipped to [-1, 1]), or
     (1 + w) p_O(. | y) - w p_O(. | null), which the ODE and SDE solvers use only through the mean bin k_hat: both guide
     the update of mu (the paper's sampler draws a bin from the positive part). With guide, a classifier of mu and t:
     the mean (x_hat, or mu_x) shifted by w (1 - gamma) grad_mu ln c(y | mu, t), w = --grad-guidance (common.py,
@@ -558,7 +563,8 @@ def complete(net, cfg, ctx, data, tag=""):
     rows = torch.stack([torch.where(missing, 0.0, original), x, original], 1).flatten(0, 1)  # the missing part grey
     save_image((rows + 1) / 2, os.path.join(cfg.out_dir, f"inpaint{tag}.png"), nrow=3 * max(1, round(math.sqrt(n) / 2)),
                pad_value=1)
-    right = lambda k, x: (train_classifier(cfg, ctx, k)(x).argmax(-1) == data["test_labels"][:n]).float().mean().item()  # noqa: E731,E501
+    right = lambda k, x: (train_classifier(cfg, ctx, k)(x).argmax(-1) ==  # noqa: E731
+                          data["test_labels"][:n]).float().mean().item()
     ctx.log(f"inpainting ({cfg.inpaint}, {cfg.sampler}, {cfg.sample_steps} steps, {cfg.particles} particles, "
             f"{time.time() - start:.0f} s): {n} test images completed, labelled as the original's class " +
             ", ".join(f"{right(k, x):.1%} by classifier {k} (originals {right(k, original):.1%})" for k in "ab") +
@@ -645,7 +651,7 @@ def sample_quality(net, cfg, ctx, data):
     reference, other = [], []  # for each class in turn its first m test images, and the next m for the floor
     for c, m in zip(*(labels if labels is not None else torch.zeros(n, dtype=torch.long)).unique_consecutive(
             return_counts=True)):
-        idx = (data["test_labels"] == c).nonzero()[:, 0].cpu() if labels is not None else torch.arange(len(data["test"]))
+        idx = torch.arange(len(data["test"])) if labels is None else (data["test_labels"] == c).nonzero()[:, 0].cpu()
         if 2 * m > len(idx):
             raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs {2 * m} test images"
                              f"{f' of class {c}' if labels is not None else ''}; the test split has {len(idx)}")
@@ -800,7 +806,8 @@ class Progress:
         self.done, now = self.done + 1, time.time()
         if now - self.last >= 30:
             eta = (now - self.start) / self.done * (self.total - self.done) / 60
-            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta:.1f} min", flush=True)
+            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta:.1f} min",
+                  flush=True)
             self.last = now
 
 
@@ -821,7 +828,8 @@ def fingerprint(data):
     crc = 0
     for split in sorted(data):
         crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
-    return ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data)) + f", crc32 {crc:08x}"
+    shapes = ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data))
+    return f"{shapes}, crc32 {crc:08x}"
 
 
 def read_checkpoint(cfg, ctx):
@@ -865,8 +873,8 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
     for name in sorted(set(model.state_dict()) | set(state)):  # the first tensor that does not fit, if any
         have, want = [tuple(s[name].shape) if name in s else None for s in (state, model.state_dict())]
         if have != want:
-            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have or 'missing'}"
-                             f" there, {want or 'not in this network'} here. Give the network flags "
+            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is "
+                             f"{have or 'missing'} there, {want or 'not in this network'} here. Give the network flags "
                              f"({', '.join(flag(k) for k in fixed)}) of the run that wrote it")
     if ckpt.get("data", data_id) != data_id:
         message = f"the checkpoint was trained on other data ({ckpt['data']}; now {data_id})"
@@ -876,10 +884,12 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
     model.load_state_dict(state)
     ema.load_state_dict(ckpt.get("ema", state))
     if cfg.init_from:
-        ctx.log(f"weights from {source} ({'step ' + str(ckpt['step']) if 'config' in ckpt else 'the authors' + chr(39) + ' layout'}); the optimiser and the step count start afresh")
+        origin = f"step {ckpt['step']}" if "config" in ckpt else "the authors' layout"
+        ctx.log(f"weights from {source} ({origin}); the optimiser and the step count start afresh")
         return 0
-    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in Config.__annotations__
-               if k in ckpt["config"] and k not in MODES and getattr(saved, k) != getattr(cfg, k)]
+    keys = [k for k in Config.__annotations__ if k in ckpt["config"] and k not in MODES]
+    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in keys
+               if getattr(saved, k) != getattr(cfg, k)]
     ctx.log("changed since the checkpoint: " + (", ".join(changed) or "nothing"))
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["step"]
@@ -1111,8 +1121,9 @@ def sample_all(ema, data, cfg, ctx, quality):
 def log_start(cfg, ctx, argv, model, step, data_id):
     """The run's header in log.txt (the date, the command as typed, the commit, the device), its settings beyond the
     paper's defaults, its size and data."""
-    git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a], text=True,  # noqa: E731
-                                    capture_output=True, timeout=10).stdout.strip()
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], text=True, capture_output=True,  # noqa: E731
+                                    timeout=10).stdout.strip()
     commit = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         if sha := git("rev-parse", "--short", "HEAD"):

@@ -88,7 +88,8 @@ class Config:
                          choices=("paper", "ode", "sde"))
     sample_steps: tuple = opt((100,), "generation steps n; several: each", low=1)
     num_samples: int = opt(64, "images in samples.png, and test images completed by --inpaint", low=1)
-    final: str = opt("sample", "the result at t = 1: a draw of p_O (the paper's) or its mode", choices=("sample", "mode"))
+    final: str = opt("sample", "the result at t = 1: a draw of p_O (the paper's) or its mode",
+                     choices=("sample", "mode"))
     eval_samples: int = opt(0, "sample quality of N samples against N test images, through two classifiers", low=0)
     sample_class: tuple = opt(("all",), "with --conditional or --grad-guidance: the classes to sample, a row each")
     guidance: tuple = opt((0.0,), "with --conditional: classifier-free guidance weight; several: each", low=-1)
@@ -96,7 +97,8 @@ class Config:
                                low=0)
     inpaint: str = opt("", "complete test images: top, bottom, left, right, centre, or a mask image (white: generate)")
     particles: int = opt(1, "with --inpaint: sequential Monte Carlo over P particles (1: replacement)", low=1)
-    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win", choices=("paper", "quick"))
+    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win",
+                      choices=("paper", "quick"))
     out_dir: str = opt("runs/bfn_mnist", "the run directory")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its settings (flags given change them)")
     init_from: str = opt("", "start from the weights of another run's ckpt.pt or an authors' checkpoint")
@@ -104,7 +106,8 @@ class Config:
     sample_only: bool = opt(False, "sample from the checkpoint in <out-dir>")
     seed: int = opt(0, "everything random derives from it")
     device: str = opt("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
-    dtype: str = opt("auto", "autocast dtype (auto: bfloat16 on cuda)", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", "autocast dtype (auto: bfloat16 on cuda)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(False, "torch.compile the network for training")
     log_every: int = opt(100, "steps between log lines", low=1)
     eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end)", low=0)
@@ -166,8 +169,8 @@ def read_idx(path):
 
 
 def load_mnist(data_dir):
-    """{train, test}: ((N, 28, 28) images, (N,) labels), uint8. Missing files are downloaded by torchvision (MD5-checked)
-    into data_dir; a --data-dir that does not exist is refused, and a failed download leaves no folder behind."""
+    """{train, test}: ((N, 28, 28) images, (N,) labels), uint8. Missing files are downloaded by torchvision
+    (MD5-checked) into data_dir; a --data-dir that does not exist is refused; a failed download leaves no folder."""
     raw = os.path.join(data_dir, "MNIST", "raw")
     paths = {split: [os.path.join(raw, name) for name in names] for split, names in MNIST_FILES.items()}
     if not all(os.path.exists(path) for split in paths.values() for path in split):
@@ -421,9 +424,9 @@ def train_loss(net, batch, cfg, ctx):
 
 @torch.no_grad()
 def evaluate(net, images, cfg, ctx, seed):
-    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n in --eval-n (inf: L^inf, §6.7), over --eval-repeats
-    passes with fresh binarisations and noise; the steps i of L^n stratified over the examples. images (N, H, W) uint8
-    -> {n: {loss, recon, total, stderr}} in nats/image."""
+    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n in --eval-n (inf: L^inf, §6.7), over
+    --eval-repeats passes with fresh binarisations and noise; the steps i of L^n stratified over the examples.
+    images (N, H, W) uint8 -> {n: {loss, recon, total, stderr}} in nats/image."""
     g = torch.Generator(images.device).manual_seed(seed)
     log_p = lambda x, t: output_log_probs(net, discrete_flow(x, t, cfg.beta_1, K, g), t, ctx)  # noqa: E731
     losses, recon = {n: [] for n in cfg.eval_n}, []
@@ -491,7 +494,8 @@ def guided_probs(net, theta, t, y, cfg, ctx, guide=None):
         probs = output_log_probs(net, theta, t, ctx, y if cfg.conditional else None).exp()
     else:
         null = torch.full_like(y, 10 ** cfg.digits)
-        p_c, p_u = output_log_probs(net, theta.repeat(2, 1, 1, 1), t.repeat(2), ctx, torch.cat([y, null])).exp().chunk(2)
+        both = output_log_probs(net, theta.repeat(2, 1, 1, 1), t.repeat(2), ctx, torch.cat([y, null]))
+        p_c, p_u = both.exp().chunk(2)
         probs = (1 + w) * p_c - w * p_u
     if guide is None:
         return probs
@@ -647,7 +651,8 @@ def sample(net, cfg, ctx, tag=""):
 
 
 def digit_crops(x):
-    """The two digits of 64x64 images of two, each a 28x28 crop centred on its half's ink. (B, 64, 64) -> (2, B, 28, 28)."""
+    """The two digits of 64x64 images of two, each a 28x28 crop centred on its half's ink.
+    (B, 64, 64) -> (2, B, 28, 28)."""
     crops = []
     for half in (x[:, :, :32], x[:, :, 32:]):
         ink = half.float() + 1e-6  # (B, 64, 32)
@@ -697,7 +702,7 @@ def sample_quality(net, cfg, ctx, data):
     reference, other = [], []  # for each class in turn its first m test images, and the next m for the floor
     for c, m in zip(*(labels if labels is not None else torch.zeros(n, dtype=torch.long)).unique_consecutive(
             return_counts=True)):
-        idx = (data["test_labels"] == c).nonzero()[:, 0].cpu() if labels is not None else torch.arange(len(data["test"]))
+        idx = torch.arange(len(data["test"])) if labels is None else (data["test_labels"] == c).nonzero()[:, 0].cpu()
         if 2 * m > len(idx):
             raise SystemExit(f"{SCRIPT}: error: --eval-samples {n} needs {2 * m} test images"
                              f"{f' of class {c}' if labels is not None else ''}; the test split has {len(idx)}")
@@ -855,7 +860,8 @@ class Progress:
         self.done, now = self.done + 1, time.time()
         if now - self.last >= 30:
             eta = (now - self.start) / self.done * (self.total - self.done) / 60
-            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta:.1f} min", flush=True)
+            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta:.1f} min",
+                  flush=True)
             self.last = now
 
 
@@ -876,7 +882,8 @@ def fingerprint(data):
     crc = 0
     for split in sorted(data):
         crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
-    return ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data)) + f", crc32 {crc:08x}"
+    shapes = ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data))
+    return f"{shapes}, crc32 {crc:08x}"
 
 
 def read_checkpoint(cfg, ctx):
@@ -920,8 +927,8 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
     for name in sorted(set(model.state_dict()) | set(state)):  # the first tensor that does not fit, if any
         have, want = [tuple(s[name].shape) if name in s else None for s in (state, model.state_dict())]
         if have != want:
-            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have or 'missing'}"
-                             f" there, {want or 'not in this network'} here. Give the network flags "
+            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is "
+                             f"{have or 'missing'} there, {want or 'not in this network'} here. Give the network flags "
                              f"({', '.join(flag(k) for k in fixed)}) of the run that wrote it")
     if ckpt.get("data", data_id) != data_id:
         message = f"the checkpoint was trained on other data ({ckpt['data']}; now {data_id})"
@@ -931,10 +938,12 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
     model.load_state_dict(state)
     ema.load_state_dict(ckpt.get("ema", state))
     if cfg.init_from:
-        ctx.log(f"weights from {source} ({'step ' + str(ckpt['step']) if 'config' in ckpt else 'the authors' + chr(39) + ' layout'}); the optimiser and the step count start afresh")
+        origin = f"step {ckpt['step']}" if "config" in ckpt else "the authors' layout"
+        ctx.log(f"weights from {source} ({origin}); the optimiser and the step count start afresh")
         return 0
-    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in Config.__annotations__
-               if k in ckpt["config"] and k not in MODES and getattr(saved, k) != getattr(cfg, k)]
+    keys = [k for k in Config.__annotations__ if k in ckpt["config"] and k not in MODES]
+    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in keys
+               if getattr(saved, k) != getattr(cfg, k)]
     ctx.log("changed since the checkpoint: " + (", ".join(changed) or "nothing"))
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["step"]
@@ -1166,8 +1175,9 @@ def sample_all(ema, data, cfg, ctx, quality):
 def log_start(cfg, ctx, argv, model, step, data_id):
     """The run's header in log.txt (the date, the command as typed, the commit, the device), its settings beyond the
     paper's defaults, its size and data."""
-    git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a], text=True,  # noqa: E731
-                                    capture_output=True, timeout=10).stdout.strip()
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], text=True, capture_output=True,  # noqa: E731
+                                    timeout=10).stdout.strip()
     commit = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         if sha := git("rev-parse", "--short", "HEAD"):

@@ -85,15 +85,17 @@ class Config:
                          choices=("paper", "ode", "sde"))
     sample_steps: tuple = opt((1000,), "generation steps n; several: each", low=1)
     num_samples: int = opt(8, "samples in samples.txt, and completions of --prompt or --infill", low=1)
-    final: str = opt("sample", "the result at t = 1: a draw of p_O (the paper's) or its mode", choices=("sample", "mode"))
+    final: str = opt("sample", "the result at t = 1: a draw of p_O (the paper's) or its mode",
+                     choices=("sample", "mode"))
     eval_samples: int = opt(0, "sample quality of N samples and N test windows: real words, 5-gram bits/char", low=0)
     prompt: str = opt("", "sample continuations of this text (of the alphabet), fixed at the start of every window")
     infill: str = opt("", "fill in the underscores of this text, fixed at the start of every window")
-    particles: int = opt(1, "with --prompt or --infill: sequential Monte Carlo over P particles (1: replacement)", low=1)
+    particles: int = opt(1, "with --prompt, --infill: sequential Monte Carlo over P particles (1: replacement)", low=1)
     guide_word: str = opt("", "with --grad-guidance: steer samples towards containing this word")
     grad_guidance: tuple = opt((0.0,), "guidance weight towards --guide-word, through the network; several: each",
                                low=0)
-    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win", choices=("paper", "quick"))
+    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win",
+                      choices=("paper", "quick"))
     out_dir: str = opt("runs/bfn_text8", "the run directory")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its settings (flags given change them)")
     init_from: str = opt("", "start from the weights of another run's ckpt.pt or an authors' checkpoint")
@@ -101,7 +103,8 @@ class Config:
     sample_only: bool = opt(False, "sample from the checkpoint in <out-dir>")
     seed: int = opt(0, "everything random derives from it")
     device: str = opt("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
-    dtype: str = opt("auto", "autocast dtype (auto: bfloat16 on cuda)", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", "autocast dtype (auto: bfloat16 on cuda)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(False, "torch.compile the network for training")
     log_every: int = opt(100, "steps between log lines", low=1)
     eval_every: int = opt(5000, "steps between evaluations on the validation split (0: only at the end)", low=0)
@@ -187,8 +190,8 @@ def load_text8(data_dir):
     except (zipfile.BadZipFile, zlib.error, KeyError, OSError, EOFError) as e:
         raise SystemExit(f"{SCRIPT}: error: {path} is not a valid text8 archive ({e}). {fix}")
     if len(raw) != TEXT8_BYTES or zlib.crc32(raw) != TEXT8_CRC32:
-        raise SystemExit(f"{SCRIPT}: error: the text8 in {path} is {len(raw):,} bytes with CRC-32 {zlib.crc32(raw):#010x}"
-                         f", expected {TEXT8_BYTES:,} bytes with CRC-32 {TEXT8_CRC32:#010x}. {fix}")
+        raise SystemExit(f"{SCRIPT}: error: the text8 in {path} is {len(raw):,} bytes with CRC-32 "
+                         f"{zlib.crc32(raw):#010x}, expected {TEXT8_BYTES:,} with CRC-32 {TEXT8_CRC32:#010x}. {fix}")
     return raw
 
 
@@ -352,11 +355,12 @@ def train_loss(net, batch, cfg, ctx):
 
 @torch.no_grad()
 def evaluate(net, windows, cfg, ctx, seed):
-    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n in --eval-n (inf: L^inf, §6.7), over --eval-repeats
-    passes with fresh noise; the steps i of L^n stratified over the windows. windows (N, L) -> {n: {loss, recon, total,
-    stderr}} in bits/char."""
+    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n in --eval-n (inf: L^inf, §6.7), over
+    --eval-repeats passes with fresh noise; the steps i of L^n stratified over the windows. windows (N, L) ->
+    {n: {loss, recon, total, stderr}} in bits/char."""
     g = torch.Generator(windows.device).manual_seed(seed)
-    log_p = lambda x, t: output_log_probs(net, discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet), g), t, ctx)  # noqa: E731
+    K = len(cfg.alphabet)
+    log_p = lambda x, t: output_log_probs(net, discrete_flow(x, t, cfg.beta_1, K, g), t, ctx)  # noqa: E731
     losses, recon = {n: [] for n in cfg.eval_n}, []
     progress = Progress("evaluating", cfg.eval_repeats * math.ceil(len(windows) / cfg.eval_batch_size))
     for _ in range(cfg.eval_repeats):
@@ -430,8 +434,8 @@ def complete(net, cfg, ctx, data, tag=""):
     with open(os.path.join(cfg.out_dir, f"{kind}{tag}.txt"), "w") as f:
         f.write(f"{kind} |{text}| ({cfg.sampler} sampler, {cfg.sample_steps} steps, {cfg.particles} particles)\n" +
                 "".join(f"--- {b}\n{s}\n" for b, s in enumerate(samples)))
-    line = f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps, {cfg.particles} particles, {time.time() - start:.0f} s): " \
-           f"{n} completions"
+    line = f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps, {cfg.particles} particles, " \
+           f"{time.time() - start:.0f} s): {n} completions"
     if cfg.infill:
         vocabulary = training_text_models(data["train"], cfg.alphabet)[0]
         filled = [filled_words(text, s) for s in samples]
@@ -481,8 +485,8 @@ def sample(net, cfg, ctx, tag=""):
     x, trajectory = draw(net, cfg.num_samples, cfg, ctx, torch.Generator(ctx.device).manual_seed(cfg.seed), True)
     line = lambda x: decode(x, cfg.alphabet).replace("\n", "¶")  # noqa: E731  one line, also for new lines
     with open(os.path.join(cfg.out_dir, f"samples{tag}.txt"), "w") as f:
-        f.write("".join(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{decode(x[b], cfg.alphabet)}"
-                        f"\n" for b in range(len(x))))
+        f.write("".join(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n"
+                        f"{decode(x[b], cfg.alphabet)}\n" for b in range(len(x))))
     with open(os.path.join(cfg.out_dir, f"evolution{tag}.txt"), "w") as f:
         f.write(f"sample 0 over {cfg.sample_steps} steps: the most likely character under the input theta and under "
                 f"the output p_O\n")
@@ -522,7 +526,8 @@ class NGram:
             grams, counts = torch.unique(codes, return_counts=True)  # sorted
             contexts, which = torch.unique(grams // K, return_inverse=True)
             context_counts = torch.zeros(len(contexts), dtype=torch.long).index_add_(0, which, counts)
-            self.tables.append((grams, counts, contexts, context_counts, torch.bincount(which, minlength=len(contexts))))
+            followers = torch.bincount(which, minlength=len(contexts))
+            self.tables.append((grams, counts, contexts, context_counts, followers))
 
     @staticmethod
     def lookup(keys, values, queries):
@@ -538,8 +543,8 @@ class NGram:
         for k, (grams, counts, contexts, context_counts, followers) in enumerate(self.tables, start=1):
             start = self.order - k  # the k-gram ending at each scored position
             codes = sum(w[:, start + j:w.shape[1] - k + 1 + j] * K ** (k - 1 - j) for j in range(k))
-            c_hc, c_h, t_h = (self.lookup(*table, q).double() for table, q in (
-                ((grams, counts), codes), ((contexts, context_counts), codes // K), ((contexts, followers), codes // K)))
+            c_hc, c_h, t_h = (self.lookup(keys, values, q).double() for keys, values, q in (
+                (grams, counts, codes), (contexts, context_counts, codes // K), (contexts, followers, codes // K)))
             p = torch.where(c_h > 0, (c_hc + t_h * p) / (c_h + t_h).clamp_min(1), p)
         return -p.log2().mean().item()
 
@@ -708,7 +713,8 @@ class Progress:
         self.done, now = self.done + 1, time.time()
         if now - self.last >= 30:
             eta = (now - self.start) / self.done * (self.total - self.done) / 60
-            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta:.1f} min", flush=True)
+            print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta:.1f} min",
+                  flush=True)
             self.last = now
 
 
@@ -729,7 +735,8 @@ def fingerprint(data):
     crc = 0
     for split in sorted(data):
         crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
-    return ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data)) + f", crc32 {crc:08x}"
+    shapes = ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data))
+    return f"{shapes}, crc32 {crc:08x}"
 
 
 def read_checkpoint(cfg, ctx):
@@ -773,8 +780,8 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
     for name in sorted(set(model.state_dict()) | set(state)):  # the first tensor that does not fit, if any
         have, want = [tuple(s[name].shape) if name in s else None for s in (state, model.state_dict())]
         if have != want:
-            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is {have or 'missing'}"
-                             f" there, {want or 'not in this network'} here. Give the network flags "
+            raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is "
+                             f"{have or 'missing'} there, {want or 'not in this network'} here. Give the network flags "
                              f"({', '.join(flag(k) for k in fixed)}) of the run that wrote it")
     if ckpt.get("data", data_id) != data_id:
         message = f"the checkpoint was trained on other data ({ckpt['data']}; now {data_id})"
@@ -784,10 +791,12 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
     model.load_state_dict(state)
     ema.load_state_dict(ckpt.get("ema", state))
     if cfg.init_from:
-        ctx.log(f"weights from {source} ({'step ' + str(ckpt['step']) if 'config' in ckpt else 'the authors' + chr(39) + ' layout'}); the optimiser and the step count start afresh")
+        origin = f"step {ckpt['step']}" if "config" in ckpt else "the authors' layout"
+        ctx.log(f"weights from {source} ({origin}); the optimiser and the step count start afresh")
         return 0
-    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in Config.__annotations__
-               if k in ckpt["config"] and k not in MODES and getattr(saved, k) != getattr(cfg, k)]
+    keys = [k for k in Config.__annotations__ if k in ckpt["config"] and k not in MODES]
+    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in keys
+               if getattr(saved, k) != getattr(cfg, k)]
     ctx.log("changed since the checkpoint: " + (", ".join(changed) or "nothing"))
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["step"]
@@ -1019,8 +1028,9 @@ def sample_all(ema, data, cfg, ctx, quality):
 def log_start(cfg, ctx, argv, model, step, data_id):
     """The run's header in log.txt (the date, the command as typed, the commit, the device), its settings beyond the
     paper's defaults, its size and data."""
-    git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a], text=True,  # noqa: E731
-                                    capture_output=True, timeout=10).stdout.strip()
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], text=True, capture_output=True,  # noqa: E731
+                                    timeout=10).stdout.strip()
     commit = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         if sha := git("rev-parse", "--short", "HEAD"):

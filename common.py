@@ -425,6 +425,13 @@ def _categorical(probs, generator=None):
 # deterministically after its first draw: it has no transition to reweight, and takes replacement only.
 # Cost: P (n + 1) network calls per example.
 
+def _record(trajectory, t, inputs, output):
+    """One network call's {t, input, output} onto the trajectory, if one is kept (None: return_trajectory is off, and
+    every step's tensors would otherwise stay in memory: gigabytes over 1,000 steps of a large batch)."""
+    if trajectory is not None:
+        trajectory.append({"t": t, "input": inputs, "output": output})
+
+
 def _repeat(known, particles):
     """known (B, ...) -> (B P, ...): each example's known values for each of its particles; None stays None."""
     return None if known is None else known.repeat_interleave(particles, 0)
@@ -492,13 +499,13 @@ def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=
     NaN where unknown, and particles: see Conditioning."""
     _check_particles(particles, known)
     B, P = shape[0], particles
-    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), []
+    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), [] if return_trajectory else None
     mu, rho, ones = torch.zeros((B * P, *shape[1:]), device=device), 1.0, torch.ones(B * P, device=device)
     log_psi = log_ratio = torch.zeros(B * P, device=device)
     for i in range(1, n_steps + 1):
         t = (i - 1) / n_steps
         x_hat = x_used = _full_precision(x_hat_fn(mu, t * ones))
-        trajectory.append({"t": t, "input": mu, "output": x_hat})
+        _record(trajectory, t, mu, x_hat)
         if c is not None:
             new_psi, x_used = _known_continuous(x_hat, c, t, sigma_1)
             log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
@@ -510,7 +517,7 @@ def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=
             log_ratio = _gaussian_ratio(eps, x_hat - c, 1 / math.sqrt(alpha), ~c.isnan())
         mu, rho = continuous_update(mu, rho, y, alpha)
     x_hat = _full_precision(x_hat_fn(mu, ones))
-    trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
+    _record(trajectory, 1.0, mu, x_hat)
     if c is not None:
         new_psi, x_used = _known_continuous(x_hat, c, 1.0, sigma_1)
         x_hat = x_used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
@@ -526,7 +533,7 @@ def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, dev
     see Conditioning."""
     _check_particles(particles, known)
     B, P = shape[0], particles
-    centres, c, trajectory = bin_centres(K, device=device), _repeat(known, P), []
+    centres, c, trajectory = bin_centres(K, device=device), _repeat(known, P), [] if return_trajectory else None
     log_w = torch.zeros(B, P, device=device)
     k_known = None if c is None else torch.where(c.isnan(), -1, bin_index(c.nan_to_num(), K))
     mu, rho, ones = torch.zeros((B * P, *shape[1:]), device=device), 1.0, torch.ones(B * P, device=device)
@@ -534,7 +541,7 @@ def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, dev
     for i in range(1, n_steps + 1):
         t = (i - 1) / n_steps
         probs = used = _full_precision(probs_fn(mu, t * ones))
-        trajectory.append({"t": t, "input": mu, "output": (probs * centres).sum(-1)})
+        _record(trajectory, t, mu, (probs * centres).sum(-1))
         if c is not None:
             new_psi, used = _known_categorical(probs, k_known)
             log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
@@ -546,7 +553,7 @@ def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, dev
             log_ratio = _sum_dims(torch.where(k_known >= 0, mixture + alpha / 2 * (y - c) ** 2, torch.zeros_like(y)))
         mu, rho = continuous_update(mu, rho, y, alpha)
     probs = _full_precision(probs_fn(mu, ones))
-    trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
+    _record(trajectory, 1.0, mu, (probs * centres).sum(-1))
     if c is not None:
         new_psi, used = _known_categorical(probs, k_known)
         probs = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
@@ -563,13 +570,13 @@ def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=
     long (-1 where unknown) and particles: see Conditioning."""
     _check_particles(particles, known)
     B, P = shape[0], particles
-    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), []
+    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), [] if return_trajectory else None
     theta, ones = torch.full((B * P, *shape[1:], K), 1 / K, device=device), torch.ones(B * P, device=device)
     log_psi = log_ratio = torch.zeros(B * P, device=device)
     for i in range(1, n_steps + 1):
         t = (i - 1) / n_steps
         probs = used = _full_precision(probs_fn(theta, t * ones))
-        trajectory.append({"t": t, "input": theta, "output": probs})
+        _record(trajectory, t, theta, probs)
         if c is not None:
             new_psi, used = _known_categorical(probs, c)
             log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
@@ -582,7 +589,7 @@ def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=
             log_ratio = _sum_dims(torch.where(c >= 0, to_c, torch.zeros_like(to_c)))
         theta = discrete_update(theta, y)
     probs = _full_precision(probs_fn(theta, ones))
-    trajectory.append({"t": 1.0, "input": theta, "output": probs})
+    _record(trajectory, 1.0, theta, probs)
     if c is not None:
         new_psi, used = _known_categorical(probs, c)
         probs = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
@@ -664,7 +671,7 @@ def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, 
         t_eval = math.log1p(s_of(t[1]) ** 2 / 4) / (-2 * math.log(sigma_1)) if i == 0 else t[i]
         mu = sigma_of(t_eval) * v
         pred, used = pred_fn(mu, t_eval * ones)
-        trajectory.append({"t": t_eval, "input": mu, "output": pred})
+        _record(trajectory, t_eval, mu, pred)
         lam, d = math.log(s_of(t_eval)), used  # lambda = ln s, the log signal-to-noise ratio
         if order == 2 and prev is not None:  # x_hat extrapolated to the middle of the step, linearly in lambda
             d = used + (used - prev[0]) * (math.log(s_of(t[i + 1])) - lam) / (2 * (lam - prev[1]))
@@ -678,7 +685,7 @@ def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=
                           return_trajectory=False, known=None):
     """Continuous data (§4), probability-flow ODE sampler. x_hat_fn as in continuous_sample; known: replacement only
     (see Conditioning)."""
-    trajectory, c = [], known
+    trajectory, c = [] if return_trajectory else None, known
 
     def pred_fn(mu, t):
         x_hat = _full_precision(x_hat_fn(mu, t))
@@ -686,7 +693,7 @@ def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=
 
     mu = _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
     x_hat = pred_fn(mu, torch.ones(shape[0], device=device))[1]
-    trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
+    _record(trajectory, 1.0, mu, x_hat)
     return (x_hat, trajectory) if return_trajectory else x_hat
 
 
@@ -696,7 +703,7 @@ def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, genera
     """Discretised data (§5), probability-flow ODE sampler with the mean bin k_hat as the prediction; returns the
     centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample; known:
     replacement only (see Conditioning)."""
-    centres, trajectory = bin_centres(K, device=device), []
+    centres, trajectory = bin_centres(K, device=device), [] if return_trajectory else None
     k_known = None if known is None else torch.where(known.isnan(), -1, bin_index(known.nan_to_num(), K))
 
     def probs_used(mu, t):
@@ -709,7 +716,7 @@ def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, genera
 
     mu = _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
     probs = probs_used(mu, torch.ones(shape[0], device=device))[1]
-    trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
+    _record(trajectory, 1.0, mu, (probs * centres).sum(-1))
     x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
     return (x, trajectory) if return_trajectory else x
 
@@ -724,7 +731,7 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
     middle of the step (Adams-Bashforth). probs_fn as in discrete_sample; known: replacement only (see Conditioning)."""
     t = [i / n_steps for i in range(n_steps + 1)]
     u = math.sqrt(beta_1 * K) * torch.randn((*shape, K), generator=generator, device=device)
-    ones, prev, trajectory = torch.ones(shape[0], device=device), None, []
+    ones, prev, trajectory = torch.ones(shape[0], device=device), None, [] if return_trajectory else None
 
     def probs_used(theta, t):
         probs = _full_precision(probs_fn(theta, t))
@@ -734,7 +741,7 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
         t_eval = t[1] / 2 if i == 0 else t[i]  # the first call in the middle of the first step, on the state of t = 0
         theta = torch.softmax(t_eval * u, -1)
         e_hat, used = probs_used(theta, t_eval * ones)
-        trajectory.append({"t": t_eval, "input": theta, "output": e_hat})
+        _record(trajectory, t_eval, theta, e_hat)
         d = used
         if order == 2 and prev is not None:
             d = used + (used - prev[0]) * (t[i + 1] - t_eval) / (2 * (t_eval - prev[1]))
@@ -742,7 +749,7 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
         u = u + beta_1 * (K * d - 1) * (t[i + 1] - t[i])
     theta = torch.softmax(u, -1)
     probs = probs_used(theta, ones)[1]
-    trajectory.append({"t": 1.0, "input": theta, "output": probs})
+    _record(trajectory, 1.0, theta, probs)
     x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
     return (x, trajectory) if return_trajectory else x
 
@@ -781,7 +788,7 @@ def _continuous_sde(pred_fn, shape, n_steps, sigma_1, generator, device, traject
     for i in range(n_steps):
         t, t_next = i / n_steps, (i + 1) / n_steps
         pred, used, new_psi = pred_fn(mu, t * ones)
-        trajectory.append({"t": t, "input": mu, "output": pred})
+        _record(trajectory, t, mu, pred)
         if on is not None:
             log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
             mu, pred, used, log_psi = mu[idx], pred[idx], used[idx], new_psi[idx]
@@ -808,7 +815,7 @@ def continuous_sample_sde(x_hat_fn, shape, n_steps, sigma_1, generator=None, dev
     """Continuous data (§4), the second-order SDE sampler (Algorithm 3 plus the change of x_hat). x_hat_fn as in
     continuous_sample; returns x_hat(mu, 1). known (NaN where unknown) and particles: see Conditioning."""
     _check_particles(particles, known)
-    trajectory, c, B = [], _repeat(known, particles), shape[0]
+    trajectory, c, B = [] if return_trajectory else None, _repeat(known, particles), shape[0]
 
     def pred_fn(mu, t):
         x_hat = _full_precision(x_hat_fn(mu, t))
@@ -818,7 +825,7 @@ def continuous_sample_sde(x_hat_fn, shape, n_steps, sigma_1, generator=None, dev
     mu, log_w, log_ratio, log_psi = _continuous_sde(pred_fn, (B * particles, *shape[1:]), n_steps, sigma_1, generator,
                                                     device, trajectory, on, particles)
     x_hat, x_used, new_psi = pred_fn(mu, torch.ones(B * particles, device=device))
-    trajectory.append({"t": 1.0, "input": mu, "output": x_hat})
+    _record(trajectory, 1.0, mu, x_hat)
     if c is not None:
         x_hat = x_used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, particles), generator)]
     return (x_hat, trajectory) if return_trajectory else x_hat
@@ -831,7 +838,8 @@ def discretised_sample_sde(probs_fn, shape, n_steps, sigma_1, K, generator=None,
     centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample; known
     (bin centres, NaN where unknown) and particles: see Conditioning."""
     _check_particles(particles, known)
-    centres, trajectory, c, B = bin_centres(K, device=device), [], _repeat(known, particles), shape[0]
+    centres, c, B = bin_centres(K, device=device), _repeat(known, particles), shape[0]
+    trajectory = [] if return_trajectory else None
     k_known = None if c is None else torch.where(c.isnan(), -1, bin_index(c.nan_to_num(), K))
 
     def probs_used(mu, t):
@@ -846,7 +854,7 @@ def discretised_sample_sde(probs_fn, shape, n_steps, sigma_1, K, generator=None,
     mu, log_w, log_ratio, log_psi = _continuous_sde(pred_fn, (B * particles, *shape[1:]), n_steps, sigma_1, generator,
                                                     device, trajectory, on, particles)
     probs, used, new_psi = probs_used(mu, torch.ones(B * particles, device=device))
-    trajectory.append({"t": 1.0, "input": mu, "output": (probs * centres).sum(-1)})
+    _record(trajectory, 1.0, mu, (probs * centres).sum(-1))
     if c is not None:
         used = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, particles), generator)]
     x = centres[used.argmax(-1) if final_mode else _categorical(used, generator)]
@@ -861,13 +869,13 @@ def discrete_sample_sde(probs_fn, shape, n_steps, beta_1, K, generator=None, dev
     particles: see Conditioning."""
     _check_particles(particles, known)
     B, P = shape[0], particles
-    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), []
+    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), [] if return_trajectory else None
     y, ones, prev = torch.zeros((B * P, *shape[1:], K), device=device), torch.ones(B * P, device=device), None
     log_psi = log_ratio = torch.zeros(B * P, device=device)
     for i in range(n_steps):
         t, t_next = i / n_steps, (i + 1) / n_steps
         e_hat = used = _full_precision(probs_fn(torch.softmax(y, -1), t * ones))
-        trajectory.append({"t": t, "input": torch.softmax(y, -1), "output": e_hat})
+        _record(trajectory, t, torch.softmax(y, -1), e_hat)
         if c is not None:
             new_psi, used = _known_categorical(e_hat, c)
             log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
@@ -885,7 +893,7 @@ def discrete_sample_sde(probs_fn, shape, n_steps, beta_1, K, generator=None, dev
             log_ratio = _gaussian_ratio(eps, drift - drift_used, math.sqrt(alpha * K), (c >= 0)[..., None])
         prev = (e_hat, t)
     probs = _full_precision(probs_fn(torch.softmax(y, -1), ones))
-    trajectory.append({"t": 1.0, "input": torch.softmax(y, -1), "output": probs})
+    _record(trajectory, 1.0, torch.softmax(y, -1), probs)
     if c is not None:
         new_psi, used = _known_categorical(probs, c)
         probs = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]

@@ -302,3 +302,32 @@ def test_guidance_of_continuous_data_samples_the_component(sampler):
     assert abs(x.var().item() - s ** 2) < 5 * s ** 2 * math.sqrt(2 / (n - 1))
     plain = run(x_hat, (50, 1), 7, SIGMA_1, generator=gen(8))
     assert torch.equal(run(guided(0.0), (50, 1), 7, SIGMA_1, generator=gen(8)), plain)
+
+
+def conditional_table(kind, n=25, examples=2000, particles=(1, 2, 4, 8, 16, 32)):
+    """For RESULTS.md: KL(p(x_rest | x_0) || samples) of the paper's and the SDE sampler with each number of particles
+    (1: replacement), the ODE solver (replacement), and a network told x_0 (the exact posterior given it, sampled over
+    the other dimensions alone)."""
+    _, samplers, value, score = conditional_setups()[kind]
+    D = 3 if kind == "discrete" else 2
+    known = torch.full((examples, D), -1) if kind == "discrete" else torch.full((examples, D), float("nan"))
+    known[:, 0] = value
+    rows = {(name, P): score(samplers[name](known, P, n, gen(P))) for name in ("paper", "sde") for P in particles}
+    rows["ode", 1] = score(samplers["ode"](known, 1, n, gen(0)))
+    if kind == "continuous":  # the mixture given x0: the components' weights times their density at x0
+        told_weights = W2 * torch.exp(-(value - M2[:, 0]) ** 2 / (2 * S2 ** 2))
+        told = {"paper": C.continuous_sample, "sde": C.continuous_sample_sde}
+        fn = mixture_x_hat(told_weights / told_weights.sum(), M2[:, 1:], S2, SIGMA_1)
+        run = lambda name, g: told[name](fn, (examples, 1), n, SIGMA_1, g)  # noqa: E731
+    elif kind == "discretised":
+        joint = binned_joint(W2, M2, S2, K16)[C.bin_index(torch.tensor(value), K16)]
+        told = {"paper": C.discretised_sample, "sde": C.discretised_sample_sde}
+        run = lambda name, g: told[name](bins_posterior(joint / joint.sum(), SIGMA_16, K16), (examples, 1), n,  # noqa
+                                         SIGMA_16, K16, g)
+    else:
+        told = {"paper": C.discrete_sample, "sde": C.discrete_sample_sde}
+        run = lambda name, g: told[name](joint_marginals(P3[0] / P3[0].sum()), (examples, 2), n, BETA_1, 3, g)  # noqa
+    for name in ("paper", "sde"):
+        rest = run(name, gen(99))
+        rows[name, "told"] = score(torch.cat([torch.full((examples, 1), value).to(rest.dtype), rest], 1))
+    return rows
