@@ -699,10 +699,11 @@ def flag(name, value=True):
     return f"--{name.replace('_', '-')}" + ("" if value is True else f" {shown}")
 
 
-def parse_args(argv=None, saved=None, source="the checkpoint"):
+def parse_args(argv=None, saved=None, source="the checkpoint", strict=True):
     """Command line -> Config. A setting's value is, by rising priority: its default, the --preset's, a checkpoint's
     (saved: a run directory remembers its settings), the command line's. A value the setting does not accept, a
-    combination check() refuses, or a flag that changes the checkpoint's model or data stops with one line."""
+    combination check() refuses (if strict), or a flag that changes the checkpoint's model or data stops with one
+    line."""
     argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--preset", default="paper")
@@ -732,7 +733,7 @@ def parse_args(argv=None, saved=None, source="the checkpoint"):
                 span = f"in [{meta['low']}, {meta['high']})" if "high" in meta else f">= {meta['low']}"
                 p.error(f"{flag(k)} must be {span}, got {v}")
     cfg, problems = check(cfg)
-    for problem in problems:
+    for problem in problems if strict else []:
         p.error(problem)
     return cfg
 
@@ -1159,14 +1160,13 @@ def failures(cfg, ctx):
 
 def main(argv=None):
     """Parse the flags, then train (or only evaluate, or only sample) in the run directory."""
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, strict=False)  # enough to find the checkpoint, if any, and the device
     ctx = setup(cfg)
     with failures(cfg, ctx):
-        ckpt = read_checkpoint(cfg, ctx)
-        if ckpt is not None and "config" in ckpt:  # the checkpoint's settings where the command line gives none
-            fields = Config.__dataclass_fields__
-            cfg = parse_args(argv, {k: v for k, v in ckpt["config"].items() if k in fields and (
-                not cfg.init_from or fields[k].metadata["fixed"])}, cfg.init_from or f"the checkpoint in {cfg.out_dir}")
+        ckpt, fields = read_checkpoint(cfg, ctx), Config.__dataclass_fields__
+        saved = {k: v for k, v in ckpt["config"].items() if k in fields and (not cfg.init_from or fields[k].metadata[
+            "fixed"])} if ckpt is not None and "config" in ckpt else None  # the settings the command line leaves open
+        cfg = parse_args(argv, saved, cfg.init_from or f"the checkpoint in {cfg.out_dir}")
         data = load_data(cfg, ctx.device)
         data_id = fingerprint(data)
         model, ema, optimizer = build(cfg, ctx.device)

@@ -148,6 +148,17 @@ def test_a_run_directory_remembers_its_settings(script, tmp_path):
     assert load(out)["step"] == 3
 
 
+def test_a_conditional_run_directory_samples_with_guidance_without_retyping(tmp_path):
+    """--guidance needs a conditional model: the run directory's, although --conditional is not given again."""
+    out, data = str(tmp_path / "run"), write_mnist(str(tmp_path / "data"))
+    bfn_mnist.main(["--data-dir", data, "--conditional", "--channels", "32", "--res-blocks", "1", *TINY, "--out-dir", out,
+                    "--steps", "1"])
+    bfn_mnist.main(["--out-dir", out, "--sample-only", "--guidance", "2", "--sample-class", "3"])
+    assert os.path.exists(os.path.join(out, "samples.png"))
+    with pytest.raises(SystemExit):
+        bfn_mnist.main(["--out-dir", str(tmp_path / "fresh"), "--guidance", "2", "--data-dir", data])
+
+
 def test_init_from_a_checkpoint_of_another_script_says_which(tmp_path):
     out = str(tmp_path / "text")
     bfn_text8.main(["--text-file", write_words(tmp_path / "words.txt"), *NETS[bfn_text8], *TINY, "--out-dir", out,
