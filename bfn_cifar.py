@@ -930,24 +930,31 @@ def available_memory(device):
 
 
 def step_cost(cfg, ctx, model, data):
-    """A forward and backward pass on 2 examples, timed, counting the tensors autograd keeps for the backward pass ->
-    (seconds per step at --batch-size, bytes per example with half again for the backward pass's temporaries, bytes of
-    the gradients and AdamW's moments)."""
+    """Forward and backward passes on 2, 2 and 4 examples: the tensors autograd keeps for the backward pass, counted on
+    the first; a step's time from the other two, as a cost per pass plus one per example -> (seconds per pass, seconds
+    per example, bytes per example with half again for the backward pass's temporaries, bytes of the gradients and
+    AdamW's moments)."""
     kept, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
     pack = lambda t: kept.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t  # noqa: E731
-    probe, start = dataclasses.replace(cfg, batch_size=2), time.time()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train_loss(model, get_batch(data, probe), probe, ctx).mean().backward()
-    model.zero_grad(set_to_none=True)
-    return ((time.time() - start) / 2 * cfg.batch_size * cfg.grad_accum, 0.75 * sum(v for k, v in kept.items() if k not
-            in weights), 3 * sum(p.numel() * p.element_size() for p in model.parameters()))
+
+    def seconds(n, hooks=contextlib.nullcontext()):
+        probe, start = dataclasses.replace(cfg, batch_size=n), time.time()
+        with hooks:
+            train_loss(model, get_batch(data, probe), probe, ctx).mean().backward()
+        model.zero_grad(set_to_none=True)
+        return time.time() - start
+
+    seconds(2, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+    two, four = seconds(2), seconds(4)
+    return (max(2 * two - four, 0.0), max(four - two, 1e-9) / 2, 0.75 * sum(v for k, v in kept.items() if k not in
+            weights), 3 * sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def plan_steps(cfg, ctx, model, data):
     """Before the first step: what a step costs (step_cost) against the memory available. A batch that does not fit is
     split into micro-batches that do (the global batch, and so the training, unchanged); if one example cannot fit,
     stop. Logs the plan; on a CPU or MPS without --preset quick, points to it. Returns micro-batches per batch."""
-    (seconds, example, state), free = step_cost(cfg, ctx, model, data), available_memory(ctx.device)
+    (per_pass, per_example, example, state), free = step_cost(cfg, ctx, model, data), available_memory(ctx.device)
     gib, pieces = lambda b: f"{b / 2 ** 30:.2g} GiB", 1  # noqa: E731
     if free is not None and state + example * cfg.batch_size > 0.9 * free:
         if state + example > 0.9 * free:
@@ -958,9 +965,10 @@ def plan_steps(cfg, ctx, model, data):
                      if cfg.batch_size % k == 0 and state + example * cfg.batch_size / k <= 0.9 * free)
         ctx.log(f"memory: a batch of {cfg.batch_size} needs ≈{gib(state + example * cfg.batch_size)} and "
                 f"{gib(free)} is available: each is split into {pieces} micro-batches (the same global batch)")
-    total = cfg.steps * seconds
+    step = cfg.grad_accum * (pieces * per_pass + cfg.batch_size * per_example)
+    total = cfg.steps * step
     total = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.0f} min" if total >= 60 else f"{total:.0f} s"
-    ctx.log(f"plan: ≈{seconds:.2g} s per step (timed on 2 examples), ≈{total} for {cfg.steps} steps, ≈"
+    ctx.log(f"plan: ≈{step:.2g} s per step (timed on 2 and 4 examples), ≈{total} for {cfg.steps} steps, ≈"
             f"{gib(state + example * cfg.batch_size / pieces)} of {gib(free) if free else 'unknown'} memory" +
             ("; --preset quick trains a small model in minutes" if ctx.device.type != "cuda" and cfg.preset != "quick"
              else ""))

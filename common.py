@@ -392,10 +392,10 @@ def discrete_recon_loss(x, log_probs):
 
 def _categorical(probs, generator=None):
     """k ~ Categorical(probs) over the last axis by inversion of the CDF; probs need not be normalised, and negative
-    entries (a guided prediction off the simplex) count as 0. (B, ..., K) -> (B, ..., K) long."""
+    entries (a guided prediction off the simplex) count as 0. (B, ..., K) -> (B, ...) long."""
     cdf = probs.clamp_min(0).cumsum(-1)
     u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=probs.dtype)
-    return (cdf <= u * cdf[..., -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)  # <=: a class of probability 0 is never
+    return (cdf <= u * cdf[..., -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)  # <=: a class of probability 0 is skipped
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_a_batch_that_does_not_fit_is_split_and_one_that_cannot_stops(script, tm
     batch_data = module.load_data(cfg, ctx.device)
     monkeypatch.setattr(module, "available_memory", lambda device: 10 ** 12)
     assert module.plan_steps(cfg, ctx, model, batch_data) == 1
-    _, example, state = module.step_cost(cfg, ctx, model, batch_data)
+    *_, example, state = module.step_cost(cfg, ctx, model, batch_data)
     monkeypatch.setattr(module, "available_memory", lambda device: (state + 3 * example) / 0.9)  # 3 examples fit
     assert module.plan_steps(cfg, ctx, model, batch_data) == 4  # 8 = 4 x 2: the fewest micro-batches that fit
     module.main(flags + ["--out-dir", out])
@@ -67,7 +67,7 @@ def test_every_script_says_what_its_run_will_cost_on_a_cpu(script, tmp_path):
     start = time.time()
     module.main(data + NETS[module] + TINY + ["--out-dir", out, "--steps", "1"])
     plan = [line for line in log_of(out).splitlines() if " plan: ≈" in line]
-    assert plan and " s per step (timed on 2 examples), ≈" in plan[0] and "for 1 steps" in plan[0]
+    assert plan and " s per step (timed on 2 and 4 examples), ≈" in plan[0] and "for 1 steps" in plan[0]
     assert "--preset quick trains a small model in minutes" in plan[0] and time.time() - start < 60
     quick = str(tmp_path / "quick")
     module.main(["--preset", "quick", *data, *NETS[module], *TINY, "--out-dir", quick, "--steps", "1"])

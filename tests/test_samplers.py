@@ -331,3 +331,13 @@ def conditional_table(kind, n=25, examples=2000, particles=(1, 2, 4, 8, 16, 32))
         rest = run(name, gen(99))
         rows[name, "told"] = score(torch.cat([torch.full((examples, 1), value).to(rest.dtype), rest], 1))
     return rows
+
+
+def test_a_class_of_probability_zero_is_never_drawn(monkeypatch):
+    """At the ends of the uniform draw (u = 0, u just below 1) the inverse-CDF draw skips classes of probability 0,
+    and a negative entry (a guided prediction off the simplex) counts as 0."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 1.0, -0.2, 0.0, 0.2]])
+    for u in (0.0, 1 - 1e-7):
+        monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.full(shape, u))
+        k = C._categorical(probs)
+        assert (probs.gather(-1, k[:, None]) > 0).all(), (u, k)
