@@ -115,8 +115,8 @@ class Config:
     ckpt_every: int = opt(1000, "steps between checkpoints", low=1)
 
 
-PRESETS = {"paper": {}, "quick": dict(channels=32, res_blocks=1, dropout=0.0, lr=1e-3, batch_size=32, steps=1600,
-                                      eval_every=0, sample_every=0, eval_examples=2000)}
+PRESETS = {"paper": {}, "quick": dict(channels=32, res_blocks=1, dropout=0.0, lr=1e-3, lr_warmup=100, lr_decay="cosine",
+                                      batch_size=32, steps=1600, eval_every=0, sample_every=0, eval_examples=2000)}
 INPAINT_REGIONS = ("top", "bottom", "left", "right", "centre")
 
 
