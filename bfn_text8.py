@@ -837,11 +837,11 @@ def available_memory(device):
         return free
 
 
-def step_cost(cfg, ctx, model, data):
-    """Forward and backward passes on 2, 2 and 4 examples: the tensors autograd keeps for the backward pass, counted on
-    the first; a step's time from the other two, as a cost per pass plus one per example -> (seconds per pass, seconds
-    per example, bytes per example with half again for the backward pass's temporaries, bytes of the gradients and
-    AdamW's moments)."""
+def step_cost(cfg, ctx, model, data, free=None):
+    """A forward and backward pass on 2 examples, counting the tensors autograd keeps for the backward pass; then passes
+    on n and 2n examples, timed (n = 4, or 1 where 8 examples would not fit in `free` bytes) -> (n, seconds per pass,
+    seconds per example, bytes per example with half again for the backward pass's temporaries, bytes of the
+    gradients and AdamW's moments)."""
     kept, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
     pack = lambda t: kept.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t  # noqa: E731
 
@@ -853,16 +853,19 @@ def step_cost(cfg, ctx, model, data):
         return time.time() - start
 
     seconds(2, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-    two, four = seconds(2), seconds(4)
-    return (max(2 * two - four, 0.0), max(four - two, 1e-9) / 2, 0.75 * sum(v for k, v in kept.items() if k not in
-            weights), 3 * sum(p.numel() * p.element_size() for p in model.parameters()))
+    example = 0.75 * sum(v for k, v in kept.items() if k not in weights)
+    state = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    n = 4 if free is None or state + 8 * example <= 0.9 * free else 1
+    one, two = seconds(n), seconds(2 * n)
+    return n, max(2 * one - two, 0.0), max(two - one, 1e-9) / n, example, state
 
 
 def plan_steps(cfg, ctx, model, data):
     """Before the first step: what a step costs (step_cost) against the memory available. A batch that does not fit is
     split into micro-batches that do (the global batch, and so the training, unchanged); if one example cannot fit,
     stop. Logs the plan; on a CPU or MPS without --preset quick, points to it. Returns micro-batches per batch."""
-    (per_pass, per_example, example, state), free = step_cost(cfg, ctx, model, data), available_memory(ctx.device)
+    free = available_memory(ctx.device)
+    n, per_pass, per_example, example, state = step_cost(cfg, ctx, model, data, free)
     gib, pieces = lambda b: f"{b / 2 ** 30:.2g} GiB", 1  # noqa: E731
     if free is not None and state + example * cfg.batch_size > 0.9 * free:
         if state + example > 0.9 * free:
@@ -876,7 +879,7 @@ def plan_steps(cfg, ctx, model, data):
     step = cfg.grad_accum * (pieces * per_pass + cfg.batch_size * per_example)
     total = cfg.steps * step
     total = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.0f} min" if total >= 60 else f"{total:.0f} s"
-    ctx.log(f"plan: ≈{step:.2g} s per step (timed on 2 and 4 examples), ≈{total} for {cfg.steps} steps, ≈"
+    ctx.log(f"plan: ≈{step:.2g} s per step (timed on {n} and {2 * n} examples), ≈{total} for {cfg.steps} steps, ≈"
             f"{gib(state + example * cfg.batch_size / pieces)} of {gib(free) if free else 'unknown'} memory" +
             ("; --preset quick trains a small model in minutes" if ctx.device.type != "cuda" and cfg.preset != "quick"
              else ""))

@@ -258,7 +258,7 @@ def test_a_paper_size_model_on_a_cpu_says_what_a_step_costs(tmp_path):
     bfn_mnist.main(["--data-dir", write_mnist(str(tmp_path / "data")), "--out-dir", out, "--batch-size", "2", "--steps",
                     "1", "--eval-n", "inf", "--eval-examples", "2", "--num-samples", "1", "--sample-steps", "1"])
     log = open(os.path.join(out, "log.txt")).read()
-    assert "parameters: 24.81M" in log and "plan: ≈" in log and " s per step (timed on 2 and 4 examples), ≈" in log
+    assert "parameters: 24.81M" in log and "plan: ≈" in log and " s per step (timed on 4 and 8 examples), ≈" in log
     assert "; --preset quick trains a small model in minutes" in log
     assert "step 1 | loss" in log and "ETA" in log
 
