@@ -1046,21 +1046,36 @@ def learning_rate(step, cfg):
 def stop_signals(done):
     """Within: the first SIGTERM, SIGINT or SIGUSR1 says at once that the run stops after the step in progress (the
     loop then writes the checkpoint and exits with PREEMPTED); a second ends the process at once, the last checkpoint
-    untouched. done[0]: the steps done. Yields the names of the signals received."""
-    received, main_thread = [], threading.current_thread() is threading.main_thread()
+    untouched. A thread answers them, woken by Python's own signal handler through a pipe, so they are answered even
+    while the main thread is inside one long operation. done[0]: the steps done. Yields the names of those received."""
+    received, stops = [], (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield received
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
 
-    def handler(signum, frame):
-        if received:
-            os._exit(128 + signum)
-        received.append(signal.Signals(signum).name)
-        os.write(1, f"{received[0]}: stopping after step {done[0] + 1}; a second signal stops at once\n".encode())
+    def answer():
+        while (number := os.read(read, 1)[0]) != 0:  # 0: the context is closing
+            if number in stops and received:
+                os._exit(128 + number)
+            if number in stops:
+                received.append(signal.Signals(number).name)
+                os.write(1, f"{received[0]}: stopping after step {done[0] + 1}; a second signal stops at once\n"
+                         .encode())
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) if main_thread}
+    previous = {s: signal.signal(s, lambda signum, frame: None) for s in stops}
+    wakeup, thread = signal.set_wakeup_fd(write), threading.Thread(target=answer, daemon=True)
+    thread.start()
     try:
         yield received
     finally:
+        signal.set_wakeup_fd(wakeup)
         for s, h in previous.items():
             signal.signal(s, h)
+        os.write(write, b"\0")
+        thread.join()
+        os.close(read), os.close(write)
 
 
 class Meter:

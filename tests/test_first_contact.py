@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -118,6 +119,19 @@ def test_a_first_signal_stops_after_the_step_and_a_second_at_once(tmp_path):
     p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM
     assert "preempted by" not in log_of(out) and load(out)["step"] in (before, before + 1)
+
+
+def test_a_signal_is_answered_while_the_main_thread_is_inside_one_long_operation(capfd):
+    """A step of a large model on a CPU is minutes inside PyTorch, where Python's own handlers wait: the answer comes
+    from a thread, during the operation, not after it."""
+    seen, busy = [], [True]
+    with bfn_mnist.stop_signals([7]) as received:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        threading.Timer(0.8, lambda: seen.append((list(received), busy[0]))).start()
+        torch.linalg.matrix_power(torch.eye(2500), 4096)  # one call of 12 products of 2500 x 2500: seconds
+        busy[0] = False
+        time.sleep(0.1)
+    assert seen == [(["SIGUSR1"], True)] and "SIGUSR1: stopping after step 8" in capfd.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------- devices
