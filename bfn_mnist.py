@@ -1230,6 +1230,7 @@ def failures(cfg, ctx):
     except BaseException as e:
         if ctx.world > 1 and not (isinstance(e, SystemExit) and e.code in (0, None, PREEMPTED)):
             print(line := f"process {ctx.rank} of {ctx.world} stopped: {type(e).__name__}: {e}", file=sys.stderr)
+            os.makedirs(cfg.out_dir, exist_ok=True)  # rank 0 may not have written its first line yet
             with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
         raise

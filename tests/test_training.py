@@ -214,11 +214,11 @@ def test_a_failure_on_one_process_ends_all_of_them(tmp_path, where, rank):
 # ---------------------------------------------------------------------------------------------------------- presets
 
 QUICK = {  # the README's quick commands, flag for flag
-    bfn_mnist: "--channels 32 --res-blocks 1 --dropout 0 --lr 1e-3 --batch-size 32 --steps 1600 --eval-every 0 "
-               "--sample-every 0 --eval-examples 2000",
+    bfn_mnist: "--channels 32 --res-blocks 1 --dropout 0 --lr 1e-3 --lr-warmup 100 --lr-decay cosine --batch-size 32 "
+               "--steps 1600 --eval-every 0 --sample-every 0 --eval-examples 2000",
     bfn_cifar: "--bins 16 --channels 32 --res-blocks 2 --dropout 0 --batch-size 16 --lr 1e-3 --steps 2400 "
                "--eval-every 0 --sample-every 0 --eval-examples 500 --sample-steps 100",
-    bfn_text8: "--layers 4 --heads 4 --width 128 --seq-len 128 --batch-size 32 --lr 1e-3 --steps 3000 --eval-every 0 "
+    bfn_text8: "--layers 4 --heads 4 --width 128 --seq-len 128 --batch-size 16 --lr 1e-3 --steps 5600 --eval-every 0 "
                "--sample-every 0 --eval-examples 1000 --num-samples 4 --sample-steps 100",
 }
 
