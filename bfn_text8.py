@@ -14,26 +14,8 @@ Writes log.txt, ckpt.pt, eval.json, samples.txt and evolution.txt/.gif (theta an
 
 Shapes: B batch, L sequence length (--seq-len), K symbols (27 for text8), W transformer width.
 """
-import argparse
-import contextlib
-import copy
-import ctypes
-import dataclasses
-import datetime
-import itertools
-import json
-import math
-import os
-import resource
-import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-import zipfile
-import zlib
+import argparse, contextlib, copy, ctypes, dataclasses, datetime, itertools, json, math, os, resource, shlex, shutil
+import signal, subprocess, sys, threading, time, zipfile, zlib
 
 import torch
 import torch.distributed as dist
@@ -593,9 +575,8 @@ SWEPT = ("sampler", "sample_steps", "grad_guidance")  # the sampling settings sa
 
 # ======================================================================================================================
 # Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
-# these names of the experiment: SCRIPT, UNIT, Config, PRESETS, check (settings); load_data, get_batch,
-# evaluation_set, to_unit (data); from_authors (the authors' checkpoints); train_loss, evaluate (loss and test bound);
-# sample, complete, sample_quality, SWEPT (figures, conditional samples, sample quality, the settings swept).
+# from the experiment: SCRIPT, UNIT, Config, PRESETS, check, load_data, get_batch, evaluation_set, to_unit,
+# from_authors, train_loss, evaluate, sample, complete, sample_quality and SWEPT.
 # ======================================================================================================================
 
 PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
@@ -609,10 +590,9 @@ def flag(name, value=True):
 
 
 def parse_args(argv=None, saved=None, source="the checkpoint", strict=True):
-    """Command line -> Config. A setting's value is, by rising priority: its default, the --preset's, a checkpoint's
-    (saved: a run directory remembers its settings), the command line's. A value the setting does not accept, a
-    combination check() refuses (if strict), or a flag that changes the checkpoint's model or data stops with one
-    line."""
+    """Command line -> Config. A setting's value is its default, the --preset's, a checkpoint's (saved) or the command
+    line's, by rising priority; a bad value, a combination check() refuses (if strict) or a flag that changes the
+    checkpoint's model or data stops with one line."""
     argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--preset", default="paper")
@@ -633,23 +613,23 @@ def parse_args(argv=None, saved=None, source="the checkpoint", strict=True):
                   if f.metadata["fixed"] and k in (saved or {}) and getattr(cfg, k) != saved[k]]:
         raise SystemExit(f"{SCRIPT}: error: {source} was made with other model or data settings: {'; '.join(differ)}. "
                          f"Leave those flags out to use the checkpoint's")
-    for k, meta in ((k, f.metadata) for k, f in fields.items()):
-        for v in getattr(cfg, k) if fields[k].type is tuple else (getattr(cfg, k),):
-            if "choices" in meta and v not in meta["choices"]:
-                choices = list(map(str, meta["choices"]))
-                p.error(f"{flag(k)} takes {', '.join(choices[:-1])} or {choices[-1]}, got {v}")
-            if ("low" in meta and v < meta["low"]) or ("high" in meta and v >= meta["high"]):
-                span = f"in [{meta['low']}, {meta['high']})" if "high" in meta else f">= {meta['low']}"
-                p.error(f"{flag(k)} must be {span}, got {v}")
+    for k, f in fields.items():
+        meta, values = f.metadata, getattr(cfg, k) if f.type is tuple else (getattr(cfg, k),)
+        if bad := [v for v in values if "choices" in meta and v not in meta["choices"]]:
+            *choices, last = map(str, meta["choices"])
+            p.error(f"{flag(k)} takes {', '.join(choices)} or {last}, got {bad[0]}")
+        if bad := [v for v in values if "low" in meta and not meta["low"] <= v < meta.get("high", math.inf)]:
+            p.error(f"{flag(k)} must be " + (f"in [{meta['low']}, {meta['high']})" if "high" in meta else
+                                             f">= {meta['low']}") + f", got {bad[0]}")
     cfg, problems = check(cfg)
-    for problem in problems if strict else []:
-        p.error(problem)
+    if strict and problems:
+        p.error(problems[0])
     return cfg
 
 
 @dataclasses.dataclass
 class Context:
-    """Where this process runs: device, autocast, its rank among `world` processes, and the run directory."""
+    """Where this process runs: device, autocast, its rank among `world` processes, the run directory."""
     device: torch.device
     autocast: torch.autocast
     rank: int
@@ -666,16 +646,16 @@ class Context:
 
 
 def keep_freed_memory():
-    """On glibc, keep freed memory in the process (blocks up to 32 MB, the heap never trimmed below 1 GB), so that a
-    step does not fault its activations back in each time. Returns whether it applied."""
+    """On glibc, keep freed memory in the process (blocks up to 32 MB; the heap trimmed only above 1 GB), so that a step
+    does not fault its activations back in each time. Returns whether it applied."""
     with contextlib.suppress(OSError):  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD (glibc's malloc.h)
         return all(ctypes.CDLL("libc.so.6").mallopt(k, v) for k, v in ((-3, 32 << 20), (-1, 1 << 30), (-2, 256 << 20)))
     return False
 
 
 def setup(cfg):
-    """Process group (under torchrun), device, autocast dtype, allocator -> Context. --device cuda is this process's
-    GPU; a device that is not here stops with one line saying which are."""
+    """Process group (under torchrun), device (cuda: this process's GPU; one not here stops with one line saying which
+    are), autocast dtype, allocator -> Context."""
     keep_freed_memory()
     world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -714,15 +694,14 @@ class Progress:
     def tick(self):
         self.done, now = self.done + 1, time.time()
         if now - self.last >= 30:
-            eta = (now - self.start) / self.done * (self.total - self.done) / 60
+            eta, self.last = (now - self.start) / self.done * (self.total - self.done) / 60, now
             print(f"{self.label}: {self.done} / {self.total} | {now - self.start:.0f} s | ETA {eta:.1f} min",
                   flush=True)
-            self.last = now
 
 
 def summarise(losses, recon, cfg):
     """Per-example losses in nats, pass after pass -> {n: {loss, recon, total, stderr}} in the paper's unit; each
-    example's losses are averaged over the passes first, so the standard error is over examples."""
+    example's passes are averaged first, so the standard error is over examples."""
     per_example = lambda parts: to_unit(torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
     recon, result = per_example(recon), {}
     for n, parts in losses.items():
@@ -737,8 +716,7 @@ def fingerprint(data):
     crc = 0
     for split in sorted(data):
         crc = zlib.crc32(data[split].cpu().contiguous().numpy().tobytes(), crc)
-    shapes = ", ".join(f"{split} {'x'.join(map(str, data[split].shape))}" for split in sorted(data))
-    return f"{shapes}, crc32 {crc:08x}"
+    return ", ".join(f"{s} {'x'.join(map(str, data[s].shape))}" for s in sorted(data)) + f", crc32 {crc:08x}"
 
 
 def read_checkpoint(cfg, ctx):
@@ -772,19 +750,19 @@ def read_checkpoint(cfg, ctx):
 
 
 def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
-    """Load a checkpoint's weights (for --resume also its optimiser and step) after checking its model and data
-    settings, tensors and (for --resume) data against this run's; log what changed since. Returns the first step."""
+    """Load a checkpoint's weights (for --resume also its optimiser and step) once its tensors and (for --resume) its
+    data are checked against this run's; log what changed since. Returns the first step."""
     if ckpt is None:
         return 0
-    source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
-    fixed = [f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]]
+    source, fixed = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt"), [k for k, f in Config.__dataclass_fields__
+                                                                           .items() if f.metadata["fixed"]]
     state, saved = (ckpt["model"], parse_args([], ckpt["config"])) if "config" in ckpt else (from_authors(ckpt), cfg)
     for name in sorted(set(model.state_dict()) | set(state)):  # the first tensor that does not fit, if any
         have, want = [tuple(s[name].shape) if name in s else None for s in (state, model.state_dict())]
         if have != want:
             raise SystemExit(f"{SCRIPT}: error: {source} does not fit this network: tensor {name} is "
                              f"{have or 'missing'} there, {want or 'not in this network'} here. Give the network flags "
-                             f"({', '.join(flag(k) for k in fixed)}) of the run that wrote it")
+                             f"({', '.join(map(flag, fixed))}) of the run that wrote it")
     if ckpt.get("data", data_id) != data_id:
         message = f"the checkpoint was trained on other data ({ckpt['data']}; now {data_id})"
         if cfg.resume:
@@ -796,17 +774,16 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
         origin = f"step {ckpt['step']}" if "config" in ckpt else "the authors' layout"
         ctx.log(f"weights from {source} ({origin}); the optimiser and the step count start afresh")
         return 0
-    keys = [k for k in Config.__annotations__ if k in ckpt["config"] and k not in MODES]
-    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in keys
-               if getattr(saved, k) != getattr(cfg, k)]
+    changed = [f"{flag(k, getattr(saved, k))} -> {flag(k, getattr(cfg, k))[len(k) + 3:]}" for k in ckpt["config"]
+               if k in Config.__annotations__ and k not in MODES and getattr(saved, k) != getattr(cfg, k)]
     ctx.log("changed since the checkpoint: " + (", ".join(changed) or "nothing"))
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["step"]
 
 
 def save_checkpoint(cfg, ctx, model, ema, optimizer, step, data_id):
-    """ckpt.pt written through a temporary file, the previous one kept as ckpt-prev.pt: a crash or a full disk mid-write
-    never leaves the run without a readable checkpoint."""
+    """ckpt.pt through a temporary file, the previous one kept as ckpt-prev.pt: a crash or a full disk mid-write never
+    leaves the run without a readable checkpoint."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -838,10 +815,9 @@ def available_memory(device):
 
 
 def step_cost(cfg, ctx, model, data, free=None):
-    """A forward and backward pass on 2 examples, counting the tensors autograd keeps for the backward pass; then passes
-    on n and 2n examples, timed (n = 4, or 1 where 8 examples would not fit in `free` bytes) -> (n, seconds per pass,
-    seconds per example, bytes per example with half again for the backward pass's temporaries, bytes of the
-    gradients and AdamW's moments)."""
+    """A pass on 2 examples counting the tensors autograd keeps, then passes on n and 2n examples, timed (n = 4, or 1
+    where 8 would not fit in `free` bytes) -> (n, seconds per pass, seconds per example, bytes per example with half
+    again for the backward pass's temporaries, bytes of the gradients and AdamW's moments)."""
     kept, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
     pack = lambda t: kept.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t  # noqa: E731
 
@@ -861,47 +837,45 @@ def step_cost(cfg, ctx, model, data, free=None):
 
 
 def plan_steps(cfg, ctx, model, data):
-    """Before the first step: what a step costs (step_cost) against the memory available. A batch that does not fit is
-    split into micro-batches that do (the global batch, and so the training, unchanged); if one example cannot fit,
-    stop. Logs the plan; on a CPU or MPS without --preset quick, points to it. Returns micro-batches per batch."""
+    """Before the first step, what a step costs (step_cost) against the memory available: a batch that does not fit is
+    split into micro-batches that do (the same global batch); one example that cannot stops. Logs the plan (on a CPU
+    or MPS without --preset quick, pointing to it). Returns micro-batches per batch."""
     free = available_memory(ctx.device)
     n, per_pass, per_example, example, state = step_cost(cfg, ctx, model, data, free)
-    gib, pieces = lambda b: f"{b / 2 ** 30:.2g} GiB", 1  # noqa: E731
-    if free is not None and state + example * cfg.batch_size > 0.9 * free:
-        if state + example > 0.9 * free:
+    gib, pieces, fits = lambda b: f"{b / 2 ** 30:.2g} GiB", 1, lambda k: state + example * k <= 0.9 * free  # noqa: E731
+    if free is not None and not fits(cfg.batch_size):
+        if not fits(1):
             sizes = ", ".join(flag(f.name) for f in dataclasses.fields(Config) if f.metadata["fixed"] and f.type is int)
             raise SystemExit(f"{SCRIPT}: error: one example needs ≈{gib(state + example)} on {ctx.device} and "
                              f"{gib(free)} is available: lower {sizes}")
-        pieces = min(k for k in range(1, cfg.batch_size + 1)
-                     if cfg.batch_size % k == 0 and state + example * cfg.batch_size / k <= 0.9 * free)
+        pieces = min(k for k in range(1, cfg.batch_size + 1) if cfg.batch_size % k == 0 and fits(cfg.batch_size / k))
         ctx.log(f"memory: a batch of {cfg.batch_size} needs ≈{gib(state + example * cfg.batch_size)} and "
                 f"{gib(free)} is available: each is split into {pieces} micro-batches (the same global batch)")
     step = cfg.grad_accum * (pieces * per_pass + cfg.batch_size * per_example)
     total = cfg.steps * step
     total = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.0f} min" if total >= 60 else f"{total:.0f} s"
+    hint = "; --preset quick trains a small model in minutes" if ctx.device.type != "cuda" and cfg.preset != "quick" \
+        else ""
     ctx.log(f"plan: ≈{step:.2g} s per step (timed on {n} and {2 * n} examples), ≈{total} for {cfg.steps} steps, ≈"
-            f"{gib(state + example * cfg.batch_size / pieces)} of {gib(free) if free else 'unknown'} memory" +
-            ("; --preset quick trains a small model in minutes" if ctx.device.type != "cuda" and cfg.preset != "quick"
-             else ""))
+            f"{gib(state + example * cfg.batch_size / pieces)} of {gib(free) if free else 'unknown'} memory{hint}")
     return pieces
 
 
 def learning_rate(step, cfg):
-    """The learning rate of optimiser step `step` (0-based): linear warm-up over --lr-warmup steps, then constant
-    (the paper's) or a cosine or linear decay to --lr-final x --lr at --steps."""
-    if step < cfg.lr_warmup:
-        return cfg.lr * (step + 1) / cfg.lr_warmup
+    """The learning rate of optimiser step `step` (from 0): linear warm-up over --lr-warmup steps, then constant (the
+    paper's) or a cosine or linear decay to --lr-final x --lr at --steps."""
     progress = min(1.0, (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
     shape = {"none": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.lr_decay]
-    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape) if cfg.lr_decay != "none" else cfg.lr
+    return cfg.lr * (step + 1) / cfg.lr_warmup if step < cfg.lr_warmup else cfg.lr * (
+        cfg.lr_final + (1 - cfg.lr_final) * shape if cfg.lr_decay != "none" else 1)
 
 
 @contextlib.contextmanager
 def stop_signals(done):
-    """Within: the first SIGTERM, SIGINT or SIGUSR1 says at once that the run stops after the step in progress (the
-    loop then writes the checkpoint and exits with PREEMPTED); a second ends the process at once, the last checkpoint
-    untouched. A thread answers them, woken by Python's own signal handler through a pipe, so they are answered even
-    while the main thread is inside one long operation. done[0]: the steps done. Yields the names of those received."""
+    """Within: the first SIGTERM, SIGINT or SIGUSR1 says at once that the run stops after the step in progress (the loop
+    then writes the checkpoint and exits with PREEMPTED); a second ends the process at once. A thread answers them,
+    woken through a pipe by Python's own handler, so also while the main thread is inside one long operation.
+    done[0]: the steps done. Yields the names of the signals received."""
     received, stops = [], (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield received
@@ -950,10 +924,10 @@ class Meter:
         seconds, steps, cfg, world = time.time() - self.clock, step - self.last, self.cfg, self.ctx.world
         peak = torch.cuda.max_memory_allocated(self.ctx.device) if self.ctx.device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        self.ctx.log(f"step {step} | loss {to_unit(self.loss.item() / steps / world, cfg):.4g} {UNIT} | grad norm "
-                     f"{grad_norm:.3g} | lr {lr:.3g} | {steps * cfg.batch_size * cfg.grad_accum * world / seconds:.1f} "
-                     f"examples/s | {1000 * seconds / steps:.0f} ms/step | peak mem {peak / 2 ** 20:.0f} MB | ETA "
-                     f"{(cfg.steps - step) * seconds / steps / 60:.1f} min")
+        loss, speed = to_unit(self.loss.item() / steps / world, cfg), steps * cfg.batch_size * cfg.grad_accum * world
+        self.ctx.log(f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm:.3g} | lr {lr:.3g} | "
+                     f"{speed / seconds:.1f} examples/s | {1000 * seconds / steps:.0f} ms/step | peak mem "
+                     f"{peak / 2 ** 20:.0f} MB | ETA {(cfg.steps - step) * seconds / steps / 60:.1f} min")
         self.loss.zero_()
         self.clock, self.last = time.time(), step
 
