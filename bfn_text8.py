@@ -590,9 +590,8 @@ def flag(name, value=True):
 
 
 def parse_args(argv=None, saved=None, source="the checkpoint", strict=True):
-    """Command line -> Config. A setting's value is its default, the --preset's, a checkpoint's (saved) or the command
-    line's, by rising priority; a bad value, a combination check() refuses (if strict) or a flag that changes the
-    checkpoint's model or data stops with one line."""
+    """Command line -> Config: by rising priority the default, the --preset's, a checkpoint's (saved), the flag's. A bad
+    value, a combination check() refuses (if strict) or a flag that changes the checkpoint's model or data: one line."""
     argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--preset", default="paper")
@@ -872,10 +871,9 @@ def learning_rate(step, cfg):
 
 @contextlib.contextmanager
 def stop_signals(done):
-    """Within: the first SIGTERM, SIGINT or SIGUSR1 says at once that the run stops after the step in progress (the loop
-    then writes the checkpoint and exits with PREEMPTED); a second ends the process at once. A thread answers them,
-    woken through a pipe by Python's own handler, so also while the main thread is inside one long operation.
-    done[0]: the steps done. Yields the names of the signals received."""
+    """Within: a first SIGTERM, SIGINT or SIGUSR1 says at once that the run stops after this step (the loop then saves
+    and exits with PREEMPTED), a second ends the process; answered by a thread that Python's handler wakes through a
+    pipe, also while the main thread is inside one long operation. done[0]: steps done. Yields the signals received."""
     received, stops = [], (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield received
