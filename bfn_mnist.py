@@ -278,8 +278,8 @@ class Attention(nn.Module):
         return x + self.proj_out(rearrange(h, "b h s d -> b (h d) s")).view_as(x)
 
 
-def Sequential(**layers):
-    """Layers in turn under the authors' names: Sequential(op=conv) holds op.weight (their Downsample), up and conv
+def sequential(**layers):
+    """Layers in turn under the authors' names: sequential(op=conv) holds op.weight (their Downsample), up and conv
     their Upsample (nearest-neighbour, then a convolution)."""
     return nn.Sequential(collections.OrderedDict(layers))
 
@@ -317,7 +317,7 @@ class UNet(nn.Module):
                 ch = channels * mult
                 skips.append(ch)
             if level < len(mults) - 1:
-                self.input_blocks.append(Layers([Sequential(op=nn.Conv2d(ch, ch, 3, stride=2, padding=1))]))
+                self.input_blocks.append(Layers([sequential(op=nn.Conv2d(ch, ch, 3, stride=2, padding=1))]))
                 skips.append(ch)
         self.middle_block = Layers([ResBlock(ch, ch, c_emb, dropout, groups), Attention(ch, groups),
                                     ResBlock(ch, ch, c_emb, dropout, groups)])
@@ -327,7 +327,7 @@ class UNet(nn.Module):
                 layers = Layers([ResBlock(ch + skips.pop(), channels * mult, c_emb, dropout, groups)])
                 ch = channels * mult
                 if level > 0 and i == res_blocks:
-                    layers.append(Sequential(up=nn.Upsample(scale_factor=2), conv=nn.Conv2d(ch, ch, 3, padding=1)))
+                    layers.append(sequential(up=nn.Upsample(scale_factor=2), conv=nn.Conv2d(ch, ch, 3, padding=1)))
                 self.output_blocks.append(layers)
         self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), zero(nn.Conv2d(ch, channels, 3, padding=1)))
         self.output_projection = nn.Linear(2 * channels, 1)
@@ -882,8 +882,8 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
     data are checked against this run's; log what changed since. Returns the first step."""
     if ckpt is None:
         return 0
-    source, fixed = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt"), [k for k, f in Config.__dataclass_fields__
-                                                                           .items() if f.metadata["fixed"]]
+    source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+    fixed = [f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]]
     state, saved = (ckpt["model"], parse_args([], ckpt["config"])) if "config" in ckpt else (from_authors(ckpt), cfg)
     for name in sorted(set(model.state_dict()) | set(state)):  # the first tensor that does not fit, if any
         have, want = [tuple(s[name].shape) if name in s else None for s in (state, model.state_dict())]
@@ -992,10 +992,11 @@ def plan_steps(cfg, ctx, model, data):
 def learning_rate(step, cfg):
     """The learning rate of optimiser step `step` (from 0): linear warm-up over --lr-warmup steps, then constant (the
     paper's) or a cosine or linear decay to --lr-final x --lr at --steps."""
+    if step < cfg.lr_warmup:
+        return cfg.lr * (step + 1) / cfg.lr_warmup
     progress = min(1.0, (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
     shape = {"none": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.lr_decay]
-    return cfg.lr * (step + 1) / cfg.lr_warmup if step < cfg.lr_warmup else cfg.lr * (
-        cfg.lr_final + (1 - cfg.lr_final) * shape if cfg.lr_decay != "none" else 1)
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape) if cfg.lr_decay != "none" else cfg.lr
 
 
 @contextlib.contextmanager
@@ -1051,9 +1052,10 @@ class Meter:
         seconds, steps, cfg, world = time.time() - self.clock, step - self.last, self.cfg, self.ctx.world
         peak = torch.cuda.max_memory_allocated(self.ctx.device) if self.ctx.device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        loss, speed = to_unit(self.loss.item() / steps / world, cfg), steps * cfg.batch_size * cfg.grad_accum * world
+        loss = to_unit(self.loss.item() / steps / world, cfg)
+        speed = steps * cfg.batch_size * cfg.grad_accum * world / seconds  # examples/s
         self.ctx.log(f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm:.3g} | lr {lr:.3g} | "
-                     f"{speed / seconds:.1f} examples/s | {1000 * seconds / steps:.0f} ms/step | peak mem "
+                     f"{speed:.1f} examples/s | {1000 * seconds / steps:.0f} ms/step | peak mem "
                      f"{peak / 2 ** 20:.0f} MB | ETA {(cfg.steps - step) * seconds / steps / 60:.1f} min")
         self.loss.zero_()
         self.clock, self.last = time.time(), step

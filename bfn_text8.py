@@ -753,8 +753,8 @@ def restore(cfg, ctx, ckpt, model, ema, optimizer, data_id):
     data are checked against this run's; log what changed since. Returns the first step."""
     if ckpt is None:
         return 0
-    source, fixed = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt"), [k for k, f in Config.__dataclass_fields__
-                                                                           .items() if f.metadata["fixed"]]
+    source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+    fixed = [f.name for f in dataclasses.fields(Config) if f.metadata["fixed"]]
     state, saved = (ckpt["model"], parse_args([], ckpt["config"])) if "config" in ckpt else (from_authors(ckpt), cfg)
     for name in sorted(set(model.state_dict()) | set(state)):  # the first tensor that does not fit, if any
         have, want = [tuple(s[name].shape) if name in s else None for s in (state, model.state_dict())]
@@ -863,10 +863,11 @@ def plan_steps(cfg, ctx, model, data):
 def learning_rate(step, cfg):
     """The learning rate of optimiser step `step` (from 0): linear warm-up over --lr-warmup steps, then constant (the
     paper's) or a cosine or linear decay to --lr-final x --lr at --steps."""
+    if step < cfg.lr_warmup:
+        return cfg.lr * (step + 1) / cfg.lr_warmup
     progress = min(1.0, (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
     shape = {"none": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.lr_decay]
-    return cfg.lr * (step + 1) / cfg.lr_warmup if step < cfg.lr_warmup else cfg.lr * (
-        cfg.lr_final + (1 - cfg.lr_final) * shape if cfg.lr_decay != "none" else 1)
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape) if cfg.lr_decay != "none" else cfg.lr
 
 
 @contextlib.contextmanager
@@ -922,9 +923,10 @@ class Meter:
         seconds, steps, cfg, world = time.time() - self.clock, step - self.last, self.cfg, self.ctx.world
         peak = torch.cuda.max_memory_allocated(self.ctx.device) if self.ctx.device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        loss, speed = to_unit(self.loss.item() / steps / world, cfg), steps * cfg.batch_size * cfg.grad_accum * world
+        loss = to_unit(self.loss.item() / steps / world, cfg)
+        speed = steps * cfg.batch_size * cfg.grad_accum * world / seconds  # examples/s
         self.ctx.log(f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm:.3g} | lr {lr:.3g} | "
-                     f"{speed / seconds:.1f} examples/s | {1000 * seconds / steps:.0f} ms/step | peak mem "
+                     f"{speed:.1f} examples/s | {1000 * seconds / steps:.0f} ms/step | peak mem "
                      f"{peak / 2 ** 20:.0f} MB | ETA {(cfg.steps - step) * seconds / steps / 60:.1f} min")
         self.loss.zero_()
         self.clock, self.last = time.time(), step
