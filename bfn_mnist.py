@@ -12,7 +12,7 @@ Writes log.txt, ckpt.pt, eval.json, samples.png and evolution.png/.gif (theta an
     python bfn_mnist.py --sample-only --inpaint bottom --particles 8       # complete the lower half of test digits
     python bfn_mnist.py --sample-only --grad-guidance 2 --sample-class 3   # steer any model towards a digit
     python bfn_mnist.py --preset quick --conditional --steps 3000   # class-conditional, for --guidance
-    python bfn_mnist.py --preset quick --digits 2          # 64x64 images of two digits side by side
+    python bfn_mnist.py --preset quick --digits 2 --steps 960   # 64x64 images of two digits side by side, 24 min
 
 Shapes: B batch, H x W image (28 x 28; 64 x 64 with --digits 2), K = 2 classes (0 white, 1 black ink), C channels.
 """

@@ -94,7 +94,7 @@ class Config:
     ckpt_every: int = opt(1000, "steps between checkpoints", low=1)
 
 
-PRESETS = {"paper": {}, "quick": dict(layers=4, heads=4, width=128, seq_len=128, batch_size=16, lr=1e-3, steps=5600,
+PRESETS = {"paper": {}, "quick": dict(layers=4, heads=4, width=128, seq_len=32, batch_size=16, lr=1e-3, steps=17904,
                                       eval_every=0, sample_every=0, eval_examples=1000, num_samples=4,
                                       sample_steps=(100,))}
 

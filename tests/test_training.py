@@ -218,7 +218,7 @@ QUICK = {  # the README's quick commands, flag for flag
                "--steps 1600 --eval-every 0 --sample-every 0 --eval-examples 2000",
     bfn_cifar: "--bins 16 --channels 32 --res-blocks 2 --dropout 0 --batch-size 16 --lr 1e-3 --steps 2400 "
                "--eval-every 0 --sample-every 0 --eval-examples 500 --sample-steps 100",
-    bfn_text8: "--layers 4 --heads 4 --width 128 --seq-len 128 --batch-size 16 --lr 1e-3 --steps 5600 --eval-every 0 "
+    bfn_text8: "--layers 4 --heads 4 --width 128 --seq-len 32 --batch-size 16 --lr 1e-3 --steps 17904 --eval-every 0 "
                "--sample-every 0 --eval-examples 1000 --num-samples 4 --sample-steps 100",
 }
 
