@@ -322,10 +322,10 @@ def discrete_alpha(i, n, beta_1):
 
 
 def discrete_update(theta, y):
-    """§6.2, Bayesian update: theta' = e^y theta / sum_k e^{y_k} theta_k (add y to the log-probabilities).
-    (B, ..., K)."""
-    theta = _full_precision(theta)
-    return torch.softmax(_log(theta) + y, -1)
+    """§6.2, Bayesian update: theta' = e^y theta / sum_k e^{y_k} theta_k, as softmax(ln theta + y) in float32 (float64
+    if theta is), an underflowed theta_k counting as the smallest positive float. (B, ..., K)."""
+    theta = theta if theta.dtype == torch.float64 else theta.float()
+    return torch.softmax(theta.clamp_min(torch.finfo(theta.dtype).tiny).log() + y, -1)
 
 
 def discrete_flow(x, t, beta_1, K, generator=None):
@@ -379,16 +379,13 @@ def discrete_recon_loss(x, log_probs):
 
 
 # ======================================================================================================================
-# Generation. Every sampler below
-#   - takes the network as a function of the input parameters and t: x_hat_fn(mu, t) -> x_hat (continuous data),
-#     probs_fn(mu, t) -> p_O (B, ..., K) (discretised data: the bin probabilities), probs_fn(theta, t) -> p_O
-#     (B, ..., K) (discrete data). Probabilities, not log-probabilities: the samplers draw from p_O or take its mean,
-#     where a probability too small for float32 counts for nothing;
-#   - calls it exactly n_steps + 1 times per particle, at t = 0, 1/n, ..., (n - 1)/n and 1 (the ODE solver's first
-#     call is inside its first step), under torch.no_grad(): a function that needs gradients turns them on itself;
-#   - can condition on known values (known, particles; see "Conditioning on known dimensions");
-#   - returns the samples (B, ...) and, with return_trajectory, also a list of {t, input, output}, one per network
-#     call: the input parameters it saw and its prediction (x_hat, the mean bin k_hat, or p_O), for figures.
+# Generation: Algorithms 3, 6 and 9 as the paper writes them. A sampler takes the network as a function of the input
+# parameters and t: x_hat_fn(mu, t) -> x_hat (continuous data), probs_fn(mu, t) -> p_O (B, ..., K) over the K bins
+# (discretised data), probs_fn(theta, t) -> p_O (B, ..., K) (discrete data). It calls it n + 1 times, at t = 0, 1/n,
+# ..., (n - 1)/n and 1, under torch.no_grad() (a function that needs gradients turns them on itself). It takes
+# probabilities, not log-probabilities: it draws from p_O, where a probability too small for float32 counts for
+# nothing. Like the paper's algorithms, the samplers end with a draw of p_O(. | theta, 1) (the authors' code returns
+# its mode). Algorithm 9 needs discrete_sample, discrete_update and _categorical, nothing else of this file.
 
 def _categorical(probs, generator=None):
     """k ~ Categorical(probs) over the last axis by inversion of the CDF; probs need not be normalised, and negative
@@ -398,19 +395,77 @@ def _categorical(probs, generator=None):
     return (cdf <= u * cdf[..., -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)  # <=: a class of probability 0 is skipped
 
 
+@torch.no_grad()
+def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None):
+    """§4, Algorithm 3. x_hat_fn(mu (B, ...), t (B,)) -> x_hat (B, ...). Returns OUTPUT(mu, 1), (B, ...)."""
+    mu, rho, ones = torch.zeros(shape, device=device), 1.0, torch.ones(shape[0], device=device)
+    for i in range(1, n_steps + 1):
+        x_hat = x_hat_fn(mu, (i - 1) / n_steps * ones)  # OUTPUT(mu, t_{i-1})
+        alpha = continuous_alpha(i, n_steps, sigma_1).item()
+        y = x_hat + torch.randn(shape, generator=generator, device=device) / math.sqrt(alpha)  # y ~ N(x_hat, 1/alpha)
+        mu, rho = continuous_update(mu, rho, y, alpha)
+    return x_hat_fn(mu, ones)
+
+
+@torch.no_grad()
+def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None):
+    """§5, Algorithm 6: as Algorithm 3, but each step draws a bin k ~ p_O(. | theta, t_{i-1}) and sends y ~ N(k_c,
+    1/alpha_i). probs_fn(mu (B, ...), t (B,)) -> p_O (B, ..., K). Returns the centre of a bin k ~ p_O(. | theta, 1)."""
+    mu, rho, ones = torch.zeros(shape, device=device), 1.0, torch.ones(shape[0], device=device)
+    centres = bin_centres(K, device=device)
+    for i in range(1, n_steps + 1):
+        k = _categorical(probs_fn(mu, (i - 1) / n_steps * ones), generator)  # k ~ p_O(. | theta, t_{i-1})
+        alpha = continuous_alpha(i, n_steps, sigma_1).item()
+        y = centres[k] + torch.randn(shape, generator=generator, device=device) / math.sqrt(alpha)
+        mu, rho = continuous_update(mu, rho, y, alpha)
+    return centres[_categorical(probs_fn(mu, ones), generator)]
+
+
+@torch.no_grad()
+def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None):
+    """§6, Algorithm 9. probs_fn(theta (B, ..., K), t (B,)) -> p_O (B, ..., K). Returns k ~ p_O(. | theta, 1),
+    (B, ...) long."""
+    theta, ones = torch.full((*shape, K), 1 / K, device=device), torch.ones(shape[0], device=device)
+    for i in range(1, n_steps + 1):
+        k = _categorical(probs_fn(theta, (i - 1) / n_steps * ones), generator)  # k ~ p_O(. | theta, t_{i-1})
+        alpha = beta_1 * (2 * i - 1) / n_steps ** 2  # alpha_i = beta(t_i) - beta(t_{i-1}) (§6.8)
+        e_k = F.one_hot(k, K).float()
+        y = alpha * (K * e_k - 1) + math.sqrt(alpha * K) * torch.randn(e_k.shape, generator=generator, device=device)
+        theta = discrete_update(theta, y)  # theta <- e^y theta / sum_k e^{y_k} theta_k
+    return _categorical(probs_fn(theta, ones), generator)
+
+
+# ======================================================================================================================
+# Beyond the paper: trajectories, conditioning on known values, guidance, and fast ODE and SDE solvers. Every sampler
+# here takes the network functions, calls and returns of the paper's samplers above.
+
+def recorded(fn, trajectory, rows=None, summary=None):
+    """The network function fn of any sampler, appending {t, input, output} of each call to the list trajectory: the
+    input parameters it saw and its prediction (or summary(prediction), e.g. the mean bin of p_O), of the first `rows`
+    examples (None: all), for figures of how samples form."""
+    def call(inputs, t):
+        output = fn(inputs, t)
+        kept = output[:rows] if summary is None else summary(output[:rows])
+        trajectory.append({"t": t[0].item(), "input": inputs[:rows], "output": kept})
+        return output
+    return call
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Conditioning on known dimensions (inpainting, prompts; beyond the paper). known (B, ...): the values to condition on,
-# NaN where unknown (continuous and discretised data) or -1 (discrete data).
+# Conditioning on known dimensions (inpainting, prompts). known (B, ...): the values to condition on, NaN where unknown
+# (continuous and discretised data), or classes, -1 where unknown (discrete data).
 #
-# Replacement (particles = 1): at every step the prediction of each known dimension is replaced by its value (x_hat =
-# c, or p_O all on c), so the known dimensions follow exactly the Bayesian flow of c and the network sees them as it
-# would in training. Cheap, but it does not sample p(x_u | x_k = c): the unknown dimensions are conditioned only on the
-# noisy input parameters of the known ones, and that bias does not vanish as n grows.
+# Replacement: at every step the prediction of each known dimension is replaced by its value (x_hat = c, or p_O all
+# on c), so the known dimensions follow exactly the Bayesian flow of c and the network sees them as it would in
+# training. It wraps the network function, for every sampler. Cheap, but it does not sample p(x_u | x_k = c): the
+# unknown dimensions are conditioned only on the noisy input parameters of the known ones, and that bias does not
+# vanish as n grows.
 #
-# Sequential Monte Carlo (particles P > 1) samples the model's own conditional. A sampler defines a joint distribution
-# of its path and output, q(y_1..y_n, x) = prod_i r_i(y_i | theta_{i-1}) p_O(x | theta_n, 1), with r_i its transition:
-# the receiver distribution p_R (§3) for the paper's samplers, a Gaussian for the SDE solver. Conditioning on x_k = c
-# gives the target pi(y_1..y_n, x_u) ∝ prod_i r_i(y_i | theta_{i-1}) p_O(c | theta_n, 1) p_O(x_u | theta_n, 1).
+# Sequential Monte Carlo (P particles per example) samples the model's own conditional. A sampler defines a joint
+# distribution of its path and output, q(y_1..y_n, x) = prod_i r_i(y_i | theta_{i-1}) p_O(x | theta_n, 1), with r_i its
+# transition: the receiver distribution p_R (§3) for the paper's samplers, a Gaussian for the SDE solver. Conditioning
+# on x_k = c gives the target
+#     pi(y_1..y_n, x_u) ∝ prod_i r_i(y_i | theta_{i-1}) p_O(c | theta_n, 1) p_O(x_u | theta_n, 1).
 # The particles move by replacement (r_i on the unknown dimensions; on the known ones the sender p_S(. | c), or the
 # SDE transition with c as the prediction), and each step multiplies a particle's weight by
 #     w_i = [r_i(y_i,k | theta_{i-1}) / proposal(y_i,k)] psi_i(theta_i) / psi_{i-1}(theta_{i-1}),
@@ -420,21 +475,25 @@ def _categorical(probs, generator=None):
 # example's particles falls below P / 2) the particles target pi exactly as P grows (Del Moral, "Feynman-Kac
 # Formulae", 2004); psi only decides how early the particles that will not fit c are dropped (twisted SMC). One
 # particle per example is returned, drawn in proportion to its final weight, its unknown dimensions drawn from
-# p_O(. | theta_n, 1). For continuous data p_O is a delta at x_hat, so psi_i = N(c | x_hat(theta_i, t_i),
+# p_O(. | theta_n, 1). p_O enters the weights as the sampler draws from it: its positive part, normalised (a guided
+# prediction can leave the simplex). For continuous data p_O is a delta at x_hat, so psi_i = N(c | x_hat(theta_i, t_i),
 # sigma_1^(2 t_i)): the variance of x given mu for data of unit variance, sigma_1^2 at t = 1. The ODE solver moves
 # deterministically after its first draw: it has no transition to reweight, and takes replacement only.
-# Cost: P (n + 1) network calls per example.
+# Cost: P (n + 1) network calls per example. With nothing known and P = 1 each SMC sampler is its plain sampler.
 
-def _record(trajectory, t, inputs, output):
-    """One network call's {t, input, output} onto the trajectory, if one is kept (None: return_trajectory is off, and
-    every step's tensors would otherwise stay in memory: gigabytes over 1,000 steps of a large batch)."""
-    if trajectory is not None:
-        trajectory.append({"t": t, "input": inputs, "output": output})
+def replace_known_x_hat(x_hat_fn, known):
+    """Conditioning by replacement, continuous data: x_hat_fn with the prediction of each known dimension set to its
+    value. known (B, ...), NaN where unknown."""
+    return lambda mu, t: torch.where(known.isnan(), x_hat_fn(mu, t), known)
 
 
-def _repeat(known, particles):
-    """known (B, ...) -> (B P, ...): each example's known values for each of its particles; None stays None."""
-    return None if known is None else known.repeat_interleave(particles, 0)
+def replace_known_probs(probs_fn, known):
+    """Conditioning by replacement, discrete and discretised data: probs_fn with p_O of each known dimension all on its
+    class (or bin). known (B, ...) long, -1 where unknown."""
+    def replaced(inputs, t):
+        probs = probs_fn(inputs, t)
+        return torch.where((known >= 0)[..., None], F.one_hot(known.clamp_min(0), probs.shape[-1]).to(probs), probs)
+    return replaced
 
 
 def _reweight(log_w, increment, generator=None):
@@ -456,25 +515,20 @@ def _reweight(log_w, increment, generator=None):
 def _choose(log_w, generator=None):
     """One particle per example, drawn in proportion to its weight: log_w (B, P) -> (B,) rows of the flattened batch."""
     B, P = log_w.shape
-    pick = torch.multinomial(torch.softmax(log_w, -1), 1, generator=generator)[:, 0]
+    pick = torch.multinomial(torch.softmax(log_w, -1), 1, generator=generator)[:, 0] if P > 1 else 0
     return pick + P * torch.arange(B, device=log_w.device)
 
 
-def _known_categorical(probs, k):
-    """Discrete and discretised data, k (B, ...) long (-1 where unknown): (ln psi (B,), the sum over the known
-    dimensions of ln p_O(k | theta, t); probs with each known dimension all on its value)."""
-    on, k = k >= 0, k.clamp_min(0)
-    log_p = _log(probs.gather(-1, k[..., None])[..., 0])
-    log_psi = _sum_dims(torch.where(on, log_p, torch.zeros_like(log_p)))
-    return log_psi, torch.where(on[..., None], F.one_hot(k, probs.shape[-1]).to(probs.dtype), probs)
+def _log_positive(probs):
+    """ln of the distribution _categorical draws from: the positive part of probs, normalised. (B, ..., K)."""
+    p = probs.clamp_min(0)
+    return _log(p / p.sum(-1, keepdim=True))
 
 
-def _known_continuous(x_hat, c, t, sigma_1):
-    """Continuous data, c (B, ...) with NaN where unknown: (ln psi (B,), the sum over the known dimensions of
-    ln N(c | x_hat, sigma_1^(2t)) up to a constant; x_hat with each known dimension set to its value)."""
-    on = ~c.isnan()
-    log_psi = _sum_dims(torch.where(on, -(c - x_hat) ** 2 / (2 * sigma_1 ** (2 * t)), torch.zeros_like(x_hat)))
-    return log_psi, torch.where(on, c, x_hat)
+def _known_log_psi(log_probs, k):
+    """ln psi: the sum over the known dimensions of ln p_O(k | theta, t). log_probs (B, ..., K); k -1 where unknown."""
+    log_p = log_probs.gather(-1, k.clamp_min(0)[..., None])[..., 0]
+    return _sum_dims(torch.where(k >= 0, log_p, torch.zeros_like(log_p)))
 
 
 def _gaussian_ratio(eps, delta, scale, on):
@@ -483,133 +537,119 @@ def _gaussian_ratio(eps, delta, scale, on):
     return _sum_dims(torch.where(on, eps * delta / scale - delta ** 2 / (2 * scale ** 2), torch.zeros_like(eps)))
 
 
-def _check_particles(particles, known):
-    if particles < 1 or (particles > 1 and known is None):
-        raise ValueError(f"particles must be 1, or > 1 with known values to condition on; got {particles}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The paper's samplers: Algorithms 3, 6 and 9.
-
 @torch.no_grad()
-def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None, return_trajectory=False,
-                      known=None, particles=1):
-    """§4, Algorithm 3: mu = 0, rho = 1; for i = 1..n: x_hat = OUTPUT(mu, t_{i-1}); y ~ N(x_hat, 1/alpha_i); update
-    (mu, rho). Returns x_hat = OUTPUT(mu, 1) (B, ...). x_hat_fn(mu (B, ...), t (B,)) -> x_hat (B, ...); known (B, ...),
-    NaN where unknown, and particles: see Conditioning."""
-    _check_particles(particles, known)
-    B, P = shape[0], particles
-    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), [] if return_trajectory else None
-    mu, rho, ones = torch.zeros((B * P, *shape[1:]), device=device), 1.0, torch.ones(B * P, device=device)
-    log_psi = log_ratio = torch.zeros(B * P, device=device)
-    for i in range(1, n_steps + 1):
-        t = (i - 1) / n_steps
-        x_hat = x_used = _full_precision(x_hat_fn(mu, t * ones))
-        _record(trajectory, t, mu, x_hat)
-        if c is not None:
-            new_psi, x_used = _known_continuous(x_hat, c, t, sigma_1)
-            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
-            mu, x_hat, x_used, log_psi = mu[idx], x_hat[idx], x_used[idx], new_psi[idx]
-        alpha = continuous_alpha(i, n_steps, sigma_1).item()
-        eps = _randn_like(x_hat, generator)
-        y = x_used + eps / math.sqrt(alpha)  # y ~ p_S(. | x_hat; alpha): the receiver of a delta output
-        if c is not None:  # ln N(y | x_hat, 1/alpha) - ln N(y | c, 1/alpha) on the known dimensions
-            log_ratio = _gaussian_ratio(eps, x_hat - c, 1 / math.sqrt(alpha), ~c.isnan())
-        mu, rho = continuous_update(mu, rho, y, alpha)
-    x_hat = _full_precision(x_hat_fn(mu, ones))
-    _record(trajectory, 1.0, mu, x_hat)
-    if c is not None:
-        new_psi, x_used = _known_continuous(x_hat, c, 1.0, sigma_1)
-        x_hat = x_used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
-    return (x_hat, trajectory) if return_trajectory else x_hat
+def continuous_sample_smc(x_hat_fn, known, n_steps, sigma_1, particles, sde=False, generator=None):
+    """Continuous data: Algorithm 3 (or, with sde, the SDE solver) conditioned on known (B, ...) (NaN where unknown) by
+    sequential Monte Carlo over P = particles per example. x_hat_fn as in continuous_sample; returns (B, ...)."""
+    B, P, device = known.shape[0], particles, known.device
+    c = known.repeat_interleave(P, 0)
+    on, c0, ones = ~c.isnan(), c.nan_to_num(), torch.ones(B * P, device=device)
+    mu, rho, log_w, log_psi, log_ratio, prev = torch.zeros_like(c0), 1.0, torch.zeros(B, P, device=device), 0, 0, None
+    for i in range(n_steps + 1):
+        t = min(i / n_steps, 1.0)
+        x_hat = _full_precision(x_hat_fn(mu, t * ones))
+        new_psi = _sum_dims(torch.where(on, -(c0 - x_hat) ** 2 / (2 * sigma_1 ** (2 * t)), torch.zeros_like(x_hat)))
+        if i == n_steps:
+            return torch.where(on, c0, x_hat)[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
+        log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
+        mu, x_hat, log_psi = mu[idx], x_hat[idx], new_psi[idx]
+        eps = torch.randn(mu.shape, generator=generator, device=device)
+        if sde:  # mu' = decay mu + gain d + scale eps (see the SDE solvers)
+            prev = None if prev is None else (prev[0][idx], prev[1])
+            decay, gain, scale, d, prev = _sde_step(x_hat, prev, i, n_steps, sigma_1)
+            mu = decay * mu + gain * torch.where(on, c0, d) + scale * eps
+            log_ratio = _gaussian_ratio(eps, gain * (d - c0), scale, on)
+        else:  # y ~ N(x_hat, 1/alpha) on the unknown dimensions, the sender N(c, 1/alpha) on the known ones
+            alpha = continuous_alpha(i + 1, n_steps, sigma_1).item()
+            mu, rho = continuous_update(mu, rho, torch.where(on, c0, x_hat) + eps / math.sqrt(alpha), alpha)
+            log_ratio = _gaussian_ratio(eps, x_hat - c0, 1 / math.sqrt(alpha), on)
 
 
 @torch.no_grad()
-def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None, return_trajectory=False,
-                       final_mode=False, known=None, particles=1):
-    """§5, Algorithm 6: as Algorithm 3, but each step draws a bin k ~ p_O(. | theta, t_{i-1}) and sends
-    y ~ N(k_c, 1/alpha_i). Returns the centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode), (B, ...).
-    probs_fn(mu (B, ...), t (B,)) -> p_O (B, ..., K); known (B, ...) (bin centres, NaN where unknown) and particles:
-    see Conditioning."""
-    _check_particles(particles, known)
-    B, P = shape[0], particles
-    centres, c, trajectory = bin_centres(K, device=device), _repeat(known, P), [] if return_trajectory else None
-    log_w = torch.zeros(B, P, device=device)
-    k_known = None if c is None else torch.where(c.isnan(), -1, bin_index(c.nan_to_num(), K))
-    mu, rho, ones = torch.zeros((B * P, *shape[1:]), device=device), 1.0, torch.ones(B * P, device=device)
-    log_psi = log_ratio = torch.zeros(B * P, device=device)
-    for i in range(1, n_steps + 1):
-        t = (i - 1) / n_steps
-        probs = used = _full_precision(probs_fn(mu, t * ones))
-        _record(trajectory, t, mu, (probs * centres).sum(-1))
-        if c is not None:
-            new_psi, used = _known_categorical(probs, k_known)
-            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
-            mu, probs, used, log_psi = mu[idx], probs[idx], used[idx], new_psi[idx]
-        alpha = continuous_alpha(i, n_steps, sigma_1).item()
-        y = centres[_categorical(used, generator)] + _randn_like(mu, generator) / math.sqrt(alpha)
-        if c is not None:  # ln p_R(y | theta) - ln N(y | c, 1/alpha) on the known dimensions, p_R the mixture of §5.4
-            mixture = torch.logsumexp(_log(probs) - alpha / 2 * (y[..., None] - centres) ** 2, -1)
-            log_ratio = _sum_dims(torch.where(k_known >= 0, mixture + alpha / 2 * (y - c) ** 2, torch.zeros_like(y)))
-        mu, rho = continuous_update(mu, rho, y, alpha)
-    probs = _full_precision(probs_fn(mu, ones))
-    _record(trajectory, 1.0, mu, (probs * centres).sum(-1))
-    if c is not None:
-        new_psi, used = _known_categorical(probs, k_known)
-        probs = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
-    x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
-    return (x, trajectory) if return_trajectory else x
+def discretised_sample_smc(probs_fn, known, n_steps, sigma_1, K, particles, sde=False, generator=None):
+    """Discretised data: Algorithm 6 (or, with sde, the SDE solver) conditioned on known (B, ...) (values, NaN where
+    unknown) by sequential Monte Carlo over P = particles per example. probs_fn as in discretised_sample."""
+    B, P, device = known.shape[0], particles, known.device
+    c = known.repeat_interleave(P, 0)
+    on, centres, ones = ~c.isnan(), bin_centres(K, device=device), torch.ones(B * P, device=device)
+    k, c0 = torch.where(on, bin_index(c.nan_to_num(), K), -1), c.nan_to_num()
+    mu, rho, log_w, log_psi, log_ratio, prev = torch.zeros_like(c0), 1.0, torch.zeros(B, P, device=device), 0, 0, None
+    for i in range(n_steps + 1):
+        t = min(i / n_steps, 1.0)
+        probs = _full_precision(probs_fn(mu, t * ones))
+        log_p, used = _log_positive(probs), torch.where(on[..., None], F.one_hot(k.clamp_min(0), K).to(probs), probs)
+        new_psi = _known_log_psi(log_p, k)
+        if i == n_steps:
+            pick = _choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)
+            return centres[_categorical(used[pick], generator)]
+        log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
+        mu, log_p, used, log_psi = mu[idx], log_p[idx], used[idx], new_psi[idx]
+        if sde:  # the mean bin k_hat as the prediction, and c on the known dimensions
+            prev = None if prev is None else (prev[0][idx], prev[1])
+            decay, gain, scale, d, prev = _sde_step((probs[idx] * centres).sum(-1), prev, i, n_steps, sigma_1)
+            eps = torch.randn(mu.shape, generator=generator, device=device)
+            mu = decay * mu + gain * torch.where(on, c0, d) + scale * eps
+            log_ratio = _gaussian_ratio(eps, gain * (d - c0), scale, on)
+        else:  # a bin drawn from p_O, or c; ln p_R(y | theta) - ln N(y | c, 1/alpha) on the known dimensions (§5.4)
+            alpha = continuous_alpha(i + 1, n_steps, sigma_1).item()
+            y = centres[_categorical(used, generator)] + torch.randn(mu.shape, generator=generator,
+                                                                     device=device) / math.sqrt(alpha)
+            mixture = torch.logsumexp(log_p - alpha / 2 * (y[..., None] - centres) ** 2, -1)
+            log_ratio = _sum_dims(torch.where(on, mixture + alpha / 2 * (y - c0) ** 2, torch.zeros_like(y)))
+            mu, rho = continuous_update(mu, rho, y, alpha)
 
 
 @torch.no_grad()
-def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None, return_trajectory=False,
-                    final_mode=False, known=None, particles=1):
-    """§6, Algorithm 9: theta = 1/K; for i = 1..n: k ~ p_O(. | theta, t_{i-1});
-    y ~ N(alpha_i (K e_k - 1), alpha_i K I); theta <- e^y theta / sum_k e^{y_k} theta_k. Returns k ~ p_O(. | theta, 1)
-    (its mode if final_mode), (B, ...) long. probs_fn(theta (B, ..., K), t (B,)) -> p_O (B, ..., K); known (B, ...)
-    long (-1 where unknown) and particles: see Conditioning."""
-    _check_particles(particles, known)
-    B, P = shape[0], particles
-    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), [] if return_trajectory else None
-    theta, ones = torch.full((B * P, *shape[1:], K), 1 / K, device=device), torch.ones(B * P, device=device)
-    log_psi = log_ratio = torch.zeros(B * P, device=device)
-    for i in range(1, n_steps + 1):
-        t = (i - 1) / n_steps
-        probs = used = _full_precision(probs_fn(theta, t * ones))
-        _record(trajectory, t, theta, probs)
-        if c is not None:
-            new_psi, used = _known_categorical(probs, c)
-            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
-            theta, probs, used, log_psi = theta[idx], probs[idx], used[idx], new_psi[idx]
-        alpha = discrete_alpha(i, n_steps, beta_1).item()
-        e_k = F.one_hot(_categorical(used, generator), K).float()
-        y = alpha * (K * e_k - 1) + math.sqrt(alpha * K) * _randn_like(e_k, generator)
-        if c is not None:  # ln p_R(y | theta) - ln p_S(y | c) on the known dimensions (ln p_S(y | k) = y_k + c(y))
-            to_c = torch.logsumexp(_log(probs) + y, -1) - y.gather(-1, c.clamp_min(0)[..., None])[..., 0]
-            log_ratio = _sum_dims(torch.where(c >= 0, to_c, torch.zeros_like(to_c)))
+def discrete_sample_smc(probs_fn, known, n_steps, beta_1, K, particles, sde=False, generator=None):
+    """Discrete data: Algorithm 9 (or, with sde, the SDE solver) conditioned on known (B, ...) (classes, -1 where
+    unknown) by sequential Monte Carlo over P = particles per example. probs_fn as in discrete_sample."""
+    B, P, device = known.shape[0], particles, known.device
+    k = known.repeat_interleave(P, 0)
+    on, ones = (k >= 0)[..., None], torch.ones(B * P, device=device)
+    theta, log_w, log_psi, log_ratio, prev = torch.full((*k.shape, K), 1 / K, device=device), \
+        torch.zeros(B, P, device=device), 0, 0, None
+    for i in range(n_steps + 1):
+        t, t_next = min(i / n_steps, 1.0), (i + 1) / n_steps
+        probs = _full_precision(probs_fn(theta, t * ones))
+        log_p, used = _log_positive(probs), torch.where(on, F.one_hot(k.clamp_min(0), K).to(probs), probs)
+        new_psi = _known_log_psi(log_p, k)
+        if i == n_steps:
+            return _categorical(used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)], generator)
+        log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
+        theta, probs, log_p, used, log_psi = theta[idx], probs[idx], log_p[idx], used[idx], new_psi[idx]
+        alpha = beta_1 * (2 * i + 1) / n_steps ** 2  # beta(t') - beta(t)
+        if sde:  # the mean e_hat with its change over the step, and c on the known dimensions
+            prev = None if prev is None else (prev[0][idx], prev[1])
+            drift = _discrete_sde_drift(probs, prev, alpha, t, t_next, beta_1)
+            eps = torch.randn(theta.shape, generator=generator, device=device)
+            y = torch.where(on, alpha * (K * used - 1), drift) + math.sqrt(alpha * K) * eps
+            log_ratio = _gaussian_ratio(eps, drift - alpha * (K * used - 1), math.sqrt(alpha * K), on)
+            prev = (probs, t)
+        else:  # a class drawn from p_O, or c; ln p_R(y | theta) - ln p_S(y | c) on the known dimensions (§6.6)
+            e_k = F.one_hot(_categorical(used, generator), K).float()
+            y = alpha * (K * e_k - 1) + math.sqrt(alpha * K) * torch.randn(e_k.shape, generator=generator,
+                                                                           device=device)
+            to_c = torch.logsumexp(log_p + y, -1) - y.gather(-1, k.clamp_min(0)[..., None])[..., 0]
+            log_ratio = _sum_dims(torch.where(k >= 0, to_c, torch.zeros_like(to_c)))
         theta = discrete_update(theta, y)
-    probs = _full_precision(probs_fn(theta, ones))
-    _record(trajectory, 1.0, theta, probs)
-    if c is not None:
-        new_psi, used = _known_categorical(probs, c)
-        probs = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
-    x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
-    return (x, trajectory) if return_trajectory else x
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Guidance (beyond the paper). For discrete data the flow's logits y (theta = softmax y) have p(y | x) ∝ exp(y_x)
-# (§6.3: ln N(y | beta (K e_x - 1), beta K I) = y_x + terms free of x), and the network predicts e_hat = E[e_x | y].
-# For any property c of x (a class, a word) with p(c | y) = sum_x p(c | x) p(x | y), differentiating gives
+# Guidance. For discrete data the flow's logits y (theta = softmax y) have p(y | x) ∝ exp(y_x) (§6.3:
+# ln N(y | beta (K e_x - 1), beta K I) = y_x + terms free of x), and the network predicts e_hat = E[e_x | y]. For any
+# property c of x (a class, a word) with p(c | y) = sum_x p(c | x) p(x | y), differentiating gives
 #     grad_y ln p(c | y) = E[e_x | y, c] - e_hat,
 # so the prediction of the model conditioned on c is e_hat + grad_y ln p(c | y), exactly, at every t. For continuous
 # and discretised data, mu = gamma x + sqrt(gamma (1 - gamma)) z gives in the same way (Tweedie's formula)
 #     x_hat + (1 - gamma) grad_mu ln p(c | mu) = E[x | mu, c].
 # In the SDE view of the samplers the prediction is an affine function of the score of the input parameters'
 # distribution, and these are that score plus grad ln p(c | .): guidance with weight w adds w times the term, in every
-# sampler. w = 1 with an exact classifier samples p(x | c), w = 0 is the unguided sampler, w > 1 sharpens. A guided
-# e_hat can leave the simplex (it still sums to 1): the ODE and SDE solvers use it only in their mean update, and the
-# paper's sampler, which draws a class from it, draws from its positive part; a guided x_hat is clipped to [-1, 1].
+# sampler, through the network function it is given. w = 0 is the unguided sampler. w = 1 with an exact classifier
+# makes every prediction the exact one given c; the samples then follow p(x | c) when the last input theta(1) is
+# certain enough (a large enough beta(1) or small enough sigma_1), because the final draw of p_O(. | theta, 1) is
+# per dimension and cannot keep a property of several dimensions that theta(1) leaves in doubt. w > 1 sharpens. A
+# guided e_hat can leave the simplex (it still sums to 1): the ODE and SDE solvers use it only in their mean update,
+# and the paper's sampler draws a class from its positive part; a guided x_hat is clipped to [-1, 1].
 
 def discrete_guided_probs(probs, theta, grad_theta, w):
     """e_hat + w grad_y ln c: probs (B, ..., K) = e_hat, grad_theta = grad_theta ln c(theta, t) at the input theta; with
@@ -656,11 +696,10 @@ def continuous_guided_x_hat(x_hat, t, grad_mu, w, sigma_1):
 # first-order second step, and is kept. n_steps + 1 network calls, as the paper's samplers; deterministic given the
 # initial noise.
 
-def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory):
+def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device):
     """mu_t = gamma x + sqrt(gamma (1 - gamma)) z is a VP diffusion whose signal-to-noise ratio is s = sqrt(beta(t)).
     In v = mu / sqrt(gamma (1 - gamma)) the ODE is dv = x_hat ds, started at v = z when t = 0; a step with the
-    prediction held fixed is v' = v + (s(t') - s(t)) x_hat. pred_fn(mu, t) -> (prediction, the prediction with known
-    dimensions replaced). Returns mu at t = 1."""
+    prediction held fixed is v' = v + (s(t') - s(t)) x_hat. pred_fn(mu, t) -> the prediction. Returns mu at t = 1."""
     s_of = lambda t: math.sqrt(sigma_1 ** (-2 * t) - 1)  # noqa: E731  s = sqrt(beta(t))
     sigma_of = lambda t: math.sqrt((1 - sigma_1 ** (2 * t)) * sigma_1 ** (2 * t))  # noqa: E731  sqrt(gamma (1 - gamma))
     t = [i / n_steps for i in range(n_steps + 1)]
@@ -669,93 +708,56 @@ def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, 
     for i in range(n_steps):
         # the first call where s is half its value at t_1 (math.log1p(s^2) = beta at t_eval), on the state of t = 0
         t_eval = math.log1p(s_of(t[1]) ** 2 / 4) / (-2 * math.log(sigma_1)) if i == 0 else t[i]
-        mu = sigma_of(t_eval) * v
-        pred, used = pred_fn(mu, t_eval * ones)
-        _record(trajectory, t_eval, mu, pred)
-        lam, d = math.log(s_of(t_eval)), used  # lambda = ln s, the log signal-to-noise ratio
+        pred = pred_fn(sigma_of(t_eval) * v, t_eval * ones)
+        lam, d = math.log(s_of(t_eval)), pred  # lambda = ln s, the log signal-to-noise ratio
         if order == 2 and prev is not None:  # x_hat extrapolated to the middle of the step, linearly in lambda
-            d = used + (used - prev[0]) * (math.log(s_of(t[i + 1])) - lam) / (2 * (lam - prev[1]))
-        prev = (used, lam) if i > 0 else None  # the second step is first order (see "The first step")
+            d = pred + (pred - prev[0]) * (math.log(s_of(t[i + 1])) - lam) / (2 * (lam - prev[1]))
+        prev = (pred, lam) if i > 0 else None  # the second step is first order (see "The first step")
         v = v + (s_of(t[i + 1]) - s_of(t[i])) * d
     return sigma_of(1.0) * v
 
 
 @torch.no_grad()
-def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=None, device=None,
-                          return_trajectory=False, known=None):
-    """Continuous data (§4), probability-flow ODE sampler. x_hat_fn as in continuous_sample; known: replacement only
-    (see Conditioning)."""
-    trajectory, c = [] if return_trajectory else None, known
-
-    def pred_fn(mu, t):
-        x_hat = _full_precision(x_hat_fn(mu, t))
-        return x_hat, x_hat if c is None else torch.where(c.isnan(), x_hat, c)
-
-    mu = _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
-    x_hat = pred_fn(mu, torch.ones(shape[0], device=device))[1]
-    _record(trajectory, 1.0, mu, x_hat)
-    return (x_hat, trajectory) if return_trajectory else x_hat
+def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=None, device=None):
+    """Continuous data (§4), the probability-flow ODE solver. x_hat_fn as in continuous_sample; returns x_hat(mu,
+    1)."""
+    fn = lambda mu, t: _full_precision(x_hat_fn(mu, t))  # noqa: E731
+    mu = _continuous_ode(fn, shape, n_steps, sigma_1, order, generator, device)
+    return fn(mu, torch.ones(shape[0], device=device))
 
 
 @torch.no_grad()
-def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, generator=None, device=None,
-                           return_trajectory=False, final_mode=False, known=None):
-    """Discretised data (§5), probability-flow ODE sampler with the mean bin k_hat as the prediction; returns the
-    centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample; known:
-    replacement only (see Conditioning)."""
-    centres, trajectory = bin_centres(K, device=device), [] if return_trajectory else None
-    k_known = None if known is None else torch.where(known.isnan(), -1, bin_index(known.nan_to_num(), K))
-
-    def probs_used(mu, t):
-        probs = _full_precision(probs_fn(mu, t))
-        return probs, probs if known is None else _known_categorical(probs, k_known)[1]
-
-    def pred_fn(mu, t):
-        probs, used = probs_used(mu, t)
-        return (probs * centres).sum(-1), (used * centres).sum(-1)
-
-    mu = _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device, trajectory)
-    probs = probs_used(mu, torch.ones(shape[0], device=device))[1]
-    _record(trajectory, 1.0, mu, (probs * centres).sum(-1))
-    x = centres[probs.argmax(-1) if final_mode else _categorical(probs, generator)]
-    return (x, trajectory) if return_trajectory else x
+def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, generator=None, device=None):
+    """Discretised data (§5), the probability-flow ODE solver with the mean bin k_hat as the prediction; returns the
+    centre of a bin drawn from p_O(. | theta, 1). probs_fn as in discretised_sample."""
+    centres = bin_centres(K, device=device)
+    k_hat = lambda mu, t: (_full_precision(probs_fn(mu, t)) * centres).sum(-1)  # noqa: E731
+    mu = _continuous_ode(k_hat, shape, n_steps, sigma_1, order, generator, device)
+    return centres[_categorical(_full_precision(probs_fn(mu, torch.ones(shape[0], device=device))), generator)]
 
 
 @torch.no_grad()
-def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=None, device=None,
-                        return_trajectory=False, final_mode=False, known=None):
-    """Discrete data (§6), probability-flow ODE sampler. The flow's logits
-    y_t = beta(t) (K e_x - 1) + sqrt(beta(t) K) z follow dy/dt = y / t + beta(1) t (K e_hat - 1); in u = y / t this
-    is du/dt = beta(1) (K e_hat - 1), started at u = sqrt(beta(1) K) z, so a step is
-    u' = u + beta(1) (K e_hat - 1) (t' - t) with theta = softmax(t u). Order 2 extrapolates e_hat linearly in t to the
-    middle of the step (Adams-Bashforth). probs_fn as in discrete_sample; known: replacement only (see Conditioning)."""
+def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=None, device=None):
+    """Discrete data (§6), the probability-flow ODE solver. The flow's logits y_t = beta(t) (K e_x - 1) +
+    sqrt(beta(t) K) z follow dy/dt = y / t + beta(1) t (K e_hat - 1); in u = y / t this is du/dt = beta(1) (K e_hat -
+    1), started at u = sqrt(beta(1) K) z, so a step is u' = u + beta(1) (K e_hat - 1) (t' - t) with theta =
+    softmax(t u). Order 2 extrapolates e_hat linearly in t to the middle of the step (Adams-Bashforth). probs_fn as in
+    discrete_sample."""
     t = [i / n_steps for i in range(n_steps + 1)]
     u = math.sqrt(beta_1 * K) * torch.randn((*shape, K), generator=generator, device=device)
-    ones, prev, trajectory = torch.ones(shape[0], device=device), None, [] if return_trajectory else None
-
-    def probs_used(theta, t):
-        probs = _full_precision(probs_fn(theta, t))
-        return probs, probs if known is None else _known_categorical(probs, known)[1]
-
+    ones, prev = torch.ones(shape[0], device=device), None
     for i in range(n_steps):
         t_eval = t[1] / 2 if i == 0 else t[i]  # the first call in the middle of the first step, on the state of t = 0
-        theta = torch.softmax(t_eval * u, -1)
-        e_hat, used = probs_used(theta, t_eval * ones)
-        _record(trajectory, t_eval, theta, e_hat)
-        d = used
+        e_hat = d = _full_precision(probs_fn(torch.softmax(t_eval * u, -1), t_eval * ones))
         if order == 2 and prev is not None:
-            d = used + (used - prev[0]) * (t[i + 1] - t_eval) / (2 * (t_eval - prev[1]))
-        prev = (used, t_eval)
+            d = e_hat + (e_hat - prev[0]) * (t[i + 1] - t_eval) / (2 * (t_eval - prev[1]))
+        prev = (e_hat, t_eval)
         u = u + beta_1 * (K * d - 1) * (t[i + 1] - t[i])
-    theta = torch.softmax(u, -1)
-    probs = probs_used(theta, ones)[1]
-    _record(trajectory, 1.0, theta, probs)
-    x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
-    return (x, trajectory) if return_trajectory else x
+    return _categorical(_full_precision(probs_fn(torch.softmax(u, -1), ones)), generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Second-order SDE samplers (the SDE-BFN-Solver++2 of Xue et al., ICML 2024, arXiv:2404.15766).
+# Second-order SDE solvers (the SDE-BFN-Solver++2 of Xue et al., ICML 2024, arXiv:2404.15766).
 #
 # Continuous and discretised data. Write mu_t = a x + b z with a = gamma, b = sqrt(gamma (1 - gamma)) and
 # lambda = ln(a / b) = ln s. One step of Algorithm 3 from t to t' (y ~ N(x_hat, 1 / alpha), then the Bayesian update)
@@ -766,136 +768,76 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
 # step, 0.5 a' (1 - e^(-2h)) (x_hat - x_hat_prev) / r with r = h_prev / h (their 2M, midpoint form). From t = 0
 # (mu = 0, lambda = -inf) the first step is the flow itself, mu = a' x_hat + b' eps, and the second is first order.
 #
-# Discrete data. One step of Algorithm 9 adds y' = y + alpha (K e_k - 1) + sqrt(alpha K) eps to the logits, with
+# Discrete data. One step of Algorithm 9 adds alpha (K e_k - 1) + sqrt(alpha K) eps to the logits of theta, with
 # alpha = beta(t') - beta(t) and k drawn from p_O; the SDE solver uses the mean e_hat = p_O instead of a draw, and for
 # order 2 integrates e_hat linear in t, e_hat + (tau - t) D with D = (e_hat - e_hat_prev) / (t - t_prev), against
 # d beta = 2 beta(1) tau d tau: the added term is K beta(1) D (t' - t)^2 (2 t' + t) / 3.
 #
-# Each step is a Gaussian transition, so with known values the particles are weighted by the ratio of the model's
-# Gaussian (its own prediction, and its change) to the proposal's (the known value as the prediction), see
-# Conditioning. n_steps + 1 network calls per particle at t = 0, 1/n, ..., (n - 1)/n and 1, as the paper's samplers.
+# n_steps + 1 network calls at t = 0, 1/n, ..., (n - 1)/n and 1, as the paper's samplers.
 
-def _continuous_sde(pred_fn, shape, n_steps, sigma_1, generator, device, trajectory, on, particles):
-    """The second-order SDE solver for mu, with particles (B P, ...). pred_fn(mu, t) -> (prediction, the prediction
-    with known dimensions replaced, ln psi (B P,)); on (B P, ...): the known dimensions, or None. Returns (mu at t = 1,
-    log_w (B, P), the last step's log-ratio, ln psi of the last call): what the final weights need."""
+def _sde_step(pred, prev, i, n_steps, sigma_1):
+    """Step i (t = i / n to t' = (i + 1) / n) of the SDE solver for mu: (decay, gain, scale, d, prev) such that
+    mu' = decay mu + gain d + scale eps, with d the prediction pred (B, ...) extrapolated by its change since the last
+    step; prev: (the last prediction, its lambda), or None."""
     a_of = lambda t: continuous_gamma(torch.tensor(t, dtype=torch.float64), sigma_1).item()  # noqa: E731
     b_of = lambda t: math.sqrt(a_of(t) * sigma_1 ** (2 * t))  # noqa: E731  sqrt(gamma (1 - gamma))
-    lam_of = lambda t: math.log(a_of(t) / b_of(t)) if t > 0 else -math.inf  # noqa: E731
-    B, P = shape[0] // particles, particles
+    lam_of = lambda t: math.log(a_of(t) / b_of(t))  # noqa: E731
+    t, t_next = i / n_steps, (i + 1) / n_steps
+    a, b = a_of(t_next), b_of(t_next)
+    if i == 0:  # from mu = 0 at lambda = -inf: the flow with the prediction as the data
+        return 0.0, a, b, pred, None
+    lam, h = lam_of(t), lam_of(t_next) - lam_of(t)
+    kept = -math.expm1(-2 * h)  # 1 - e^(-2h)
+    d = pred if prev is None else pred + 0.5 * (pred - prev[0]) * h / (lam - prev[1])
+    return (b / b_of(t)) * math.exp(-h), a * kept, b * math.sqrt(kept), d, (pred, lam)
+
+
+def _discrete_sde_drift(e_hat, prev, alpha, t, t_next, beta_1):
+    """The mean change of the logits over step t -> t': alpha (K e_hat - 1), plus for order 2 the change of e_hat,
+    K beta(1) D (t' - t)^2 (2 t' + t) / 3; prev: (the last e_hat, its t), or None."""
+    drift = alpha * (e_hat.shape[-1] * e_hat - 1)
+    if prev is None:
+        return drift
+    slope = (e_hat - prev[0]) / (t - prev[1])
+    return drift + e_hat.shape[-1] * beta_1 * slope * (t_next - t) ** 2 * (2 * t_next + t) / 3
+
+
+@torch.no_grad()
+def continuous_sample_sde(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None):
+    """Continuous data (§4), the second-order SDE solver (Algorithm 3 plus the change of x_hat). x_hat_fn as in
+    continuous_sample; returns x_hat(mu, 1)."""
     mu, ones, prev = torch.zeros(shape, device=device), torch.ones(shape[0], device=device), None
-    log_w, log_psi, log_ratio = torch.zeros(B, P, device=device), torch.zeros(B * P, device=device), 0.0
+    for i in range(n_steps):
+        x_hat = _full_precision(x_hat_fn(mu, i / n_steps * ones))
+        decay, gain, scale, d, prev = _sde_step(x_hat, prev, i, n_steps, sigma_1)
+        mu = decay * mu + gain * d + scale * torch.randn(shape, generator=generator, device=device)
+    return x_hat_fn(mu, ones)
+
+
+@torch.no_grad()
+def discretised_sample_sde(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None):
+    """Discretised data (§5), the second-order SDE solver with the mean bin k_hat as the prediction; returns the centre
+    of a bin drawn from p_O(. | theta, 1). probs_fn as in discretised_sample."""
+    mu, ones, prev = torch.zeros(shape, device=device), torch.ones(shape[0], device=device), None
+    centres = bin_centres(K, device=device)
+    for i in range(n_steps):
+        k_hat = (_full_precision(probs_fn(mu, i / n_steps * ones)) * centres).sum(-1)
+        decay, gain, scale, d, prev = _sde_step(k_hat, prev, i, n_steps, sigma_1)
+        mu = decay * mu + gain * d + scale * torch.randn(shape, generator=generator, device=device)
+    return centres[_categorical(_full_precision(probs_fn(mu, ones)), generator)]
+
+
+@torch.no_grad()
+def discrete_sample_sde(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None):
+    """Discrete data (§6), the second-order SDE solver: Algorithm 9 with the mean e_hat = p_O in place of a drawn
+    class, integrated linear in t over each step. probs_fn as in discrete_sample."""
+    theta, ones, prev = torch.full((*shape, K), 1 / K, device=device), torch.ones(shape[0], device=device), None
     for i in range(n_steps):
         t, t_next = i / n_steps, (i + 1) / n_steps
-        pred, used, new_psi = pred_fn(mu, t * ones)
-        _record(trajectory, t, mu, pred)
-        if on is not None:
-            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
-            mu, pred, used, log_psi = mu[idx], pred[idx], used[idx], new_psi[idx]
-            prev = None if prev is None else (prev[0][idx], prev[1])
-        a, b, lam, lam_next = a_of(t_next), b_of(t_next), lam_of(t), lam_of(t_next)
-        if i == 0:  # from mu = 0 at lambda = -inf: the flow with the prediction as the data
-            gain, scale, mean, d = a, b, 0.0, pred
-        else:
-            h = lam_next - lam
-            kept = -math.expm1(-2 * h)  # 1 - e^(-2h)
-            gain, scale, mean = a * kept, b * math.sqrt(kept), (b / b_of(t)) * math.exp(-h) * mu
-            d = pred if prev is None else pred + 0.5 * (pred - prev[0]) * h / (lam - prev[1])
-        d_used = d if on is None else torch.where(on, used, d)
-        eps = _randn_like(mu, generator)
-        mu = mean + gain * d_used + scale * eps
-        log_ratio = 0.0 if on is None else _gaussian_ratio(eps, gain * (d - d_used), scale, on)
-        prev = (pred, lam) if i > 0 else None
-    return mu, log_w, log_ratio, log_psi
-
-
-@torch.no_grad()
-def continuous_sample_sde(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None, return_trajectory=False,
-                          known=None, particles=1):
-    """Continuous data (§4), the second-order SDE sampler (Algorithm 3 plus the change of x_hat). x_hat_fn as in
-    continuous_sample; returns x_hat(mu, 1). known (NaN where unknown) and particles: see Conditioning."""
-    _check_particles(particles, known)
-    trajectory, c, B = [] if return_trajectory else None, _repeat(known, particles), shape[0]
-
-    def pred_fn(mu, t):
-        x_hat = _full_precision(x_hat_fn(mu, t))
-        return (x_hat, x_hat, 0.0) if c is None else (x_hat, *_known_continuous(x_hat, c, t[0].item(), sigma_1)[::-1])
-
-    on = None if c is None else ~c.isnan()
-    mu, log_w, log_ratio, log_psi = _continuous_sde(pred_fn, (B * particles, *shape[1:]), n_steps, sigma_1, generator,
-                                                    device, trajectory, on, particles)
-    x_hat, x_used, new_psi = pred_fn(mu, torch.ones(B * particles, device=device))
-    _record(trajectory, 1.0, mu, x_hat)
-    if c is not None:
-        x_hat = x_used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, particles), generator)]
-    return (x_hat, trajectory) if return_trajectory else x_hat
-
-
-@torch.no_grad()
-def discretised_sample_sde(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None, return_trajectory=False,
-                           final_mode=False, known=None, particles=1):
-    """Discretised data (§5), the second-order SDE sampler with the mean bin k_hat as the prediction; returns the
-    centre of a bin drawn from p_O(. | theta, 1) (its mode if final_mode). probs_fn as in discretised_sample; known
-    (bin centres, NaN where unknown) and particles: see Conditioning."""
-    _check_particles(particles, known)
-    centres, c, B = bin_centres(K, device=device), _repeat(known, particles), shape[0]
-    trajectory = [] if return_trajectory else None
-    k_known = None if c is None else torch.where(c.isnan(), -1, bin_index(c.nan_to_num(), K))
-
-    def probs_used(mu, t):
-        probs = _full_precision(probs_fn(mu, t))
-        return (probs, probs, 0.0) if c is None else (probs, *_known_categorical(probs, k_known)[::-1])
-
-    def pred_fn(mu, t):
-        probs, used, log_psi = probs_used(mu, t)
-        return (probs * centres).sum(-1), (used * centres).sum(-1), log_psi
-
-    on = None if c is None else ~c.isnan()
-    mu, log_w, log_ratio, log_psi = _continuous_sde(pred_fn, (B * particles, *shape[1:]), n_steps, sigma_1, generator,
-                                                    device, trajectory, on, particles)
-    probs, used, new_psi = probs_used(mu, torch.ones(B * particles, device=device))
-    _record(trajectory, 1.0, mu, (probs * centres).sum(-1))
-    if c is not None:
-        used = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, particles), generator)]
-    x = centres[used.argmax(-1) if final_mode else _categorical(used, generator)]
-    return (x, trajectory) if return_trajectory else x
-
-
-@torch.no_grad()
-def discrete_sample_sde(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None, return_trajectory=False,
-                        final_mode=False, known=None, particles=1):
-    """Discrete data (§6), the second-order SDE sampler: Algorithm 9 with the mean e_hat = p_O in place of a drawn
-    class, integrated linear in t over each step. probs_fn as in discrete_sample; known (-1 where unknown) and
-    particles: see Conditioning."""
-    _check_particles(particles, known)
-    B, P = shape[0], particles
-    c, log_w, trajectory = _repeat(known, P), torch.zeros(B, P, device=device), [] if return_trajectory else None
-    y, ones, prev = torch.zeros((B * P, *shape[1:], K), device=device), torch.ones(B * P, device=device), None
-    log_psi = log_ratio = torch.zeros(B * P, device=device)
-    for i in range(n_steps):
-        t, t_next = i / n_steps, (i + 1) / n_steps
-        e_hat = used = _full_precision(probs_fn(torch.softmax(y, -1), t * ones))
-        _record(trajectory, t, torch.softmax(y, -1), e_hat)
-        if c is not None:
-            new_psi, used = _known_categorical(e_hat, c)
-            log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
-            y, e_hat, used, log_psi = y[idx], e_hat[idx], used[idx], new_psi[idx]
-            prev = None if prev is None else (prev[0][idx], prev[1])
-        alpha = beta_1 * (t_next ** 2 - t ** 2)
-        drift = alpha * (K * e_hat - 1)
-        if prev is not None:
-            slope = (e_hat - prev[0]) / (t - prev[1])
-            drift = drift + K * beta_1 * slope * (t_next - t) ** 2 * (2 * t_next + t) / 3
-        drift_used = drift if c is None else torch.where((c >= 0)[..., None], alpha * (K * used - 1), drift)
-        eps = _randn_like(y, generator)
-        y = y + drift_used + math.sqrt(alpha * K) * eps
-        if c is not None:
-            log_ratio = _gaussian_ratio(eps, drift - drift_used, math.sqrt(alpha * K), (c >= 0)[..., None])
+        e_hat = _full_precision(probs_fn(theta, t * ones))
+        alpha = beta_1 * (2 * i + 1) / n_steps ** 2  # beta(t') - beta(t)
+        eps = torch.randn(theta.shape, generator=generator, device=device)
+        theta = discrete_update(theta, _discrete_sde_drift(e_hat, prev, alpha, t, t_next, beta_1) + math.sqrt(
+            alpha * K) * eps)
         prev = (e_hat, t)
-    probs = _full_precision(probs_fn(torch.softmax(y, -1), ones))
-    _record(trajectory, 1.0, torch.softmax(y, -1), probs)
-    if c is not None:
-        new_psi, used = _known_categorical(probs, c)
-        probs = used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
-    x = probs.argmax(-1) if final_mode else _categorical(probs, generator)
-    return (x, trajectory) if return_trajectory else x
+    return _categorical(_full_precision(probs_fn(theta, ones)), generator)

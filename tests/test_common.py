@@ -417,7 +417,8 @@ class Counter:
 def test_samplers_call_the_network_n_plus_one_times(n):
     K = 4
     cont = Counter(lambda mu, t: torch.zeros_like(mu))
-    x, traj = C.continuous_sample(cont, (3, 2), n, 0.01, gen(), return_trajectory=True)
+    traj = []
+    x = C.continuous_sample(C.recorded(cont, traj), (3, 2), n, 0.01, gen())
     disc = Counter(lambda mu, t: torch.full(mu.shape + (K,), 1 / K))
     C.discretised_sample(disc, (3, 2), n, 0.01, K, gen())
     cat = Counter(lambda theta, t: theta)
@@ -545,7 +546,8 @@ def test_ode_samplers_call_the_network_n_plus_one_times(n):
     cont = Counter(lambda mu, t: torch.zeros_like(mu))
     disc = Counter(lambda mu, t: torch.full(mu.shape + (K,), 1 / K))
     cat = Counter(lambda theta, t: theta)
-    x, traj = C.continuous_sample_ode(cont, (2, 3), n, 0.01, generator=gen(), return_trajectory=True)
+    traj = []
+    x = C.continuous_sample_ode(C.recorded(cont, traj), (2, 3), n, 0.01, generator=gen())
     C.discretised_sample_ode(disc, (2, 3), n, 0.01, K, generator=gen())
     k = C.discrete_sample_ode(cat, (2, 3), n, 2.0, K, generator=gen())
     for c in (cont, disc, cat):
@@ -596,7 +598,8 @@ def test_sde_samplers_call_the_network_n_plus_one_times(n):
     cont = Counter(lambda mu, t: torch.zeros_like(mu))
     disc = Counter(lambda mu, t: torch.full(mu.shape + (K,), 1 / K))
     cat = Counter(lambda theta, t: theta)
-    x, traj = C.continuous_sample_sde(cont, (2, 3), n, 0.01, gen(), return_trajectory=True)
+    traj = []
+    x = C.continuous_sample_sde(C.recorded(cont, traj), (2, 3), n, 0.01, gen())
     C.discretised_sample_sde(disc, (2, 3), n, 0.01, K, gen())
     k = C.discrete_sample_sde(cat, (2, 3), n, 2.0, K, gen())
     for c in (cont, disc, cat):
@@ -608,8 +611,9 @@ def test_continuous_sde_is_algorithm_3_when_the_prediction_does_not_change():
     """With x_hat constant the second-order term vanishes, and each step is Algorithm 3's Bayesian update written in
     closed form: the same noise gives the same mu at every step."""
     fn = lambda mu, t: torch.full_like(mu, 0.3)  # noqa: E731
-    _, paper = C.continuous_sample(fn, (4, 5), 8, 0.01, gen(80), return_trajectory=True)
-    _, sde = C.continuous_sample_sde(fn, (4, 5), 8, 0.01, gen(80), return_trajectory=True)
+    paper, sde = [], []
+    C.continuous_sample(C.recorded(fn, paper), (4, 5), 8, 0.01, gen(80))
+    C.continuous_sample_sde(C.recorded(fn, sde), (4, 5), 8, 0.01, gen(80))
     for a, b in zip(paper, sde):
         torch.testing.assert_close(a["input"], b["input"], rtol=1e-5, atol=1e-6)
 
@@ -715,8 +719,8 @@ def test_guidance_on_probabilities_is_guidance_on_the_updates_of_theta(sampler):
     w = 1.5
 
     def final_theta(p):
-        _, trajectory = sampler(lambda theta, t: p, (3, 4), 6, 2.0, 5, generator=torch.Generator().manual_seed(0),
-                                return_trajectory=True)
+        trajectory = []
+        sampler(C.recorded(lambda theta, t: p, trajectory), (3, 4), 6, 2.0, 5, generator=gen(0))
         return trajectory[-1]["input"].double()
 
     combined = ((1 + w) * final_theta(p_c).log() - w * final_theta(p_u).log()).log_softmax(-1)

@@ -175,42 +175,43 @@ def test_few_steps(kind):
 W2, M2, S2 = torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([[0.1, -0.6], [0.3, 0.6]]).double(), 0.05
 
 
+ARGS = {"continuous": (SIGMA_1,), "discretised": (SIGMA_16, K16), "discrete": (BETA_1, 3)}  # schedule (and K)
+
+
+def conditioned(kind, fn, name, known, P, n, g):
+    """Sampler `name` (paper, ode, sde) of data `kind` with network function fn, conditioned on known: by replacement
+    (P = 1), or by sequential Monte Carlo over P particles per example."""
+    if P > 1:
+        smc = getattr(C, f"{kind}_sample_smc")
+        return smc(fn, known, n, *ARGS[kind], P, sde=name == "sde", generator=g)
+    if kind == "continuous":
+        fn = C.replace_known_x_hat(fn, known)
+    else:
+        k = known if kind == "discrete" else torch.where(known.isnan(), -1, C.bin_index(known.nan_to_num(), K16))
+        fn = C.replace_known_probs(fn, k)
+    return getattr(C, f"{kind}_sample" + {"paper": "", "ode": "_ode", "sde": "_sde"}[name])(fn, known.shape, n,
+                                                                                           *ARGS[kind], generator=g)
+
+
 def conditional_setups():
-    """For each data type: (sampler name -> sampler(known, particles, n, N)), known value of dimension 0, and a score
-    of samples (N, D): KL(p(x_1.. | x_0 = c) || samples)."""
+    """For each data type: (network function, sampler name -> sampler(known, particles, n, generator)), known value of
+    dimension 0, and a score of samples (N, D): KL(p(x_1.. | x_0 = c) || samples)."""
     binned = binned_joint(W2, M2, S2, 20)  # the exact conditional of x1 given x0 in x0's bin, on 20 bins
     x0_bin = C.bin_index(torch.tensor(0.3), 20).item()
     continuous_truth = binned[x0_bin] / binned[x0_bin].sum()
-    x_hat = mixture_x_hat(W2, M2, S2, SIGMA_1)
     joint16 = binned_joint(W2, M2, S2, K16)
     k0 = C.bin_index(torch.tensor(0.3), K16).item()
-    probs16 = bins_posterior(joint16, SIGMA_16, K16)
-    return {
-        "continuous": (x_hat, {
-            "paper": lambda known, P, n, g: C.continuous_sample(x_hat, known.shape, n, SIGMA_1, g, known=known,
-                                                                particles=P),
-            "sde": lambda known, P, n, g: C.continuous_sample_sde(x_hat, known.shape, n, SIGMA_1, g, known=known,
-                                                                  particles=P),
-            "ode": lambda known, P, n, g: C.continuous_sample_ode(x_hat, known.shape, n, SIGMA_1, 2, g, known=known)},
-            0.3, lambda x: kl(continuous_truth, histogram(x[:, 1], 20))),
-        "discretised": (probs16, {
-            "paper": lambda known, P, n, g: C.discretised_sample(probs16, known.shape, n, SIGMA_16, K16, g, known=known,
-                                                                 particles=P),
-            "sde": lambda known, P, n, g: C.discretised_sample_sde(probs16, known.shape, n, SIGMA_16, K16, g,
-                                                                   known=known, particles=P),
-            "ode": lambda known, P, n, g: C.discretised_sample_ode(probs16, known.shape, n, SIGMA_16, K16, 2, g,
-                                                                   known=known)},
-            C.bin_centres(K16)[k0].item(),
-            lambda x: kl(joint16[k0] / joint16[k0].sum(), torch.bincount(C.bin_index(x[:, 1], K16), minlength=K16))),
-        "discrete": (joint_marginals(P3), {
-            "paper": lambda known, P, n, g: C.discrete_sample(joint_marginals(P3), known.shape, n, BETA_1, 3, g,
-                                                              known=known, particles=P),
-            "sde": lambda known, P, n, g: C.discrete_sample_sde(joint_marginals(P3), known.shape, n, BETA_1, 3, g,
-                                                                known=known, particles=P),
-            "ode": lambda known, P, n, g: C.discrete_sample_ode(joint_marginals(P3), known.shape, n, BETA_1, 3, 2, g,
-                                                                known=known)},
-            0, lambda x: kl(P3[0] / P3[0].sum(), torch.bincount(x[:, 1] * 3 + x[:, 2], minlength=9))),
-    }
+    fns = {"continuous": mixture_x_hat(W2, M2, S2, SIGMA_1), "discretised": bins_posterior(joint16, SIGMA_16, K16),
+           "discrete": joint_marginals(P3)}
+    values_scores = {
+        "continuous": (0.3, lambda x: kl(continuous_truth, histogram(x[:, 1], 20))),
+        "discretised": (C.bin_centres(K16)[k0].item(), lambda x: kl(joint16[k0] / joint16[k0].sum(),
+                                                                     torch.bincount(C.bin_index(x[:, 1], K16),
+                                                                                    minlength=K16))),
+        "discrete": (0, lambda x: kl(P3[0] / P3[0].sum(), torch.bincount(x[:, 1] * 3 + x[:, 2], minlength=9)))}
+    return {kind: (fn, {name: (lambda known, P, n, g, kind=kind, fn=fn, name=name: conditioned(kind, fn, name, known,
+                                                                                               P, n, g))
+                        for name in ("paper", "ode", "sde")}, *values_scores[kind]) for kind, fn in fns.items()}
 
 
 @pytest.mark.parametrize("kind", ["continuous", "discretised", "discrete"])
@@ -233,8 +234,23 @@ def test_replacement_keeps_the_known_values_but_smc_samples_the_conditional(kind
         assert (particles[:, 0] == value).all() and particles.shape == known.shape
         assert score(replaced) > 0.1 and score(particles) < 0.02, (name, score(replaced), score(particles))
     assert (samplers["ode"](known, 1, n, gen(3))[:, 0] == value).all()
-    with pytest.raises(ValueError, match="particles"):  # particles without known values: nothing to weight them by
-        C.discrete_sample(joint_marginals(P3), (2, 3), n, BETA_1, 3, gen(4), particles=4)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "discretised", "discrete"])
+@pytest.mark.parametrize("name", ["paper", "sde"])
+def test_conditioning_with_nothing_known_is_the_plain_sampler(kind, name):
+    """Replacement, sequential Monte Carlo with one particle and a recorded trajectory, with nothing known, give the
+    plain sampler's samples to the bit, from the same generator."""
+    fn, samplers, value, _ = conditional_setups()[kind]
+    shape = (50, 3) if kind == "discrete" else (50, 2)
+    nothing = torch.full(shape, -1) if kind == "discrete" else torch.full(shape, float("nan"))
+    plain = getattr(C, f"{kind}_sample" + ("_sde" if name == "sde" else ""))
+    expected, trajectory = plain(fn, shape, 7, *ARGS[kind], generator=gen(9)), []
+    assert torch.equal(conditioned(kind, fn, name, nothing, 1, 7, gen(9)), expected)
+    smc = getattr(C, f"{kind}_sample_smc")(fn, nothing, 7, *ARGS[kind], 1, sde=name == "sde", generator=gen(9))
+    assert torch.equal(smc, expected)
+    assert torch.equal(plain(C.recorded(fn, trajectory), shape, 7, *ARGS[kind], generator=gen(9)), expected)
+    assert len(trajectory) == 8 and trajectory[-1]["t"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------- guidance
