@@ -11,6 +11,7 @@ both training loops. Prints a Markdown table of ms/step and peak resident memory
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import resource
@@ -56,7 +57,7 @@ def theirs(kind, c, batch):
         flow = model.CtsBayesianFlow(min_variance=1e-3)
         factory = probability.DiscretizedNormalFactory(num_bins=c["bins"], clip=True)
         bfn = model.BFN(net, flow, model.CtsBayesianFlowLoss(flow, factory, noise_pred=True))
-        data = lambda: torch.randint(0, c["bins"], (batch, 32, 32, 3)).float() * 2 / c["bins"] - 1 + 1 / c["bins"]  # noqa
+        data = lambda: (torch.randint(0, c["bins"], (batch, 32, 32, 3)).float() * 2 + 1) / c["bins"] - 1  # noqa: E731
     else:
         ia = adapters.TextInputAdapter(vocab_size=27, seq_len=c["seq_len"], output_size=c["width"],
                                        learn_pos_embedding=False)
@@ -74,14 +75,14 @@ def ours_model(kind, c, batch):
     ctx = type("Context", (), {"autocast": contextlib.nullcontext(), "device": torch.device("cpu")})()
     if kind == "mnist":
         import bfn_mnist as m
-        cfg = m.parse_args(["--channels", str(c["channels"]), "--res-blocks", str(c["blocks"]), "--dropout",
-                            str(c["dropout"]), "--batch-size", str(batch)])
+        cfg = dataclasses.replace(m.parse_args(["--channels", str(c["channels"]), "--res-blocks", str(c["blocks"]),
+                                                "--batch-size", str(batch)]), dropout=c["dropout"])
         net = m.UNet(c["channels"], (1, 2, 2), c["blocks"], c["dropout"])
         batch_fn = lambda: ((torch.rand(batch, 28, 28) < 0.3).long(), None)  # noqa: E731
     elif kind == "cifar":
         import bfn_cifar as m
-        cfg = m.parse_args(["--channels", str(c["channels"]), "--res-blocks", str(c["blocks"]), "--bins",
-                            str(c["bins"]), "--dropout", "0", "--batch-size", str(batch)])
+        cfg = dataclasses.replace(m.parse_args(["--channels", str(c["channels"]), "--res-blocks", str(c["blocks"]),
+                                                "--bins", str(c["bins"]), "--batch-size", str(batch)]), dropout=0.0)
         net = m.UNet(c["channels"], c["blocks"], 0.0, n_out=2)
         batch_fn = lambda: (m.bin_centres(c["bins"])[torch.randint(0, c["bins"], (batch, 3, 32, 32))], None)  # noqa
     else:
@@ -90,7 +91,7 @@ def ours_model(kind, c, batch):
                             "--seq-len", str(c["seq_len"]), "--batch-size", str(batch)])
         net = m.Transformer(c["seq_len"], c["layers"], c["heads"], c["width"], 27)
         batch_fn = lambda: (torch.randint(0, 27, (batch, c["seq_len"])), None)  # noqa: E731
-    m.keep_freed_memory()
+    m.setup(cfg)  # the scripts' allocator settings
     return net, lambda: m.train_loss(net, batch_fn(), cfg, ctx).mean()
 
 
@@ -104,7 +105,7 @@ def measure(which, name, steps, authors):
         if os.path.exists(os.path.join(ROOT, "bfn_mnist.py")):  # the same allocator settings for both
             sys.path.insert(1, ROOT)
             import bfn_mnist
-            bfn_mnist.keep_freed_memory()
+            bfn_mnist.setup(bfn_mnist.parse_args([]))
         net, loss_fn = theirs(kind, c, batch)
     else:
         net, loss_fn = ours_model(kind, c, batch)

@@ -16,8 +16,8 @@ import bfn_cifar
 from common import bin_centres
 from conftest import ROOT, cpu_context
 
-TINY = ["--channels", "8", "--res-blocks", "1", "--batch-size", "4", "--eval-examples", "6", "--eval-batch-size", "4",
-        "--eval-n", "inf", "3", "--sample-steps", "3", "--num-samples", "4", "--log-every", "1"]
+TINY = ["--channels", "8", "--res-blocks", "1", "--batch-size", "4", "--eval-examples", "6", "--eval-n", "inf", "3",
+        "--sample-steps", "3", "--num-samples", "4", "--log-every", "1"]
 
 
 def run(data, out, *extra):
@@ -38,8 +38,12 @@ def test_three_steps_end_to_end(cifar_dir, tmp_path, output, bins):
     cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
     assert cfg["sigma_1"] == pytest.approx(0.001 if bins == "256" else math.sqrt(0.001))
     os.remove(os.path.join(out, "samples.png"))
-    run(cifar_dir, out, "--sample-only", "--sampler", "ode", "--output", output, "--bins", bins, "--final", "mode")
+    run(cifar_dir, out, "--sample-only", "--sampler", "ode", "--output", output, "--bins", bins)
     assert os.path.exists(os.path.join(out, "samples.png"))
+    saved = torch.load(os.path.join(out, "samples-ode-3.pt"), weights_only=True)["samples"]
+    assert saved.shape == (4, 3, 32, 32) and saved.abs().max() <= 1
+    if output == "discretised":  # bin centres
+        torch.testing.assert_close(saved, bin_centres(int(bins))[((saved + 1) * int(bins) / 2).long()])
 
 
 def test_untrained_discretised_model_is_near_uniform(cifar_dir, tmp_path):
@@ -63,13 +67,13 @@ def test_data_quantisation(cifar_dir):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--bins", "7"], "--bins takes 256 or 16, got 7"),
-    (["--output", "gaussian"], "--output takes continuous or discretised, got gaussian"),
-    (["--sigma-1", "2"], "--sigma-1 must be in [0, 1), got 2.0"),
-    (["--channels", "12"], "--channels must be a multiple of 8, got 12"),
+    (["--bins", "7"], "argument --bins: invalid choice: 7 (choose from 256, 16)"),
+    (["--output", "gaussian"], "argument --output: invalid choice: 'gaussian'"),
+    (["--sigma-1", "2"], "--sigma-1 must be in (0, 1)"),
+    (["--channels", "12"], "--channels must be a multiple of 8 and --res-blocks at least 1, got 12 and 32"),
     (["--sample-class", "3"], "--sample-class needs a --conditional model or --grad-guidance"),
     (["--conditional", "--sample-class", "cat"], "--sample-class takes all or classes 0..9, got cat"),
-    (["--conditional", "--channels", "32"], "--conditional needs more channels than GroupNorm groups"),
+    (["--conditional", "--channels", "32"], "--conditional needs more channels than the 32 GroupNorm groups"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -93,30 +97,16 @@ def test_torchrun_two_cpu_processes(cifar_dir, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     log = open(os.path.join(out, "log.txt")).read()
-    assert "device cpu x 2" in log and "step 2 | loss" in log
-
-
-def test_sample_quality_figures(cifar_dir, tmp_path):
-    out = str(tmp_path / "run")
-    run(cifar_dir, out, "--steps", "2", "--eval-samples", "4", "--output", "continuous")
-    q, = json.load(open(os.path.join(out, "eval.json")))["samples"]
-    assert q["examples"] == 4 and q["network_calls"] == 4
-    for part in ("samples", "test"):
-        for k in "ab":  # two classifiers of different shapes and seeds
-            assert 0 <= q[part][f"confident_{k}"] <= 1 and 0 <= q[part][f"label_entropy_bits_{k}"] <= math.log2(10)
-            assert q[part][f"frechet_{k}"] >= 0
-    folder = os.path.join(cifar_dir, "cifar-10-batches-py")
-    assert len([f for f in os.listdir(folder) if f.startswith("classifier-")]) == 2
+    assert "cpu x 2" in log and "step 2 | loss" in log
 
 
 @pytest.mark.parametrize("output", ["continuous", "discretised"])
 def test_inpainting_keeps_the_known_pixels(output):
-    cfg = bfn_cifar.parse_args(["--channels", "8", "--res-blocks", "1", "--output", output, "--bins", "16",
-                                "--sample-steps", "3", "--inpaint", "left"])
-    one = dataclasses.replace(cfg, sampler="ode", sample_steps=3)
+    one = bfn_cifar.parse_args(["--channels", "8", "--res-blocks", "1", "--output", output, "--bins", "16",
+                                "--sample-steps", "3", "--inpaint", "left", "--sampler", "ode"])
     net = bfn_cifar.UNet(8, 1, 0.0, n_out=1 if output == "continuous" else 2).eval()
     original = bfn_cifar.quantise(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), 16)
-    missing = bfn_cifar.inpaint_mask(cfg, 32, torch.device("cpu"))
+    missing = bfn_cifar.inpaint_mask(one, 32, torch.device("cpu"))
     x = bfn_cifar.draw(net, 2, one, cpu_context(), torch.Generator().manual_seed(0),
                        known=torch.where(missing, float("nan"), original))
     torch.testing.assert_close(x[..., 16:], original[..., 16:])
@@ -150,29 +140,29 @@ def test_guidance_combines_the_predictions(output):
 
 @pytest.mark.parametrize("output", ["continuous", "discretised"])
 def test_conditional_training_and_guided_sampling(cifar_dir, tmp_path, output):
-    counts = torch.bincount(bfn_cifar.load_cifar(cifar_dir)["test"][1], minlength=10)
-    a = (counts >= 4).nonzero()[0, 0].item()  # a class with 2 + 2 test images
     out = str(tmp_path / "run")
     run(cifar_dir, out, "--steps", "2", "--conditional", "--output", output, "--bins", "16", "--channels", "64")
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["model"]["label_embed.weight"].shape == (11, 256)  # 10 classes and the null label, 4 x 64 channels
-    run(cifar_dir, out, "--sample-only", "--conditional", "--channels", "64", "--output", output, "--bins", "16",
-        "--sample-class", str(a), "--guidance", "0", "3", "--sampler", "paper", "ode", "sde", "--eval-samples", "2")
-    table = json.load(open(os.path.join(out, "samples.json")))
-    assert [(r["sampler"], r["guidance"]) for r in table] == [(s, w) for s in ("paper", "ode", "sde") for w in (0, 3)]
-    assert all(r["samples"]["accuracy_a"] in (0, 0.5, 1) and str(a) in r["samples"]["frechet_by_class_b"] for r in table)
-    assert os.path.getsize(os.path.join(out, "samples-ode-3-g3.png")) > 0
+    for sampler in ("paper", "ode", "sde"):
+        run(cifar_dir, out, "--sample-only", "--channels", "64", "--sample-class", "3", "--guidance", "3", "--sampler",
+            sampler)
+        saved = torch.load(os.path.join(out, f"samples-{sampler}-3-g3.pt"), weights_only=True)
+        assert saved["labels"].eq(3).all() and saved["samples"].shape == (4, 3, 32, 32)
 
 
 @pytest.mark.parametrize("output", ["continuous", "discretised"])
 def test_gradient_guidance_and_particles_end_to_end(cifar_dir, tmp_path, output):
     """--grad-guidance towards a class through the classifier of mu with every sampler, and inpainting by sequential
     Monte Carlo with the stochastic samplers, on an unconditional model."""
-    out, counts = str(tmp_path / "run"), torch.bincount(bfn_cifar.load_cifar(cifar_dir)["test"][1], minlength=10)
+    out = str(tmp_path / "run")
     run(cifar_dir, out, "--steps", "1", "--output", output, "--bins", "16")
-    run(cifar_dir, out, "--sample-only", "--grad-guidance", "1", "--sample-class", str((counts >= 4).nonzero()[0, 0].item()),
-        "--sampler", "paper", "ode", "sde", "--eval-samples", "2")
-    table = json.load(open(os.path.join(out, "samples.json")))
-    assert [r["sampler"] for r in table] == ["paper", "ode", "sde"] and all(r["grad_guidance"] == 1 for r in table)
-    run(cifar_dir, out, "--sample-only", "--inpaint", "left", "--particles", "2", "--sampler", "paper", "sde")
+    for sampler in ("paper", "ode", "sde"):
+        run(cifar_dir, out, "--sample-only", "--grad-guidance", "1", "--sample-class", "7", "--sampler", sampler)
+        assert os.path.exists(os.path.join(out, f"samples-{sampler}-3-gg1.pt"))
+    for sampler in ("paper", "sde"):
+        run(cifar_dir, out, "--sample-only", "--inpaint", "left", "--particles", "2", "--sampler", sampler)
+        x = torch.load(os.path.join(out, f"inpaint-left-{sampler}-3-p2.pt"), weights_only=True)["samples"]
+        original = bfn_cifar.quantise(bfn_cifar.load_cifar(cifar_dir)["test"][0][:4], 16)
+        torch.testing.assert_close(x[..., 16:], original[..., 16:])  # the right half was given
     assert "inpainting (left, sde, 3 steps, 2 particles, " in open(os.path.join(out, "log.txt")).read()
