@@ -586,10 +586,12 @@ def save_gif(frames, nrow, path, max_frames=100):
 
 
 @torch.no_grad()
-def sample(net, cfg, ctx):
+def sample(net, cfg, ctx, data):
     """samples.png (a grid of samples; with labels a row per class), samples-SAMPLER-STEPS.pt (tag()), evolution.png
     (for 4 samples, two rows: mu, then the prediction x_hat or the mean bin k_hat, at t = 0, 0.1, ..., 1) and
     evolution.gif (every network call, 8 samples)."""
+    if cfg.inpaint:  # --inpaint: the completions of test images instead
+        return complete(net, cfg, ctx, data)
     from torchvision.utils import save_image
     g, image = torch.Generator(ctx.device).manual_seed(cfg.seed), lambda v: (v.clamp(-1, 1) + 1) / 2  # noqa: E731
     labels, nrow = sample_labels(cfg, cfg.num_samples, ctx.device)
@@ -610,7 +612,7 @@ def sample(net, cfg, ctx):
 # ======================================================================================================================
 # Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
 # from the experiment: SCRIPT, UNIT, BETAS, Config, PRESETS, check, load_data, get_batch, to_unit, from_authors,
-# train_loss, evaluate, sample and complete.
+# train_loss, evaluate and sample.
 # ======================================================================================================================
 
 PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
@@ -795,8 +797,7 @@ def main(argv=None):
         if ctx.rank == 0 and not cfg.sample_only:
             evaluate(ema, cfg, ctx, data, step)
         if ctx.rank == 0 and not cfg.eval_only:
-            sample(ema, cfg, ctx)
-            complete(ema, cfg, ctx, data)
+            sample(ema, cfg, ctx, data)
     except torch.cuda.OutOfMemoryError:
         raise SystemExit(f"{SCRIPT}: error: out of memory on {ctx.device}: lower --batch-size {cfg.batch_size} (and "
                          f"raise --grad-accum {cfg.grad_accum} to keep the global batch)")

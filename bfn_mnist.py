@@ -593,10 +593,12 @@ def save_gif(frames, nrow, path, max_frames=100):
 
 
 @torch.no_grad()
-def sample(net, cfg, ctx):
+def sample(net, cfg, ctx, data):
     """samples.png (a grid of samples; with labels a row per class), samples-SAMPLER-STEPS.pt (tag()), evolution.png
     (for 4 samples, two rows: theta of a black pixel, then p_O, at t = 0, 0.1, ..., 1) and evolution.gif (every network
     call, 8 samples)."""
+    if cfg.inpaint:  # --inpaint: the completions of test images instead
+        return complete(net, cfg, ctx, data)
     from torchvision.utils import save_image
     labels, nrow = sample_labels(cfg, cfg.num_samples, ctx.device)
     trajectory, n = [], cfg.num_samples if labels is None else len(labels)
@@ -617,7 +619,7 @@ def sample(net, cfg, ctx):
 # ======================================================================================================================
 # Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
 # from the experiment: SCRIPT, UNIT, BETAS, Config, PRESETS, check, load_data, get_batch, to_unit, from_authors,
-# train_loss, evaluate, sample and complete.
+# train_loss, evaluate and sample.
 # ======================================================================================================================
 
 PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
@@ -802,8 +804,7 @@ def main(argv=None):
         if ctx.rank == 0 and not cfg.sample_only:
             evaluate(ema, cfg, ctx, data, step)
         if ctx.rank == 0 and not cfg.eval_only:
-            sample(ema, cfg, ctx)
-            complete(ema, cfg, ctx, data)
+            sample(ema, cfg, ctx, data)
     except torch.cuda.OutOfMemoryError:
         raise SystemExit(f"{SCRIPT}: error: out of memory on {ctx.device}: lower --batch-size {cfg.batch_size} (and "
                          f"raise --grad-accum {cfg.grad_accum} to keep the global batch)")

@@ -464,9 +464,11 @@ def save_text_gif(frames, path, max_frames=100):
 
 
 @torch.no_grad()
-def sample(net, cfg, ctx):
+def sample(net, cfg, ctx, data):
     """samples.txt and samples-SAMPLER-STEPS.pt (tag()), evolution.txt (the most likely characters of theta and of p_O
     at t = 0, 0.1, ..., 1) and evolution.gif (the same at every network call, for 3 samples)."""
+    if cfg.prompt or cfg.infill:  # --prompt, --infill: the completions instead
+        return complete(net, cfg, ctx, data)
     trajectory, g = [], torch.Generator(ctx.device).manual_seed(cfg.seed)
     x = draw(net, cfg.num_samples, cfg, ctx, g, trajectory)
     line = lambda x: decode(x, cfg.alphabet).replace("\n", "¶")  # noqa: E731  one line, also for new lines
@@ -499,7 +501,7 @@ def sample(net, cfg, ctx):
 # ======================================================================================================================
 # Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
 # from the experiment: SCRIPT, UNIT, BETAS, Config, PRESETS, check, load_data, get_batch, to_unit, from_authors,
-# train_loss, evaluate, sample and complete.
+# train_loss, evaluate and sample.
 # ======================================================================================================================
 
 PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
@@ -684,8 +686,7 @@ def main(argv=None):
         if ctx.rank == 0 and not cfg.sample_only:
             evaluate(ema, cfg, ctx, data, step)
         if ctx.rank == 0 and not cfg.eval_only:
-            sample(ema, cfg, ctx)
-            complete(ema, cfg, ctx, data)
+            sample(ema, cfg, ctx, data)
     except torch.cuda.OutOfMemoryError:
         raise SystemExit(f"{SCRIPT}: error: out of memory on {ctx.device}: lower --batch-size {cfg.batch_size} (and "
                          f"raise --grad-accum {cfg.grad_accum} to keep the global batch)")

@@ -101,8 +101,10 @@ def test_image_samples_end_to_end(tmp_path):
 
 def test_cifar_and_inpainting_samples_end_to_end(tmp_path):
     data, out = write_cifar(str(tmp_path / "data"), n_per_batch=60), str(tmp_path / "run")
-    bfn_cifar.main(["--data-dir", data, "--out-dir", out, *IMAGES, "--bins", "16", "--num-samples", "4",
-                    "--inpaint", "left"])
+    bfn_cifar.main(["--data-dir", data, "--out-dir", out, *IMAGES, "--bins", "16", "--num-samples", "4"])
+    bfn_cifar.main(["--out-dir", out, "--sample-only", "--inpaint", "left"])  # completions instead of samples
+    assert sorted(n for n in os.listdir(out) if n.endswith(".pt")) == ["ckpt.pt", "inpaint-left-paper-3-p1.pt",
+                                                                        "samples-paper-3.pt"]
     paths = [os.path.join(out, name) for name in ("samples-paper-3.pt", "inpaint-left-paper-3-p1.pt")]
     results = S.main(paths)
     assert all(0 <= results[p]["samples"]["confident_b"] <= 1 for p in paths)
