@@ -253,6 +253,24 @@ def test_conditioning_with_nothing_known_is_the_plain_sampler(kind, name):
     assert len(trajectory) == 8 and trajectory[-1]["t"] == 1.0
 
 
+def test_smc_weighs_particles_by_the_distribution_it_draws_from():
+    """A guided prediction off the simplex (class 2 negative, the rest not normalised) and its normalised positive
+    part, which _categorical draws from alike: the paper's sampler with sequential Monte Carlo gives them the same
+    weights, so the same samples from the same generator. Weighing by the raw values instead favours particles whose raw values sum higher."""
+    fn = joint_marginals(P3)
+
+    def raw(theta, t):
+        return torch.where(torch.arange(3) == 2, -0.3, 2 * fn(theta, t))
+
+    def positive(theta, t):
+        p = raw(theta, t).clamp_min(0)
+        return p / p.sum(-1, keepdim=True)
+    known = torch.full((500, 3), -1)
+    known[:, 0] = 0
+    a, b = (C.discrete_sample_smc(f, known, 10, *ARGS["discrete"], 8, generator=gen(3)) for f in (raw, positive))
+    assert (a[:, 1:] < 2).all() and (a == b).all(-1).float().mean() > 0.99
+
+
 # ---------------------------------------------------------------------------------------------------- guidance
 
 def assert_frequencies(samples, p, z=5.0):
