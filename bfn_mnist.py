@@ -628,7 +628,8 @@ MODES = ("preset", "resume", "eval_only", "sample_only", "init_from", "out_dir",
 
 def parse_args(argv=None, saved=None, strict=True):
     """Command line -> Config: the paper's defaults, then the --preset's, then the checkpoint's (saved), then the flags
-    given. A model or data flag other than the checkpoint's, or (strict) a combination check() refuses: one line."""
+    given. A model or data flag other than the checkpoint's: one line; strict: then check() (a bad combination: one
+    line)."""
     argv, fields, saved = list(sys.argv[1:] if argv is None else argv), dataclasses.fields(Config), saved or {}
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default="paper")
@@ -646,8 +647,8 @@ def parse_args(argv=None, saved=None, strict=True):
                   if Config.__dataclass_fields__[k].metadata["fixed"] and getattr(cfg, k) != v]:
         raise SystemExit(f"{SCRIPT}: error: the checkpoint was made with other model or data settings: "
                          f"{'; '.join(differ)}. Leave those flags out to use the checkpoint's")
-    cfg, problem = check(cfg)
-    return p.error(problem) if strict and problem else cfg
+    cfg, problem = check(cfg) if strict else (cfg, None)  # not strict: enough to find the checkpoint and the device
+    return p.error(problem) if problem else cfg
 
 
 def setup(cfg):
@@ -790,7 +791,7 @@ def train(cfg, ctx, data, model, ema, optimizer, step):
 
 def main(argv=None):
     """Parse the flags, then train (or only evaluate, or only sample) in the run directory."""
-    cfg = parse_args(argv, strict=False)  # enough to find the checkpoint and the device
+    cfg = parse_args(argv, strict=False)
     ctx = setup(cfg)
     ckpt = read_checkpoint(cfg, ctx) if cfg.init_from or cfg.resume or cfg.eval_only or cfg.sample_only else None
     kept = [f.name for f in dataclasses.fields(Config) if f.metadata["fixed"] or not cfg.init_from]

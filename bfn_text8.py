@@ -2,7 +2,8 @@
 
 Trains the authors' non-causal transformer with the continuous-time loss L^inf (Algorithm 8), evaluates the test bound
 L^inf + L^r and L^n + L^r in bits/char (the paper: 1.41), and samples with Algorithm 9 or the ODE or SDE solver of
-common.py. --text-file trains on any UTF-8 text, its alphabet its own characters, beta(1) by common.discrete_beta_1.
+common.py. --text-file trains on any UTF-8 text, its alphabet its own characters, beta(1) by common.discrete_beta_1;
+--vocab N trains on N subword tokens (byte-pair merges of those characters), still scored in bits/char.
 Writes log.txt, ckpt.pt, eval.json, samples.txt and .pt, and evolution.txt/.gif (theta and p_O over time) to --out-dir.
 
     python bfn_text8.py --preset quick --text-file book.txt   # a small transformer on any text, minutes on a CPU
@@ -12,11 +13,12 @@ Writes log.txt, ckpt.pt, eval.json, samples.txt and .pt, and evolution.txt/.gif 
     python benchmarks/score_samples.py runs/bfn_text8/samples-sde-100.pt
     python bfn_text8.py --sample-only --infill "the ____ of the united states" --particles 8
     python bfn_text8.py --sample-only --guide-word zero --grad-guidance 3     # steer any model towards a word
+    python bfn_text8.py --preset quick --vocab 1024 --text-file book.txt      # K = 1024 subword tokens
 
-Shapes: B batch, L sequence length (--seq-len), K symbols (27 for text8), W transformer width.
+Shapes: B batch, L sequence length (--seq-len), K symbols (27 for text8; --vocab), W transformer width.
 """
-import argparse, contextlib, copy, ctypes, dataclasses, datetime, json, math, os, shlex, shutil, signal, sys, time
-import types, zipfile, zlib
+import argparse, collections, contextlib, copy, ctypes, dataclasses, datetime, functools, json, math, os, shlex, shutil
+import signal, sys, time, types, zipfile, zlib
 
 import torch
 import torch.distributed as dist
@@ -43,7 +45,9 @@ class Config:
     """Every setting of a run; each with help is a flag (--batch-size for batch_size). The defaults are the paper's."""
     data_dir: str = opt("data", "where text8.zip is, or is downloaded to")
     text_file: str = opt("", "train on this UTF-8 text file instead of text8")
-    seq_len: int = opt(256, "characters per window", True)
+    seq_len: int = opt(256, "characters (with --vocab: tokens) per window", True)
+    vocab: int = opt(0, "K subword tokens: byte-pair merges of the characters, learnt on the training split (0: the "
+                        "characters)", True)
     beta_1: float = opt(0.0, "final accuracy beta(1) of beta(t) = beta(1) t^2 (§6.8); 0: 0.5625 for K >= 27, larger "
                              "below (discrete_beta_1)", True)
     layers: int = opt(24, "transformer layers", True)
@@ -76,7 +80,9 @@ class Config:
     device: str = opt("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
     compile: bool = opt(False, "torch.compile the network for training")
     log_every: int = opt(100, "steps between log lines")
-    alphabet: str = opt("", fixed=True)  # the K symbols in order: text8's, or the --text-file's own characters
+    alphabet: str = opt("", fixed=True)  # the characters in order: text8's, or the --text-file's own
+    merges: tuple = opt((), fixed=True)  # --vocab: token len(alphabet) + i is the pair merges[i] of tokens (a, b)
+    chars: float = opt(1.0, fixed=True)  # characters per symbol in the training split (the unit of the training log)
     lr_warmup: int = opt(0)  # steps of linear learning-rate warm-up (the paper: none)
     lr_decay: str = opt("none")  # cosine: down to 0.1 --lr at --steps (the paper: constant)
 
@@ -91,8 +97,10 @@ def check(cfg):
     if not cfg.alphabet:  # the text's own characters, or text8's when it has no others
         alphabet = "".join(sorted(set(read_text(cfg.text_file)))) if cfg.text_file else ALPHABET
         cfg = dataclasses.replace(cfg, alphabet=ALPHABET if set(alphabet) <= set(ALPHABET) else alphabet)
+    if cfg.vocab > len(cfg.alphabet) and not cfg.merges:
+        cfg = dataclasses.replace(cfg, **learn_tokens(cfg))
     if cfg.beta_1 == 0:
-        cfg = dataclasses.replace(cfg, beta_1=discrete_beta_1(len(cfg.alphabet)))
+        cfg = dataclasses.replace(cfg, beta_1=discrete_beta_1(cfg.vocab or len(cfg.alphabet)))
     text, outside = cfg.prompt or cfg.infill or cfg.guide_word, set(cfg.prompt + cfg.guide_word + cfg.infill.replace(
         "_", "")) - set(cfg.alphabet)
     return cfg, next((message for bad, message in [
@@ -104,6 +112,8 @@ def check(cfg):
         (len(set(cfg.alphabet)) != len(cfg.alphabet) or not 2 <= len(cfg.alphabet) <= 4096,
          f"the alphabet needs 2 to 4096 different symbols, got {len(cfg.alphabet)} ({len(set(cfg.alphabet))} "
          "different)"),
+        (cfg.vocab and cfg.vocab <= len(cfg.alphabet), f"--vocab must exceed the {len(cfg.alphabet)} characters of "
+         f"the alphabet (0: characters), got {cfg.vocab}"),
         (cfg.width % cfg.heads != 0 or cfg.width // cfg.heads % 2 != 0,
          f"--width must be a multiple of 2 x --heads, got width {cfg.width} and heads {cfg.heads}"),
         (any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n),
@@ -201,17 +211,31 @@ def encode(text, alphabet, source):
 
 
 def load_data(cfg, device):
-    """{train, val, test}: (N,) symbols on the device; the first 90%, the next 5%, the last 5%."""
+    """{train, val, test}: (N,) symbols on the device; the first 90% of the characters, the next 5%, the last 5%, each
+    with --vocab in tokens. A K that leaves no room for theta stops here, before the first step."""
     if cfg.text_file:
         text = read_text(cfg.text_file)
         x = encode(text.encode() if cfg.alphabet == ALPHABET and text.isascii() else text, cfg.alphabet, cfg.text_file)
     else:
         x = encode(load_text8(cfg.data_dir), cfg.alphabet, "text8")
     a, b = len(x) * 90 // 100, len(x) * 95 // 100
-    if len(x) - b < cfg.seq_len:
-        raise SystemExit(f"{SCRIPT}: error: the text is too short ({len(x):,} characters) for 5% of it to hold a "
+    data = {"train": x[:a], "val": x[a:b], "test": x[b:]}
+    if cfg.vocab:
+        data = {split: tokenize(decode(part, cfg.alphabet), cfg) for split, part in data.items()}
+    if len(data["test"]) < cfg.seq_len:
+        raise SystemExit(f"{SCRIPT}: error: the text is too short ({len(x):,} characters) for its last 5% to hold a "
                          f"window of --seq-len {cfg.seq_len}")
-    return {"train": x[:a].to(device), "val": x[a:b].to(device), "test": x[b:].to(device)}
+    need, free = 12 * cfg.batch_size * cfg.seq_len * len(symbols(cfg)) * 4, math.inf  # (B, L, K) float32 tensors: 10
+    # in a training step (measured at K = 4096, RESULTS), 2 to spare
+    with contextlib.suppress(ValueError, OSError, RuntimeError):
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * \
+            os.sysconf("SC_PAGE_SIZE")
+    if need > free:
+        raise SystemExit(f"{SCRIPT}: error: K = {len(symbols(cfg))} symbols need about {need / 2 ** 30:.1f} GiB at "
+                         f"--batch-size {cfg.batch_size} and --seq-len {cfg.seq_len}, and {device} has "
+                         f"{free / 2 ** 30:.1f} GiB free: lower --batch-size (and raise --grad-accum), --seq-len or "
+                         "--vocab")
+    return {split: part.to(device) for split, part in data.items()}
 
 
 def get_batch(data, cfg):
@@ -230,13 +254,114 @@ def evaluation_set(data, cfg):
 
 
 def to_unit(nats, cfg):
-    """Nats per example -> the paper's unit, bits/char: nats / (L ln 2)."""
-    return nats / (cfg.seq_len * math.log(2))
+    """Nats per window -> the paper's unit, bits/char: nats / (L ln 2), with --vocab over the training split's mean
+    characters per token (the test bound divides each window by its own characters)."""
+    return nats / (cfg.seq_len * cfg.chars * math.log(2))
 
 
-def decode(x, alphabet):
-    """(L,) symbols -> str."""
-    return "".join(alphabet[k] for k in x.tolist())
+def decode(x, symbols):
+    """(L,) symbols -> str: symbol k is the string symbols[k]."""
+    return "".join(symbols[k] for k in x.tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Subword tokens (--vocab, beyond the paper): byte-pair encoding (Sennrich et al., 2016) of the characters. Token k is
+# the string symbols(cfg)[k]: the characters first, then each merge's pair joined, so decoding is exact.
+
+def words(text):
+    """text -> its words, each with the space before it ("a  cat" -> "a", " ", " cat"); tokens never cross them."""
+    parts = text.split(" ")
+    return [parts[0]] + [" " + w for w in parts[1:]]
+
+
+def merge(tokens, pair, new):
+    """Every non-overlapping occurrence of pair (a, b) in the list tokens, left to right, replaced by new."""
+    out, i = [], 0
+    while i < len(tokens):
+        hit = i + 1 < len(tokens) and (tokens[i], tokens[i + 1]) == pair
+        out.append(new if hit else tokens[i])
+        i += 1 + hit
+    return out
+
+
+def learn_merges(text, alphabet, n):
+    """n merges learnt on text: each time, the most frequent pair of adjacent tokens within a word (ties: the first
+    seen) becomes the next token. -> ((a, b), ...): token len(alphabet) + i is merges[i]."""
+    counts = collections.Counter(words(text))
+    seqs, freq = [[alphabet.index(c) for c in w] for w in counts], list(counts.values())
+    pairs, where = collections.Counter(), collections.defaultdict(set)  # pair -> its count; the words that hold it
+    for w, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            pairs[pair] += freq[w]
+            where[pair].add(w)
+    merges = []
+    for new in range(len(alphabet), len(alphabet) + n):
+        best, count = max(pairs.items(), key=lambda item: item[1], default=(None, 0))
+        if count < 1:
+            raise SystemExit(f"{SCRIPT}: error: the training text has nothing left to merge at {new} tokens: "
+                             f"--vocab at most {new}")
+        merges.append(best)
+        for w in where.pop(best):  # only the words that hold the pair change
+            for pair in zip(seqs[w], seqs[w][1:]):
+                pairs[pair] -= freq[w]
+            seqs[w] = merge(seqs[w], best, new)
+            for pair in zip(seqs[w], seqs[w][1:]):
+                pairs[pair] += freq[w]
+                where[pair].add(w)
+        del pairs[best]
+    return tuple(merges)
+
+
+def learn_tokens(cfg):
+    """--vocab K: {merges: K - len(alphabet) of them learnt on the training split (the first 90% of the characters;
+    never validation or test), chars: its characters per token}, cached beside the text as bpe-CRC-K.json."""
+    text = read_text(cfg.text_file) if cfg.text_file else load_text8(cfg.data_dir).decode()
+    train = text[:len(text) * 90 // 100]
+    crc = zlib.crc32((cfg.alphabet + "\0" + train).encode())
+    folder = os.path.dirname(cfg.text_file) if cfg.text_file else cfg.data_dir
+    path = os.path.join(folder, f"bpe-{crc:08x}-{cfg.vocab}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        return {"merges": tuple(map(tuple, saved["merges"])), "chars": saved["chars"]}
+    merges = learn_merges(train, cfg.alphabet, cfg.vocab - len(cfg.alphabet))
+    saved = {"merges": merges, "chars": len(train) / len(tokenize(train, dataclasses.replace(cfg, merges=merges)))}
+    with open(path + ".tmp", "w") as f:
+        json.dump(saved, f)
+    os.replace(path + ".tmp", path)  # whole or not at all, also with torchrun's processes racing
+    return saved
+
+
+@functools.lru_cache(maxsize=4)
+def vocabulary(alphabet, merges):
+    strings = list(alphabet)
+    for a, b in merges:
+        strings.append(strings[a] + strings[b])
+    return tuple(strings)
+
+
+def symbols(cfg):
+    """The K symbols as strings: the characters, then (--vocab) each merge's two tokens joined."""
+    return vocabulary(cfg.alphabet, cfg.merges)
+
+
+def tokenize(text, cfg):
+    """text -> (N,) symbols (int32): each word's characters, then the merges applied in the order learnt. A character
+    not in the alphabet stops with its position."""
+    rank, base, cache, out, at = {pair: i for i, pair in enumerate(cfg.merges)}, len(cfg.alphabet), {}, [], 0
+    for word in words(text):
+        if word not in cache:
+            if bad := [i for i, c in enumerate(word) if c not in cfg.alphabet]:
+                raise SystemExit(f"{SCRIPT}: error: the character {word[bad[0]]!r} at position {at + bad[0]:,} is not "
+                                 f"in the alphabet {cfg.alphabet!r}")
+            tokens = [cfg.alphabet.index(c) for c in word]
+            while len(tokens) > 1 and (pair := min(zip(tokens, tokens[1:]), key=lambda p: rank.get(p, math.inf))) \
+                    in rank:
+                tokens = merge(tokens, pair, base + rank[pair])
+            cache[word] = tokens
+        out += cache[word]
+        at += len(word)
+    return torch.tensor(out, dtype=torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -322,7 +447,7 @@ def train_loss(net, batch, cfg, ctx):
     """L^inf (§6.7, Algorithm 8) of a batch (x (B, L), None): t ~ U(0, 1), theta ~ p_F(. | x; t). (B,) nats/window."""
     x, _ = batch
     t = torch.rand(len(x), device=x.device)
-    theta = discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet))
+    theta = discrete_flow(x, t, cfg.beta_1, len(symbols(cfg)))
     return discrete_loss_inf(x, output_log_probs(net, theta, t, ctx).exp(), t, cfg.beta_1)
 
 
@@ -330,8 +455,9 @@ def train_loss(net, batch, cfg, ctx):
 def evaluate(net, cfg, ctx, data, step):
     """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n in --eval-n (inf: L^inf, §6.7) on --eval-examples
     test windows, over --eval-repeats passes with fresh noise, the steps i of L^n stratified over the windows: the mean
-    in bits/char and its standard error over windows, in eval.json and the log."""
-    windows, K = evaluation_set(data["test"], cfg), len(cfg.alphabet)
+    in bits/char (each window's bits over its characters) and its standard error over windows, in eval.json and the
+    log."""
+    windows, K = evaluation_set(data["test"], cfg), len(symbols(cfg))
     g = torch.Generator(ctx.device).manual_seed(hash((cfg.seed, -1, step)) % 2 ** 62)
     log_p = lambda x, t: output_log_probs(net, discrete_flow(x, t, cfg.beta_1, K, g), t, ctx)  # noqa: E731
     losses, recon = {n: [] for n in cfg.eval_n}, []
@@ -347,18 +473,24 @@ def evaluate(net, cfg, ctx, data, step):
                 else:
                     i = steps[n][start:start + len(x)]
                     losses[n].append(discrete_loss_n(x, log_p(x, (i - 1) / int(n)), i, int(n), cfg.beta_1, g))
-    report(losses, recon, cfg, ctx, step)
+    chars = torch.tensor([len(c) for c in symbols(cfg)], device=windows.device)[windows.long()].sum(1)
+    report(losses, recon, cfg, ctx, step, chars.double())
 
 
-def report(losses, recon, cfg, ctx, step):
-    """Per-example losses in nats, pass after pass ({n: [(B,), ...]}, [(B,), ...]) -> the bound in the paper's unit:
-    its mean and standard error over examples (each example's passes averaged first), in eval.json and the log."""
-    per_example = lambda v: to_unit(torch.cat(v).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
-    recon, result = per_example(recon), {}
+def report(losses, recon, cfg, ctx, step, chars):
+    """Per-window losses in nats, pass after pass ({n: [(B,), ...]}, [(B,), ...]), and each window's characters (N,)
+    -> the bound in bits/char: its mean and standard error over windows (each window's passes averaged first), in
+    eval.json (with --vocab also in bits/token) and the log."""
+    bits = lambda v: torch.cat(v).double().view(cfg.eval_repeats, -1).mean(0) / math.log(2)  # noqa: E731  per window
+    recon, result = bits(recon), {}
     for n, parts in losses.items():
-        total = per_example(parts) + recon
-        result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
-                     "stderr": total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")}
+        total = bits(parts) + recon
+        result[n] = {"loss": ((total - recon) / chars).mean().item(), "recon": (recon / chars).mean().item(),
+                     "total": (total / chars).mean().item(), "stderr": (total / chars).std().item() / math.sqrt(
+                         len(total)) if len(total) > 1 else float("nan")}
+        if cfg.vocab:
+            result[n]["bits_per_token"] = {"total": total.mean().item() / cfg.seq_len, "recon": recon.mean().item() /
+                                           cfg.seq_len}
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump({"step": step, "split": "test", "unit": UNIT, "examples": len(total), "repeats": cfg.eval_repeats,
                    "n": result}, f, indent=1)
@@ -376,8 +508,7 @@ def draw(net, n, cfg, ctx, generator, trajectory=None, known=None):
     --batch-size. trajectory: a list that records each network call for the first 8 (theta and p_O); known (n, L):
     symbols to condition on, -1 where unknown, by replacement or with --particles by sequential Monte Carlo (common.py,
     Conditioning). With --guide-word, gradient guidance towards it."""
-    P, K, word = cfg.particles if known is not None else 1, len(cfg.alphabet), [cfg.alphabet.index(c) for c in
-                                                                                cfg.guide_word]
+    P, K, word = cfg.particles if known is not None else 1, len(symbols(cfg)), tokenize(cfg.guide_word, cfg).tolist()
     fn, out = lambda theta, t: guided_probs(net, theta, t, cfg, ctx, word), []  # noqa: E731
     for idx in torch.arange(n).split(max(1, cfg.batch_size // P)):
         if P > 1:
@@ -417,11 +548,13 @@ def complete(net, cfg, ctx, data):
     text, kind = cfg.prompt or cfg.infill, "prompt" if cfg.prompt else "infill"
     if not text:
         return
-    known, start = torch.full((cfg.seq_len,), -1, dtype=torch.long), time.time()
-    known[:len(text)] = torch.tensor([cfg.alphabet.index(c) if c != "_" or cfg.prompt else -1 for c in text])
+    known, start = torch.full((cfg.seq_len,), -1, dtype=torch.long), time.time()  # with --vocab: _ is one token
+    given = sum(([-1] * (j > 0) + tokenize(part, cfg).tolist() for j, part in enumerate(text.split("_"))), []) \
+        if cfg.infill else tokenize(text, cfg).tolist()
+    known[:len(given)] = torch.tensor(given, dtype=torch.long)
     g, n = torch.Generator(ctx.device).manual_seed(cfg.seed + 2), cfg.num_samples
     x = draw(net, n, cfg, ctx, g, known=known.to(ctx.device).expand(n, -1))
-    samples, name = [decode(row, cfg.alphabet) for row in x], f"{kind}{tag(cfg)}-p{cfg.particles}.pt"
+    samples, name = [decode(row, symbols(cfg)) for row in x], f"{kind}{tag(cfg)}-p{cfg.particles}.pt"
     with open(os.path.join(cfg.out_dir, f"{kind}.txt"), "w") as f:
         f.write(f"{kind} |{text}| ({cfg.sampler} sampler, {cfg.sample_steps} steps, {cfg.particles} particles)\n" +
                 "".join(f"--- {b}\n{s}\n" for b, s in enumerate(samples)))
@@ -471,8 +604,8 @@ def sample(net, cfg, ctx, data):
         return complete(net, cfg, ctx, data)
     trajectory, g = [], torch.Generator(ctx.device).manual_seed(cfg.seed)
     x = draw(net, cfg.num_samples, cfg, ctx, g, trajectory)
-    line = lambda x: decode(x, cfg.alphabet).replace("\n", "¶")  # noqa: E731  one line, also for new lines
-    texts = [decode(row, cfg.alphabet) for row in x]
+    line = lambda x: decode(x, symbols(cfg)).replace("\n", "¶")  # noqa: E731  one line, also for new lines
+    texts = [decode(row, symbols(cfg)) for row in x]
     with open(os.path.join(cfg.out_dir, "samples.txt"), "w") as f:
         f.write("".join(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{s}\n"
                         for b, s in enumerate(texts)))
@@ -484,7 +617,7 @@ def sample(net, cfg, ctx, data):
             f.write(f"t={s['t']:.2f} input  |{line(s['input'][0].argmax(-1))}|\n       output |"
                     f"{line(s['output'][0].argmax(-1))}|\n")
         f.write(f"final sample |{line(x[0])}|\n")
-    frames, one_hot = [], F.one_hot(x, len(cfg.alphabet))  # evolution.gif: a frame per network call, 3 samples
+    frames, one_hot = [], F.one_hot(x, len(symbols(cfg)))  # evolution.gif: a frame per network call, 3 samples
     for s in trajectory + [{"t": 1.0, "input": one_hot, "output": one_hot, "label": ", the samples"}]:
         lines = [f"t = {s['t']:.3f}{s.get('label', '')}"]
         for b in range(min(3, cfg.num_samples)):
@@ -510,7 +643,8 @@ MODES = ("preset", "resume", "eval_only", "sample_only", "init_from", "out_dir",
 
 def parse_args(argv=None, saved=None, strict=True):
     """Command line -> Config: the paper's defaults, then the --preset's, then the checkpoint's (saved), then the flags
-    given. A model or data flag other than the checkpoint's, or (strict) a combination check() refuses: one line."""
+    given. A model or data flag other than the checkpoint's: one line; strict: then check() (a bad combination: one
+    line)."""
     argv, fields, saved = list(sys.argv[1:] if argv is None else argv), dataclasses.fields(Config), saved or {}
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default="paper")
@@ -528,8 +662,8 @@ def parse_args(argv=None, saved=None, strict=True):
                   if Config.__dataclass_fields__[k].metadata["fixed"] and getattr(cfg, k) != v]:
         raise SystemExit(f"{SCRIPT}: error: the checkpoint was made with other model or data settings: "
                          f"{'; '.join(differ)}. Leave those flags out to use the checkpoint's")
-    cfg, problem = check(cfg)
-    return p.error(problem) if strict and problem else cfg
+    cfg, problem = check(cfg) if strict else (cfg, None)  # not strict: enough to find the checkpoint and the device
+    return p.error(problem) if problem else cfg
 
 
 def setup(cfg):
@@ -574,7 +708,7 @@ def build(cfg, ctx, ckpt):
     """The network, its EMA copy (evaluation, sampling) and AdamW (weight decay on weights only), with the checkpoint's
     weights (ours, or the authors'), for --resume also its optimiser; and the first step."""
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width, len(cfg.alphabet))
+    model = Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width, len(symbols(cfg)))
     size = sum(p.numel() for p in model.parameters())
     ctx.log(f"{size / 1e6:.2f}M parameters" + ("" if size < 1e7 or ctx.device.type == "cuda" else ": the size of the "
             "paper's model, meant for GPUs; --preset quick trains a small one in minutes"))
@@ -672,7 +806,7 @@ def train(cfg, ctx, data, model, ema, optimizer, step):
 
 def main(argv=None):
     """Parse the flags, then train (or only evaluate, or only sample) in the run directory."""
-    cfg = parse_args(argv, strict=False)  # enough to find the checkpoint and the device
+    cfg = parse_args(argv, strict=False)
     ctx = setup(cfg)
     ckpt = read_checkpoint(cfg, ctx) if cfg.init_from or cfg.resume or cfg.eval_only or cfg.sample_only else None
     kept = [f.name for f in dataclasses.fields(Config) if f.metadata["fixed"] or not cfg.init_from]

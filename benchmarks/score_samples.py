@@ -250,7 +250,7 @@ class NGram:
 def score_text(module, cfg, saved):
     """{samples: figures, test: figures} of text samples (see the module docstring)."""
     texts, data = saved["texts"], module.load_data(cfg, torch.device("cpu"))
-    train = module.decode(data["train"], cfg.alphabet)
+    train = module.decode(data["train"], module.symbols(cfg))
     windows = data["test"][:len(data["test"]) // cfg.seq_len * cfg.seq_len].view(-1, cfg.seq_len)
     if len(windows) < len(texts):
         raise SystemExit(f"score_samples.py: error: {len(texts)} samples need as many test windows; the test split has "
@@ -258,7 +258,8 @@ def score_text(module, cfg, saved):
     chars = "".join(sorted(set(train)))
     ngram, vocabulary = NGram(char_codes(train, chars), len(chars) + 1), set(train.split())
     figures = {}
-    for name, part in (("samples", texts), ("test", [module.decode(w, cfg.alphabet) for w in windows[:len(texts)]])):
+    real = [module.decode(w, module.symbols(cfg)) for w in windows[:len(texts)]]
+    for name, part in (("samples", texts), ("test", real)):
         words = [w for text in part for w in whole_words(text)]
         length = min(map(len, part))
         figures[name] = {"spelling_accuracy": sum(w in vocabulary for w in words) / len(words) if words else math.nan,

@@ -256,7 +256,8 @@ def test_conditioning_with_nothing_known_is_the_plain_sampler(kind, name):
 def test_smc_weighs_particles_by_the_distribution_it_draws_from():
     """A guided prediction off the simplex (class 2 negative, the rest not normalised) and its normalised positive
     part, which _categorical draws from alike: the paper's sampler with sequential Monte Carlo gives them the same
-    weights, so the same samples from the same generator. Weighing by the raw values instead favours particles whose raw values sum higher."""
+    weights, so the same samples from the same generator. Weighing by the raw values instead favours particles whose
+    raw values sum higher."""
     fn = joint_marginals(P3)
 
     def raw(theta, t):

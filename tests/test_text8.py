@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -205,3 +206,82 @@ def test_word_guidance_and_particles_end_to_end(text8_dir, tmp_path):
         run(text8_dir, out, "--sample-only", flag, text, "--particles", "3", "--sampler", "sde")
         lines = open(os.path.join(out, f"{flag[2:]}.txt")).read().splitlines()
         assert "3 particles" in lines[0] and all(line.startswith(text[:4]) for line in lines[2::2])
+
+
+# ---------------------------------------------------------------------------------------------------- --vocab
+
+def test_merges_by_hand_and_the_round_trip_of_any_text():
+    """On "aab aab ab" (words aab, " aab", " ab"): the pair a b (3 times) merges first, then a ab (2 times). Any text
+    of the alphabet round-trips, spaces, new lines and characters never seen in training included; a character
+    outside it is one named error."""
+    merges = bfn_text8.learn_merges("aab aab ab", " ab\nΩé", 2)
+    assert merges == ((1, 2), (1, 6))  # token 6 = "a" + "b", token 7 = "a" + "ab"
+    cfg = bfn_text8.Config(alphabet=" ab\nΩé", merges=merges, vocab=8)
+    assert bfn_text8.symbols(cfg) == (" ", "a", "b", "\n", "Ω", "é", "ab", "aab")
+    assert bfn_text8.tokenize("aab ab", cfg).tolist() == [7, 0, 6]
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        text = "".join(cfg.alphabet[k] for k in torch.randint(len(cfg.alphabet), (200,), generator=rng))
+        assert bfn_text8.decode(bfn_text8.tokenize(text, cfg), bfn_text8.symbols(cfg)) == text
+    with pytest.raises(SystemExit, match=r"the character 'x' at position 6 is not in the alphabet"):
+        bfn_text8.tokenize("ab ab x", cfg)
+    plain = bfn_text8.Config(alphabet=bfn_text8.ALPHABET)  # no merges: the characters' own ids, as for K = 27
+    assert torch.equal(bfn_text8.tokenize("the cat", plain).long(), bfn_text8.encode(b"the cat", bfn_text8.ALPHABET,
+                                                                                     "t").long())
+
+
+def test_merges_are_learnt_on_the_training_split_only(tmp_path):
+    """Two texts that differ only in their last 10% (validation and test) give the same merges; a word repeated only
+    there never becomes a token."""
+    from test_training import write_words
+    base = open(write_words(tmp_path / "w.txt", n_words=3000)).read()
+    cut = len(base) * 90 // 100
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "t.txt").write_text(base)
+    (b / "t.txt").write_text(base[:cut] + " qzqz" * ((len(base) - cut) // 5))
+    cfg_a, cfg_b = (bfn_text8.parse_args(["--text-file", str(d / "t.txt"), "--vocab", "40"]) for d in (a, b))
+    assert cfg_a.merges == cfg_b.merges and len(cfg_a.merges) == 40 - 27
+    assert not any("qz" in s for s in bfn_text8.symbols(cfg_b))
+    assert [n for n in os.listdir(a) if n.startswith("bpe-")] and cfg_a.chars > 1  # cached beside the text
+
+
+def test_bits_per_char_by_hand(tmp_path):
+    """Windows of 2 tokens scored ln 2 x (3 + 1) and ln 2 x (5 + 3) bits (loss + L^r), spelling 3 and 8 characters:
+    bits/char is the mean of 4/3 and 8/8, its standard error that of those two values; bits/token 6/2."""
+    cfg = bfn_text8.Config(out_dir=str(tmp_path), vocab=30, seq_len=2, eval_n=("inf",))
+    ln2 = math.log(2)
+    bfn_text8.report({"inf": [torch.tensor([3 * ln2, 5 * ln2])]}, [torch.tensor([ln2, 3 * ln2])], cfg,
+                     types.SimpleNamespace(log=print), 7, torch.tensor([3.0, 8.0], dtype=torch.float64))
+    r = json.load(open(tmp_path / "eval.json"))["n"]["inf"]
+    assert r["total"] == pytest.approx((4 / 3 + 1) / 2) and r["recon"] == pytest.approx((1 / 3 + 3 / 8) / 2)
+    assert r["stderr"] == pytest.approx(torch.tensor([4 / 3, 1.0]).std().item() / math.sqrt(2))
+    assert r["bits_per_token"]["total"] == pytest.approx(6 / 2)
+
+
+def test_vocab_end_to_end(tmp_path, monkeypatch):
+    """--vocab trains, evaluates in bits/char (each window over its own characters) and samples readable text; prompts,
+    infilling and word guidance take tokens; another --vocab does not fit the checkpoint; a K that cannot fit stops
+    before the first step."""
+    from test_training import write_words
+    text, out = write_words(tmp_path / "words.txt"), str(tmp_path / "run")
+    seen = {}
+    report = bfn_text8.report
+    monkeypatch.setattr(bfn_text8, "report", lambda *a: seen.update(chars=a[-1]) or report(*a))
+    bfn_text8.main(["--text-file", text, "--out-dir", out, *TINY, "--vocab", "48", "--steps", "2"])
+    cfg = bfn_text8.parse_args(["--out-dir", out], torch.load(os.path.join(out, "ckpt.pt"))["config"])
+    windows = bfn_text8.evaluation_set(bfn_text8.load_data(cfg, torch.device("cpu"))["test"], cfg)
+    assert seen["chars"].tolist() == [len(bfn_text8.decode(w, bfn_text8.symbols(cfg))) for w in windows]
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert ev["unit"] == "bits/char" and all(math.isfinite(r["bits_per_token"]["total"]) for r in ev["n"].values())
+    texts = torch.load(os.path.join(out, "samples-paper-3.pt"))["texts"]
+    assert all(len(t) >= 32 and set(t) <= set(cfg.alphabet) for t in texts)  # 32 tokens of one or more characters
+    bfn_text8.main(["--out-dir", out, "--sample-only", "--prompt", "the flow"])
+    assert all(t.startswith("the flow") for t in torch.load(os.path.join(out, "prompt-paper-3-p1.pt"))["texts"])
+    bfn_text8.main(["--out-dir", out, "--sample-only", "--infill", "the _ of"])
+    assert all(t.startswith("the ") for t in torch.load(os.path.join(out, "infill-paper-3-p1.pt"))["texts"])
+    bfn_text8.main(["--out-dir", out, "--sample-only", "--guide-word", " flow", "--grad-guidance", "2"])
+    with pytest.raises(SystemExit, match="--vocab 48 in the checkpoint, 50 now"):
+        bfn_text8.main(["--out-dir", out, "--eval-only", "--vocab", "50"])
+    with pytest.raises(SystemExit, match=r"K = 48 symbols need about .* GiB .* lower --batch-size"):
+        bfn_text8.main(["--out-dir", out, "--resume", "--batch-size", "100000000", "--steps", "3"])
