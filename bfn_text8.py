@@ -326,9 +326,9 @@ def learn_tokens(cfg):
         return {"merges": tuple(map(tuple, saved["merges"])), "chars": saved["chars"]}
     merges = learn_merges(train, cfg.alphabet, cfg.vocab - len(cfg.alphabet))
     saved = {"merges": merges, "chars": len(train) / len(tokenize(train, dataclasses.replace(cfg, merges=merges)))}
-    with open(path + ".tmp", "w") as f:
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
         json.dump(saved, f)
-    os.replace(path + ".tmp", path)  # whole or not at all, also with torchrun's processes racing
+    os.replace(f"{path}.{os.getpid()}.tmp", path)  # whole or not at all, also with torchrun's processes racing
     return saved
 
 
