@@ -92,8 +92,8 @@ PRESETS = {"paper": {}, "quick": dict(layers=4, heads=4, width=128, seq_len=32, 
 
 
 def check(cfg):
-    """The settings that depend on each other -> (cfg, with the alphabet and beta(1) resolved; the first problem, a
-    one-line message, or None)."""
+    """The settings that depend on each other -> (cfg, with the alphabet, --vocab's merges and beta(1) resolved; the
+    first problem, a one-line message, or None)."""
     if not cfg.alphabet:  # the text's own characters, or text8's when it has no others
         alphabet = "".join(sorted(set(read_text(cfg.text_file)))) if cfg.text_file else ALPHABET
         cfg = dataclasses.replace(cfg, alphabet=ALPHABET if set(alphabet) <= set(ALPHABET) else alphabet)
