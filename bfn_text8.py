@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_beta_1, discrete_flow, discrete_guided_probs, discrete_loss_inf, discrete_loss_n, \
-    discrete_recon_loss, discrete_sample, discrete_sample_ode, discrete_sample_sde, discrete_sample_smc, recorded, \
-    replace_known_probs, stratified_steps
+from common import discrete_beta_1, discrete_beta_1_tokens, discrete_flow, discrete_guided_probs, \
+    discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, discrete_sample_ode, \
+    discrete_sample_sde, discrete_sample_smc, recorded, replace_known_probs, stratified_steps
 
 SCRIPT, UNIT, BETAS = "bfn_text8.py", "bits/char", (0.9, 0.98)
 
@@ -49,7 +49,7 @@ class Config:
     vocab: int = opt(0, "K subword tokens: byte-pair merges of the characters, learnt on the training split (0: the "
                         "characters)", True)
     beta_1: float = opt(0.0, "final accuracy beta(1) of beta(t) = beta(1) t^2 (§6.8); 0: 0.5625 for K >= 27, larger "
-                             "below (discrete_beta_1)", True)
+                             "below (discrete_beta_1), 20.4054 / K with --vocab (discrete_beta_1_tokens)", True)
     layers: int = opt(24, "transformer layers", True)
     heads: int = opt(12, "attention heads", True)
     width: int = opt(768, "transformer width (a multiple of 2 x --heads)", True)
@@ -65,9 +65,11 @@ class Config:
     sample_steps: int = opt(1000, "generation steps n")
     num_samples: int = opt(8, "windows to sample (samples.txt, samples.pt), or completions of --prompt or --infill")
     prompt: str = opt("", "sample continuations of this text (of the alphabet), fixed at the start of every window")
-    infill: str = opt("", "fill in the underscores of this text, fixed at the start of every window")
+    infill: str = opt("", "fill in the underscores of this text (with --vocab each _ is a token), fixed at the start "
+                          "of every window")
     particles: int = opt(1, "with --prompt, --infill: sequential Monte Carlo over P particles (1: replacement)")
-    guide_word: str = opt("", "with --grad-guidance: steer samples towards containing this word")
+    guide_word: str = opt("", "with --grad-guidance: steer samples towards containing this word (with --vocab: its "
+                              "tokens when spelt alone; ' zero' for the word after a space)")
     grad_guidance: float = opt(0.0, "gradient guidance weight towards --guide-word, through the network")
     preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win",
                       choices=("paper", "quick"))
@@ -100,7 +102,8 @@ def check(cfg):
     if cfg.vocab > len(cfg.alphabet) and not cfg.merges:
         cfg = dataclasses.replace(cfg, **learn_tokens(cfg))
     if cfg.beta_1 == 0:
-        cfg = dataclasses.replace(cfg, beta_1=discrete_beta_1(cfg.vocab or len(cfg.alphabet)))
+        cfg = dataclasses.replace(cfg, beta_1=discrete_beta_1_tokens(cfg.vocab) if cfg.vocab else discrete_beta_1(
+            len(cfg.alphabet)))
     text, outside = cfg.prompt or cfg.infill or cfg.guide_word, set(cfg.prompt + cfg.guide_word + cfg.infill.replace(
         "_", "")) - set(cfg.alphabet)
     return cfg, next((message for bad, message in [

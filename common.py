@@ -316,6 +316,17 @@ def discrete_beta_1(K, reference=(27, 0.5625), samples=8192):
     return float(f"{math.exp((lo + hi) / 2):.4g}")
 
 
+def discrete_beta_1_tokens(K):
+    """A default beta(1) for K subword tokens (bfn_text8.py --vocab), beyond the paper: 20.4054 / K, the value of
+    ChemBFN (N. A. Tao et al., arXiv:2407.20294, its model's `beta`), here on the paper's beta(t) = beta(1) t^2. Why it
+    falls as 1 / K: L^inf weighs the squared error of p_O by K beta(1) t (§6.7), and at t = 1 the true token leads the
+    others in y = beta(1) (K e_x - 1) + sqrt(beta(1) K) eps by K beta(1), its noise sqrt(K beta(1)): both depend on K
+    beta(1) alone, which text8's setting puts at 15.2 (27 x 0.5625) and this rule at 20.4 for every K. Text8's 0.5625
+    at K = 1,024 makes it 576: L^inf starts near 290 nats per token and the quick model ends far behind the
+    character model at equal minutes, where this rule trains (RESULTS)."""
+    return 20.4054 / K
+
+
 def discrete_alpha(i, n, beta_1):
     """§6.8: alpha_i = beta(t_i) - beta(t_{i-1}) = beta(1) (2i - 1) / n^2."""
     return beta_1 * (2 * _full_precision(torch.as_tensor(i)) - 1) / n ** 2

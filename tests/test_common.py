@@ -727,6 +727,17 @@ def test_guidance_on_probabilities_is_guidance_on_the_updates_of_theta(sampler):
     torch.testing.assert_close(final_theta((1 + w) * p_c - w * p_u).log(), combined, rtol=1e-4, atol=1e-4)
 
 
+def test_discrete_beta_1_for_tokens_holds_k_beta_1():
+    """20.4054 / K: the L^inf weight K beta(1) t and the true token's lead K beta(1) in y at t = 1 are the same for
+    every vocabulary. Under it the flow's last input gives the true token 0.92 of its mass at K = 256 and 0.73 at
+    K = 4096 (more rivals' noise); under text8's 0.5625 it is already certain there (and long before t = 1)."""
+    assert [K * C.discrete_beta_1_tokens(K) for K in (27, 256, 4096)] == pytest.approx([20.4054] * 3)
+    g, x, t = torch.Generator().manual_seed(0), torch.zeros(2000, dtype=torch.long), torch.ones(2000)
+    sure = [C.discrete_flow(x, t, C.discrete_beta_1_tokens(K), K, g)[:, 0].mean().item() for K in (256, 4096)]
+    assert 0.88 < sure[0] < 0.95 and 0.68 < sure[1] < 0.78
+    assert C.discrete_flow(x, t, 0.5625, 256, g)[:, 0].mean().item() > 0.999
+
+
 def test_discrete_beta_1_rule():
     """0.5625 (the paper's text8 setting) at K = 27 and above; below, larger, so that the final input's expected
     entropy, estimated on other draws, is the text8 setting's; for K > 27 text8's beta(1) leaves less."""

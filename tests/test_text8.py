@@ -270,6 +270,7 @@ def test_vocab_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(bfn_text8, "report", lambda *a: seen.update(chars=a[-1]) or report(*a))
     bfn_text8.main(["--text-file", text, "--out-dir", out, *TINY, "--vocab", "48", "--steps", "2"])
     cfg = bfn_text8.parse_args(["--out-dir", out], torch.load(os.path.join(out, "ckpt.pt"))["config"])
+    assert cfg.beta_1 == 20.4054 / 48  # common.discrete_beta_1_tokens: K beta(1) held at 20.4
     windows = bfn_text8.evaluation_set(bfn_text8.load_data(cfg, torch.device("cpu"))["test"], cfg)
     assert seen["chars"].tolist() == [len(bfn_text8.decode(w, bfn_text8.symbols(cfg))) for w in windows]
     ev = json.load(open(os.path.join(out, "eval.json")))
