@@ -450,7 +450,7 @@ def train_loss(net, batch, cfg, ctx):
     """L^inf (§6.7, Algorithm 8) of a batch (x (B, L), None): t ~ U(0, 1), theta ~ p_F(. | x; t). (B,) nats/window."""
     x, _ = batch
     t = torch.rand(len(x), device=x.device)
-    theta = discrete_flow(x, t, cfg.beta_1, len(symbols(cfg)))
+    theta = discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet) + len(cfg.merges))  # K (no hashing of merges per step)
     return discrete_loss_inf(x, output_log_probs(net, theta, t, ctx).exp(), t, cfg.beta_1)
 
 
