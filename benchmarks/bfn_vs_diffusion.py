@@ -396,8 +396,9 @@ def summary(out_dir, kind):
 
 
 def figure(runs, title, w=640, h=400, m=60):
-    """An SVG line plot of each run's curve (minutes on a log2 axis), BFN in blue, diffusion in orange."""
-    points = [(c["minutes"], c["total"]) for r in runs for c in r["curve"]]
+    """An SVG line plot of each run's curve (minutes on a log2 axis, +- one standard error), BFN in blue, diffusion in
+    orange."""
+    points = [(c["minutes"], c["total"] + e * c["stderr"]) for r in runs for c in r["curve"] for e in (-1, 1)]
     (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
     x0, x1, y1 = math.log2(x0), max(math.log2(x1), math.log2(x0) + 1), y1 + (y1 == y0)
     X = lambda v: m + (math.log2(v) - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
@@ -417,8 +418,11 @@ def figure(runs, title, w=640, h=400, m=60):
         label = f"{'BFN' if r['method'] == 'bfn' else 'diffusion'} lr {r['lr']:g}"
         path = " ".join(f"{'M' if j == 0 else 'L'}{X(c['minutes']):.1f},{Y(c['total']):.1f}"
                         for j, c in enumerate(r["curve"]))
-        out.append(f'<path d="{path}" stroke="{colour}" stroke-width="2" fill="none" '
-                   f'stroke-dasharray="{"" if k < 2 else "6,3"}"/>')
+        dash = "" if r["lr"] == runs[0]["lr"] else "6,3"  # the first learning rate solid, others dashed
+        out.append(f'<path d="{path}" stroke="{colour}" stroke-width="2" fill="none" stroke-dasharray="{dash}"/>')
+        out += [f'<path d="M{X(c["minutes"]):.1f},{Y(c["total"] - c["stderr"]):.1f} '
+                f'V{Y(c["total"] + c["stderr"]):.1f}" stroke="{colour}"/><circle cx="{X(c["minutes"]):.1f}" '
+                f'cy="{Y(c["total"]):.1f}" r="3" fill="{colour}"/>' for c in r["curve"]]  # each mark and its error
         out.append(f'<text x="{w - m - 4}" y="{m + 16 * k + 12}" text-anchor="end" fill="{colour}">{label}</text>')
     return "\n".join(out + ["</svg>\n"])
 

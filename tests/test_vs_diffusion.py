@@ -113,8 +113,9 @@ def test_vdm_nelbo_of_the_exact_denoiser_averages_to_the_data_entropy():
 
 
 def test_vdm_sampler_reproduces_a_gaussian_mixture():
-    """Ancestral sampling with the exact eps_hat of a 1-D two-component Gaussian mixture: at 100 steps the mean, the
-    variance and the weight below 0 match the mixture's within standard errors."""
+    """Ancestral sampling with the exact eps_hat of a 1-D two-component Gaussian mixture: at 100 steps the mean and the
+    weight below 0 match the mixture's within standard errors and the variance is 4% short (0.193 against 0.201; at 5
+    steps 0.079, at 10 0.124: RESULTS.md); at 1,000 steps the variance matches too."""
     w, m, s = torch.tensor([0.3, 0.7]), torch.tensor([-0.5, 0.4]), torch.tensor([0.1, 0.2])
     w, m, s = w.double(), m.double(), s.double()
 
@@ -126,13 +127,15 @@ def test_vdm_sampler_reproduces_a_gaussian_mixture():
         x_hat = (log_w.exp() * (m + alpha * s ** 2 / var * (z[..., None] - alpha * m))).sum(-1)
         return (z - alpha[..., 0] * x_hat) / sigma[..., 0]
 
-    n = 20_000
-    x = V.vdm_sample(eps_fn, (n, 1), 100, torch.Generator().manual_seed(2)).double()[:, 0]
+    n, g = 20_000, torch.Generator().manual_seed(2)
     mean, var = (w * m).sum().item(), (w * (s ** 2 + m ** 2)).sum().item() - (w * m).sum().item() ** 2
     below = 0.3 + 0.7 * 0.5 * math.erfc(0.4 / 0.2 / math.sqrt(2))
-    assert abs(x.mean().item() - mean) < 4 * math.sqrt(var / n)
-    assert abs(x.var().item() - var) < 4 * var * math.sqrt(2 / n) * 1.5
-    assert abs((x < 0).double().mean().item() - below) < 4 * math.sqrt(below * (1 - below) / n)
+    for steps in (100, 1000):
+        x = V.vdm_sample(eps_fn, (n, 1), steps, g).double()[:, 0]
+        assert abs(x.mean().item() - mean) < 4 * math.sqrt(var / n)
+        assert abs((x < 0).double().mean().item() - below) < 4 * math.sqrt(below * (1 - below) / n)
+        se = ((x - x.mean()) ** 2).std().item() / math.sqrt(n)  # of the variance
+        assert abs(x.var().item() - var) < (4 * se if steps == 1000 else 0.06 * var), (steps, x.var().item(), var)
 
 
 FAST = ["--minutes", "0.01", "--eval-at", "0.005", "--calls", "3", "--num-samples", "4", "--eval-examples", "6"]
@@ -158,4 +161,5 @@ def test_each_data_type_end_to_end(tmp_path):
         assert r["peak_memory_mib"] > 0 and set(r["samples"]) == {"3"}
     assert runs["mnist-bfn-lr0.001"]["parameters"] - runs["mnist-diffusion-lr0.001"]["parameters"] == -2 * 32
     assert 0 <= runs["text8-diffusion-lr0.001"]["samples"]["3"]["spelling_accuracy"] <= 1
-    assert open(os.path.join(out, "mnist.svg")).read().count("<path") == 3  # the axes and two curves
+    svg = open(os.path.join(out, "mnist.svg")).read()
+    assert svg.count("<circle") == 4 and "BFN lr 0.001" in svg and "diffusion lr 0.001" in svg  # 2 curves of 2 marks
