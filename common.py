@@ -321,10 +321,9 @@ def discrete_beta_1_tokens(K):
     ChemBFN (N. A. Tao et al., arXiv:2407.20294, its model's `beta`), here on the paper's beta(t) = beta(1) t^2. Why it
     falls as 1 / K: L^inf weighs the squared error of p_O by K beta(1) t (§6.7), and at t = 1 the true token leads the
     others in y = beta(1) (K e_x - 1) + sqrt(beta(1) K) eps by K beta(1), its noise sqrt(K beta(1)): both depend on K
-    beta(1) alone, which text8's setting puts at 15.2 (27 x 0.5625) and this rule at 20.4 for every K. Text8's 0.5625
-    at K = 1,024 makes it 576: L^inf starts near 290 nats per token and the quick model ends at 84 bits/char, where
-    this rule gives 5.1. At K = 256 text8's value (K beta(1) = 144) still trains and scored 3.54 against this rule's
-    3.71 (RESULTS): the rule is the safe default, not the best at every K."""
+    beta(1) alone, which text8's setting puts at 15.2 (27 x 0.5625) and this rule at 20.4 for every K; text8's 0.5625
+    at K = 1,024 would make it 576, and L^inf would start near 290 nats per token. The rule is the safe default, not
+    the best at every K: RESULTS.md "Subword tokens against characters" has the measurements."""
     return 20.4054 / K
 
 

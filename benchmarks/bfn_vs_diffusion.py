@@ -23,6 +23,7 @@ a process of its own, so that its peak memory is its own, and writes
 Shapes: B batch, D data dimensions (positions or pixels), K classes (+ 1: the mask symbol, index K).
 """
 import argparse
+import copy
 import dataclasses
 import glob
 import importlib
@@ -48,16 +49,18 @@ SCRIPTS = {"mnist": "bfn_mnist", "text8": "bfn_text8", "cifar": "bfn_cifar"}
 # ----------------------------------------------------------------------------------------------------------------------
 # Masked (absorbing-state) diffusion in continuous time: Sahoo et al. 2024 (MDLM, arXiv:2406.07524) and Shi et al. 2024
 # (MD4, arXiv:2406.04329), with the linear schedule alpha(t) = 1 - t, the probability that a token is still unmasked.
+# Cited by the name of each expression in the papers (the forward process, the continuous-time NELBO, the reverse
+# step with carry-over unmasking): their equation numbers differ between versions.
 
 def mask(x, t, K, generator=None):
-    """z_t ~ q(z_t | x) (MDLM eq. (2) with alpha(t) = 1 - t): each position replaced by the mask symbol K with
-    probability 1 - alpha(t) = t. x (B, ...) long, t (B,) -> (B, ...) long."""
+    """z_t ~ q(z_t | x), MDLM's and MD4's forward process with alpha(t) = 1 - t: each position replaced by the mask
+    symbol K with probability 1 - alpha(t) = t. x (B, ...) long, t (B,) -> (B, ...) long."""
     t = t.view(-1, *[1] * (x.dim() - 1))
     return torch.where(torch.rand(x.shape, generator=generator, device=x.device) < t, K, x)
 
 
 def masked_loss(log_p, x, z, t):
-    """The continuous-time NELBO of one draw (MDLM eq. (10), MD4 eq. (4)): -alpha'(t) / (1 - alpha(t)) = 1 / t times
+    """The continuous-time NELBO of one draw (MDLM's and MD4's L^inf): -alpha'(t) / (1 - alpha(t)) = 1 / t times
     the cross-entropy -ln p(x_l | z_t) summed over the masked positions l (unmasked ones are carried over, at no cost).
     log_p (B, ..., K) = ln p(. | z_t), x, z (B, ...), t (B,) -> (B,) nats. Its mean over t ~ U(0, 1) and z bounds
     -ln p(x), with equality for the exact conditionals (tests/test_vs_diffusion.py)."""
@@ -67,8 +70,8 @@ def masked_loss(log_p, x, z, t):
 
 @torch.no_grad()
 def masked_sample(log_p_fn, shape, n, K, generator=None, device=None):
-    """Ancestral sampling (MDLM §3.2.2, eq. (7) with carry-over unmasking) at n steps t_i = i / n, from every position
-    masked at t = 1: between t and s = t - 1/n a masked position is revealed with probability
+    """Ancestral sampling (MDLM's reverse step p(z_s | z_t), with carry-over unmasking) at n steps t_i = i / n, from
+    every position masked at t = 1: between t and s = t - 1/n a masked position is revealed with probability
     (alpha(s) - alpha(t)) / (1 - alpha(t)) = (t - s) / t, as a token drawn from p(. | z_t); revealed tokens stay.
     The last step reveals the rest. log_p_fn(z (B, ...), t (B,)) -> (B, ..., K). n network calls; -> (B, ...) long."""
     z = torch.full(shape, K, dtype=torch.long, device=device)
@@ -83,10 +86,11 @@ def masked_sample(log_p_fn, shape, n, K, generator=None, device=None):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Variational diffusion (Kingma et al. 2021, VDM, arXiv:2107.00630): z_t = alpha_t x + sigma_t eps with
-# alpha_t^2 = sigmoid(-gamma(t)), sigma_t^2 = sigmoid(gamma(t)) (eq. (3)), the fixed linear schedule between VDM's
-# CIFAR-10 end points, and the network predicting eps; data are the centres of 256 bins on [-1, 1].
+# alpha_t^2 = sigmoid(-gamma(t)), sigma_t^2 = sigmoid(gamma(t)) (its variance-preserving forward process), a fixed
+# linear schedule between VDM's CIFAR-10 end points, and the network predicting eps; data are the centres of 256 bins
+# on [-1, 1]. Cited by the name of each term, as for MDLM.
 
-GAMMA = (-13.3, 5.0)  # gamma(0), gamma(1): VDM's (its Table / Appendix for CIFAR-10)
+GAMMA = (-13.3, 5.0)  # gamma(0), gamma(1): VDM's CIFAR-10 setting (there the start point of a learnt schedule)
 
 
 def gamma(t):
@@ -95,10 +99,10 @@ def gamma(t):
 
 
 def vdm_nelbo(eps_fn, x, t, generator=None, bins=256):
-    """-ln p(x) <= prior + reconstruction + diffusion (VDM eq. (11)), one draw of t and the noise:
+    """-ln p(x) <= prior + reconstruction + diffusion (VDM's variational lower bound), one draw of t and the noise:
     prior KL(q(z_1 | x) || N(0, I)); reconstruction -ln p(x | z_0) under VDM's factorised decoder over the bins
-    (p(x_i | z_0) proportional to N(z_0,i / alpha_0; x_i, sigma_0^2 / alpha_0^2), §3.3 and Appendix C); the
-    continuous-time diffusion loss 1/2 gamma'(t) ||eps - eps_hat(z_t, t)||^2 (eq. (17)).
+    (p(x_i | z_0) proportional to N(z_0,i / alpha_0; x_i, sigma_0^2 / alpha_0^2)); the continuous-time diffusion loss
+    in its eps form, 1/2 gamma'(t) ||eps - eps_hat(z_t, t)||^2.
     eps_fn(z (B, ...), t (B,)) -> eps_hat; x (B, ...) bin centres; t (B,) -> {prior, recon, diffusion}: (B,) nats."""
     view = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, ...)
     noise = lambda: torch.randn(x.shape, generator=generator, device=x.device)  # noqa: E731
@@ -108,8 +112,8 @@ def vdm_nelbo(eps_fn, x, t, generator=None, bins=256):
     z_0 = torch.sigmoid(-g0).sqrt() * x + torch.sigmoid(g0).sqrt() * noise()
     centres = (2 * torch.arange(bins, device=x.device) + 1) / bins - 1  # (bins,)
     logits = -0.5 * torch.exp(-g0) * (z_0[..., None] / torch.sigmoid(-g0).sqrt() - centres) ** 2  # (B, ..., bins)
-    k = ((x + 1) * bins / 2).floor().long().clamp(0, bins - 1)  # x's bin
-    recon = -logits.log_softmax(-1).gather(-1, k[..., None])[..., 0]
+    x_bin = ((x + 1) * bins / 2).floor().long().clamp(0, bins - 1)
+    recon = -logits.log_softmax(-1).gather(-1, x_bin[..., None])[..., 0]
     eps, g_t = noise(), view(gamma(t))
     eps_hat = eps_fn(torch.sigmoid(-g_t).sqrt() * x + torch.sigmoid(g_t).sqrt() * eps, t)
     diffusion = 0.5 * (GAMMA[1] - GAMMA[0]) * (eps - eps_hat) ** 2
@@ -118,10 +122,10 @@ def vdm_nelbo(eps_fn, x, t, generator=None, bins=256):
 
 @torch.no_grad()
 def vdm_sample(eps_fn, shape, n, generator=None, device=None, bins=256):
-    """Ancestral sampling (VDM Appendix A.4, p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t))) at n steps t_i = i / n from
-    z_1 ~ N(0, I): z_s = alpha_s / alpha_t (z_t - c sigma_t eps_hat) + sqrt(c) sigma_s eps with c = 1 - e^(gamma(s) -
-    gamma(t)); at s = 0 the bin whose centre is nearest z_0 / alpha_0 (the decoder's most probable). n network calls;
-    -> (B, ...) bin centres."""
+    """Ancestral sampling (VDM's generative model, p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t))) at n steps t_i = i / n
+    from z_1 ~ N(0, I): z_s = alpha_s / alpha_t (z_t - c sigma_t eps_hat) + sqrt(c) sigma_s eps with
+    c = 1 - e^(gamma(s) - gamma(t)); at s = 0 the bin whose centre is nearest z_0 / alpha_0 (the decoder's most
+    probable). n network calls; -> (B, ...) bin centres."""
     z, ones = torch.randn(shape, generator=generator, device=device), torch.ones(shape[0], device=device)
     sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
     for i in range(n, 0, -1):
@@ -171,14 +175,15 @@ def diffusion_network(kind, cfg, script):
 
 
 def classes(kind, cfg, script):
+    """K: the classes of a data dimension."""
     return 2 if kind == "mnist" else len(script.symbols(cfg)) if kind == "text8" else 256
 
 
 def diffusion_log_p(net, z, t, kind, K, ctx):
     """Masked diffusion's ln p(. | z_t) in float32: z (B, ...) with K where masked -> (B, ..., K)."""
     with ctx.autocast:
-        if kind == "mnist":  # white +1, black -1, masked 0, as the BFN's 2 theta_0 - 1 reads them
-            out = net(torch.tensor([1.0, -1.0, 0.0], device=z.device)[z], t)  # (B, H, W): the log-odds of black
+        if kind == "mnist":  # white (0) +1, black (1) -1, masked (2) 0, as the BFN's 2 theta_0 - 1 reads them
+            out = net(torch.where(z == K, 0.0, 1 - 2 * z.float()), t)  # (B, H, W): the log-odds of black
         else:
             out = net(F.one_hot(z, K + 1).float(), t)  # (B, L, K)
     out = out.float()
@@ -237,10 +242,10 @@ def diffusion_samples(net, kind, cfg, script, ctx, calls, n, generator):
 def config(args, script, lr, out_dir):
     """The script's quick preset with this run's data, learning rate and run directory; CIFAR at 256 bins."""
     data = ["--text-file", args.text_file] if args.text_file else ["--data-dir", args.data_dir]
-    extra = ["--bins", "256"] if args.data == "cifar" else []
-    cfg = script.parse_args(["--preset", "quick", *data, *extra, "--lr", str(lr), "--out-dir", out_dir, "--device",
-                             args.device, "--seed", str(args.seed), "--eval-n", "inf"])
-    return dataclasses.replace(cfg, **{"eval_examples": args.eval_examples} if args.eval_examples else {})
+    extra = (["--bins", "256"] if args.data == "cifar" else []) + (
+        ["--eval-examples", str(args.eval_examples)] if args.eval_examples else [])
+    return script.parse_args(["--preset", "quick", *data, *extra, "--lr", str(lr), "--out-dir", out_dir, "--device",
+                              args.device, "--seed", str(args.seed), "--eval-n", "inf"])
 
 
 @torch.no_grad()
@@ -268,7 +273,7 @@ def run_one(args, method, lr):
     data, kind = script.load_data(cfg, ctx.device), args.data
     K = classes(kind, cfg, script)
     model = script.build(cfg, ctx, None)[0] if method == "bfn" else diffusion_network(kind, cfg, script).to(ctx.device)
-    ema = [p.detach().clone() for p in model.parameters()]
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # evaluation and sampling, as in the scripts
     decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if (id(p) in decay) == on],
                                     "weight_decay": 0.01 * on} for on in (1, 0)], lr, script.BETAS)
@@ -290,7 +295,7 @@ def run_one(args, method, lr):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # the scripts' EMA: decay growing towards 0.9999
-            for e, p in zip(ema, model.parameters()):
+            for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - min(0.9999, (2 + step) / (11 + step)))
         loss_sum += loss.item()
         spent, step = spent + time.perf_counter() - tic, step + 1
@@ -302,10 +307,8 @@ def run_one(args, method, lr):
                     f"{step * cfg.batch_size / spent:.1f} examples/s")
             loss_sum, logged = 0.0, step
         if spent >= 60 * marks[0]:
-            with swapped(model, ema):
-                curve.append({"minutes": marks.pop(0), "step": step, **bound(method, model.eval(), cfg, script, ctx,
-                                                                              data, kind, step)})
-            model.train()
+            curve.append({"minutes": marks.pop(0), "step": step, **bound(method, ema, cfg, script, ctx, data, kind,
+                                                                          step)})
             ctx.log(f"{name} at {curve[-1]['minutes']} min (step {step}): {curve[-1]['total']:.4f} ± "
                     f"{curve[-1]['stderr']:.2g} {script.UNIT}")
     result = {"data": args.data, "method": method, "lr": lr, "parameters": params, "minutes": args.minutes,
@@ -314,39 +317,18 @@ def run_one(args, method, lr):
               "unit": script.UNIT, "command": " ".join(sys.argv)}
     result["peak_memory_mib"] = torch.cuda.max_memory_allocated(ctx.device) / 2 ** 20 if ctx.device.type == "cuda" \
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with swapped(model, ema):
-        model.eval()
-        final = dataclasses.replace(cfg, eval_examples=0)
-        result["test"] = bound(method, model, final, script, ctx, data, kind, step)
-        ctx.log(f"{name}: whole test split {result['test']['total']:.4f} ± {result['test']['stderr']:.2g} "
-                f"{script.UNIT}")
-        result["samples"] = {str(c): samples(method, model, cfg, script, ctx, c, args.num_samples) for c in args.calls}
+    result["test"] = bound(method, ema, dataclasses.replace(cfg, eval_examples=0), script, ctx, data, kind, step)
+    ctx.log(f"{name}: whole test split {result['test']['total']:.4f} ± {result['test']['stderr']:.2g} {script.UNIT}")
+    result["samples"] = {str(c): samples(method, ema, cfg, script, ctx, kind, c, args.num_samples) for c in args.calls}
     with open(os.path.join(args.out_dir, name + ".json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
 
 
-class swapped:
-    """Within: the model holds the EMA weights (evaluation, sampling); after: its own again."""
-
-    def __init__(self, model, ema):
-        self.model, self.ema = model, ema
-
-    def __enter__(self):
-        self.own = [p.detach().clone() for p in self.model.parameters()]
-        with torch.no_grad():
-            [p.copy_(e) for p, e in zip(self.model.parameters(), self.ema)]
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            [p.copy_(o) for p, o in zip(self.model.parameters(), self.own)]
-
-
-def samples(method, net, cfg, script, ctx, calls, n):
+def samples(method, net, cfg, script, ctx, kind, calls, n):
     """n samples at `calls` network calls, written as the script writes them and scored by score_samples.py."""
     import score_samples
     g = torch.Generator(ctx.device).manual_seed(cfg.seed)
-    kind = SCRIPTS_KIND[script.SCRIPT]
     if method == "bfn":  # the SDE solver: steps + 1 network calls
         cfg = dataclasses.replace(cfg, sampler="sde", sample_steps=calls - 1)
         x = script.draw(net, n, cfg, ctx, g)
@@ -359,9 +341,6 @@ def samples(method, net, cfg, script, ctx, calls, n):
     else:
         script.save_samples(x, None, cfg, os.path.basename(path))
     return score_samples.main([path, "--device", str(ctx.device)])[path]["samples"]
-
-
-SCRIPTS_KIND = {"bfn_mnist.py": "mnist", "bfn_text8.py": "text8", "bfn_cifar.py": "cifar"}
 
 
 def cpu_name():
