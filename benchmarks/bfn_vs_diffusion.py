@@ -334,7 +334,7 @@ def samples(method, net, cfg, script, ctx, kind, calls, n):
         x = script.draw(net, n, cfg, ctx, g)
     else:
         x = diffusion_samples(net, kind, cfg, script, ctx, calls, n, g)
-        cfg = dataclasses.replace(cfg, sampler="ancestral", sample_steps=calls - 1)  # score_samples: calls = steps + 1
+        cfg = dataclasses.replace(cfg, sampler="ancestral", sample_steps=calls)  # one network call per step
     path = os.path.join(cfg.out_dir, f"samples-{calls}-calls.pt")
     if kind == "text8":
         script.save_samples(x, [script.decode(row, script.symbols(cfg)) for row in x], cfg, os.path.basename(path))
@@ -357,15 +357,17 @@ def summary(out_dir, kind):
     if not runs:
         return ""
     unit, calls = runs[0]["unit"], sorted({int(c) for r in runs for c in r["samples"]})
+    marks = sorted({c["minutes"] for r in runs for c in r["curve"]})  # runs of different lengths: blanks
     quality = "spelling_accuracy" if kind == "text8" else "frechet_a"
-    lines = ["| method | lr | params | steps | examples/s | peak MiB | " + " | ".join(
-        f"{c['minutes']:g} min" for c in runs[0]["curve"]) + f" | whole test ({unit}) | " + " | ".join(
+    lines = ["| method | lr | minutes | params | steps | examples/s | peak MiB | " + " | ".join(
+        f"{m:g} min" for m in marks) + f" | whole test ({unit}) | " + " | ".join(
         f"{quality} @{c}" for c in calls) + " |"]
     lines.append("|" + "---|" * (lines[0].count("|") - 1))
     for r in runs:
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['parameters'] / 1e6:.3f}M | {r['steps']:,} | "
-                     f"{r['examples_per_s']:.1f} | {r['peak_memory_mib']:.0f} | " + " | ".join(
-                         f"{c['total']:.4g} ± {c['stderr']:.2g}" for c in r["curve"]) + f" | {r['test']['total']:.4g}"
+        at = {c["minutes"]: f"{c['total']:.4g} ± {c['stderr']:.2g}" for c in r["curve"]}
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['minutes']:g} | {r['parameters'] / 1e6:.3f}M | "
+                     f"{r['steps']:,} | {r['examples_per_s']:.1f} | {r['peak_memory_mib']:.0f} | " + " | ".join(
+                         at.get(m, "") for m in marks) + f" | {r['test']['total']:.4g}"
                      f" ± {r['test']['stderr']:.2g} | " + " | ".join(
                          f"{r['samples'][str(c)][quality]:.3g}" if str(c) in r["samples"] else "" for c in calls)
                      + " |")
@@ -426,6 +428,7 @@ def main(argv=None):
     p.add_argument("--out-dir", default="runs/vs_diffusion", help="where runs, results and the figure go")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one run for a parent that prints
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.num_samples < 1 or min(args.calls) < 2 or min(args.eval_at) <= 0:
         p.error("--minutes and --eval-at must be positive, --num-samples at least 1, --calls at least 2")
@@ -442,11 +445,12 @@ def main(argv=None):
         for lr in args.lr:
             for method in ("bfn", "diffusion") if args.method == "both" else (args.method,):
                 run = subprocess.run([sys.executable, os.path.abspath(__file__), *same, "--method", method, "--lr",
-                                      str(lr)])
+                                      str(lr), "--child"])
                 if run.returncode:
                     raise SystemExit(f"bfn_vs_diffusion.py: error: the {method} run at --lr {lr:g} stopped (exit "
                                      f"{run.returncode}; its message is above); earlier runs are in {args.out_dir}")
-    print(summary(args.out_dir, args.data))
+    if not args.child:
+        print(summary(args.out_dir, args.data))
 
 
 if __name__ == "__main__":

@@ -293,8 +293,9 @@ def main(argv=None):
         text = "texts" in saved
         figures = score_text(module, cfg, saved) if text else score_images(module, cfg, saved, torch.device(
             args.device))
+        calls = cfg.sample_steps + (cfg.sampler != "ancestral")  # the BFN's samplers end with one call at t = 1
         figures = {"file": path, "examples": len(saved["texts" if text else "samples"]), "sampler": cfg.sampler,
-                   "steps": cfg.sample_steps, "network_calls": cfg.sample_steps + 1, **figures}
+                   "steps": cfg.sample_steps, "network_calls": calls, **figures}
         with open(os.path.splitext(path)[0] + ".score.json", "w") as f:
             json.dump(figures, f, indent=1)
         show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, float))  # noqa: E731

@@ -141,12 +141,13 @@ def test_vdm_sampler_reproduces_a_gaussian_mixture():
 FAST = ["--minutes", "0.01", "--eval-at", "0.005", "--calls", "3", "--num-samples", "4", "--eval-examples", "6"]
 
 
-def test_each_data_type_end_to_end(tmp_path):
+def test_each_data_type_end_to_end(tmp_path, capfd):
     """Both methods on MNIST (each in its own process), and the diffusion side of text8 and CIFAR in this one: a
     curve, a whole-test bound, scored samples, the table and the figure; the diffusion networks differ from the BFN's
     only in the input (masked diffusion) or output (VDM) layer."""
     out = str(tmp_path / "out")
     V.main(["mnist", "--data-dir", write_mnist(str(tmp_path / "mnist")), "--out-dir", out, *FAST])
+    assert capfd.readouterr().out.count("| method |") == 1  # the parent's table, not its children's too
     text = str(tmp_path / "words.txt")
     write_words(tmp_path / "words.txt")
     V.main(["text8", "--text-file", text, "--out-dir", out, "--method", "diffusion", *FAST])
@@ -159,6 +160,8 @@ def test_each_data_type_end_to_end(tmp_path):
     for r in runs.values():
         assert r["steps"] >= 1 and math.isfinite(r["test"]["total"]) and r["curve"][0]["minutes"] == 0.005
         assert r["peak_memory_mib"] > 0 and set(r["samples"]) == {"3"}
+    for name in runs:  # three network calls on either side
+        assert json.load(open(os.path.join(out, name, "samples-3-calls.score.json")))["network_calls"] == 3
     assert runs["mnist-bfn-lr0.001"]["parameters"] - runs["mnist-diffusion-lr0.001"]["parameters"] == -2 * 32
     assert 0 <= runs["text8-diffusion-lr0.001"]["samples"]["3"]["spelling_accuracy"] <= 1
     svg = open(os.path.join(out, "mnist.svg")).read()
