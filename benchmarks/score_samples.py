@@ -293,7 +293,8 @@ def main(argv=None):
         text = "texts" in saved
         figures = score_text(module, cfg, saved) if text else score_images(module, cfg, saved, torch.device(
             args.device))
-        calls = cfg.sample_steps + (cfg.sampler != "ancestral")  # the BFN's samplers end with one call at t = 1
+        # the BFN's samplers end with one more call at t = 1; "ancestral" (bfn_vs_diffusion.py) makes one per step
+        calls = cfg.sample_steps + (cfg.sampler != "ancestral")
         figures = {"file": path, "examples": len(saved["texts" if text else "samples"]), "sampler": cfg.sampler,
                    "steps": cfg.sample_steps, "network_calls": calls, **figures}
         with open(os.path.splitext(path)[0] + ".score.json", "w") as f:
