@@ -42,6 +42,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import stratified_times  # noqa: E402
 
 SCRIPTS = {"mnist": "bfn_mnist", "text8": "bfn_text8", "cifar": "bfn_cifar"}
 
@@ -196,18 +197,12 @@ def diffusion_eps(net, z, t, ctx):
         return net(z, t)[:, 0].float()
 
 
-def stratified_t(n, generator=None, device=None):
-    """n times in (0, 1), one in each of n equal strata, shuffled: the low-discrepancy sampler that VDM and MDLM train
-    with. The masked NELBO's weight 1 / t gives plain uniform t an infinite variance; one t per stratum keeps it
-    finite. (n,)"""
-    strata = torch.randperm(n, generator=generator, device=device)
-    return (strata + torch.rand(n, generator=generator, device=device)) / n
-
-
-def diffusion_loss(net, x, kind, K, ctx, generator=None, terms=False):
+def diffusion_loss(net, x, kind, K, ctx, generator=None, terms=False, stratified=True):
     """(B,) nats per example of one draw: the masked NELBO, or VDM's (its diffusion term alone unless terms: the
-    others do not depend on the network); the times t stratified over the batch."""
-    t = stratified_t(len(x), generator, x.device)
+    others do not depend on the network); the times t stratified over the batch (common.stratified_times, the low-
+    discrepancy sampler VDM and MDLM train with), or each drawn alone."""
+    t = stratified_times(len(x), generator, x.device) if stratified else torch.rand(len(x), generator=generator,
+                                                                                   device=x.device)
     if kind == "cifar":
         parts = vdm_nelbo(lambda z, t: diffusion_eps(net, z, t, ctx), x, t, generator)
         return sum(parts.values()) if terms else parts["diffusion"]
@@ -245,7 +240,7 @@ def config(args, script, lr, out_dir):
     extra = (["--bins", "256"] if args.data == "cifar" else []) + (
         ["--eval-examples", str(args.eval_examples)] if args.eval_examples else [])
     return script.parse_args(["--preset", "quick", *data, *extra, "--lr", str(lr), "--out-dir", out_dir, "--device",
-                              args.device, "--seed", str(args.seed), "--eval-n", "inf"])
+                              args.device, "--seed", str(args.seed), "--eval-n", "inf", "--t-draw", args.t_draw])
 
 
 @torch.no_grad()
@@ -289,7 +284,7 @@ def run_one(args, method, lr):
                 math.pi * min(1.0, spent / (60 * args.minutes))) if cfg.lr_decay == "cosine" else 1)
         x = script.get_batch(data, cfg)[0]
         loss = (script.train_loss(model, (x, None), cfg, ctx) if method == "bfn" else
-                diffusion_loss(model, x, kind, K, ctx)).mean()
+                diffusion_loss(model, x, kind, K, ctx, stratified=cfg.t_draw == "stratified")).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
@@ -428,6 +423,8 @@ def main(argv=None):
     p.add_argument("--out-dir", default="runs/vs_diffusion", help="where runs, results and the figure go")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--t-draw", choices=("uniform", "stratified"), default="stratified",
+                   help="how both methods draw the times t of a training batch")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one run for a parent that prints
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.num_samples < 1 or min(args.calls) < 2 or min(args.eval_at) <= 0:
@@ -441,7 +438,7 @@ def main(argv=None):
         same = [args.data, "--minutes", str(args.minutes), "--eval-at", *map(str, args.eval_at), "--calls",
                 *map(str, args.calls), "--num-samples", str(args.num_samples), "--eval-examples",
                 str(args.eval_examples), "--data-dir", args.data_dir, "--text-file", args.text_file, "--out-dir",
-                args.out_dir, "--device", args.device, "--seed", str(args.seed)]
+                args.out_dir, "--device", args.device, "--seed", str(args.seed), "--t-draw", args.t_draw]
         for lr in args.lr:
             for method in ("bfn", "diffusion") if args.method == "both" else (args.method,):
                 run = subprocess.run([sys.executable, os.path.abspath(__file__), *same, "--method", method, "--lr",

@@ -702,6 +702,15 @@ def test_no_finite_network_output_gives_a_nan_or_inf():
         mu_eps.grad, log_sigma_eps.grad = None, None
 
 
+def test_stratified_times_put_one_t_in_each_stratum_and_each_is_uniform():
+    g = torch.Generator().manual_seed(0)
+    t = C.stratified_times(8, g)
+    assert sorted((t * 8).floor().long().tolist()) == list(range(8))  # one in each eighth of [0, 1)
+    draws = torch.stack([C.stratified_times(8, g) for _ in range(4000)])  # (4000, 8)
+    assert abs(draws[:, 0].mean().item() - 0.5) < 0.02 and abs(draws[:, 0].var().item() - 1 / 12) < 0.005  # U(0, 1)
+    assert draws.mean(1).var().item() < 0.1 * (1 / 12 / 8)  # the batch mean: far less variance than independent t
+
+
 def test_stratified_steps_use_every_step_equally_and_each_is_uniform():
     counts = torch.bincount(C.stratified_steps(7, 100, gen(72)), minlength=8)[1:]
     assert counts.sum() == 100 and counts.max() - counts.min() <= 1  # 100 = 14 x 7 + 2

@@ -17,6 +17,7 @@ from test_training import write_words
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bfn_vs_diffusion as V  # noqa: E402
+import common  # noqa: E402
 
 JOINT = torch.tensor([[0.30, 0.05, 0.02], [0.04, 0.20, 0.06], [0.01, 0.07, 0.25]], dtype=torch.float64)  # p(x0, x1)
 MASK = 3
@@ -56,7 +57,7 @@ def test_masked_nelbo_estimate_from_mask_and_stratified_t():
     g, n = torch.Generator().manual_seed(0), 200_000
     x = torch.multinomial(JOINT.flatten(), n, replacement=True, generator=g)
     x = torch.stack([x // 3, x % 3], 1)
-    t = V.stratified_t(n, g).double()
+    t = common.stratified_times(n, g).double()
     z = V.mask(x, t, MASK, g)
     nelbo = V.masked_loss(exact_log_p(z, t), x, z, t)
     entropy = -(JOINT * JOINT.log()).sum().item()
@@ -105,7 +106,7 @@ def test_vdm_nelbo_of_the_exact_denoiser_averages_to_the_data_entropy():
     c, p, eps_fn = three_points()
     g, n = torch.Generator().manual_seed(1), 200_000
     x = c[torch.multinomial(p, n, replacement=True, generator=g)][:, None]  # (n, 1)
-    parts = V.vdm_nelbo(eps_fn, x, V.stratified_t(n, g).double(), g)
+    parts = V.vdm_nelbo(eps_fn, x, common.stratified_times(n, g).double(), g)
     nelbo = sum(parts.values())
     entropy = -(p * p.log()).sum().item()
     assert abs(nelbo.mean().item() - entropy) < 4 * nelbo.std().item() / math.sqrt(n) + 2e-3
