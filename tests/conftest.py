@@ -1,5 +1,6 @@
 """Shared test helpers: tiny synthetic datasets written in the real on-disk formats, so no test needs the network or
 a real dataset."""
+
 import gzip
 import os
 import struct
@@ -21,7 +22,7 @@ def write_mnist(root, n_train=200, n_test=40, seed=0):
         images = np.zeros((n, 28, 28), np.uint8)  # a bright square at a random place: something to learn
         for k in range(n):
             r, c = rng.integers(2, 18, 2)
-            images[k, r:r + 8, c:c + 8] = rng.integers(128, 256)
+            images[k, r : r + 8, c : c + 8] = rng.integers(128, 256)
         with gzip.open(os.path.join(raw, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
             f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
         with gzip.open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
@@ -39,6 +40,7 @@ def write_text8(root, n_chars=40_000, seed=0):
     Returns (path, zip bytes, text bytes, CRC-32)."""
     import zipfile
     import zlib
+
     rng = np.random.default_rng(seed)
     words = ["the", "of", "and", "one", "zero", "nine", "in", "a", "to", "is", "anarchism", "bayesian", "flow"]
     text = (" " + " ".join(rng.choice(words, n_chars // 3)))[:n_chars].encode()
@@ -53,6 +55,7 @@ def write_cifar(root, n_per_batch=20, seed=0):
     """cifar-10-batches-py as python pickles: data_batch_1..5 and test_batch ({'data': (N, 3072) uint8, 'labels'})
     and batches.meta. The images are coloured squares on a dark background."""
     import pickle
+
     rng = np.random.default_rng(seed)
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
@@ -60,10 +63,16 @@ def write_cifar(root, n_per_batch=20, seed=0):
         images = np.full((n_per_batch, 3, 32, 32), 20, np.uint8)
         for k in range(n_per_batch):
             r, c = rng.integers(0, 20, 2)
-            images[k, :, r:r + 12, c:c + 12] = rng.integers(100, 256, (3, 1, 1))
+            images[k, :, r : r + 12, c : c + 12] = rng.integers(100, 256, (3, 1, 1))
         with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({"data": images.reshape(n_per_batch, 3072), "labels": rng.integers(0, 10, n_per_batch).tolist(),
-                         "batch_label": name}, f)
+            pickle.dump(
+                {
+                    "data": images.reshape(n_per_batch, 3072),
+                    "labels": rng.integers(0, 10, n_per_batch).tolist(),
+                    "batch_label": name,
+                },
+                f,
+            )
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": [str(k) for k in range(10)], "num_cases_per_batch": n_per_batch}, f)
     return root
@@ -80,5 +89,12 @@ def cpu_context(out_dir="."):
     import types
 
     import torch
-    return types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext(), rank=0, world=1,
-                                 out_dir=out_dir, log=lambda line: None)
+
+    return types.SimpleNamespace(
+        device=torch.device("cpu"),
+        autocast=contextlib.nullcontext(),
+        rank=0,
+        world=1,
+        out_dir=out_dir,
+        log=lambda line: None,
+    )
