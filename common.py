@@ -1,7 +1,7 @@
 """The math of Bayesian Flow Networks: A. Graves, R. K. Srivastava, T. Atkinson, F. Gomez, "Bayesian Flow Networks",
 arXiv:2308.07037. Pure functions of tensors, in the paper's order and symbols: continuous data (§4), discretised data
-(§5), discrete data (§6), then generation: the paper's samplers, conditioning on known values, guidance, and fast ODE
-and SDE samplers. No classes, no state, no I/O; torch alone. Copy this file and use it with a network of your own:
+(§5), discrete data (§6), the paper's samplers (Algorithms 3, 6, 9), then fast ODE and SDE samplers. No classes, no
+state, no I/O; torch alone. Copy this file and use it with a network of your own:
 
     import torch, common as C
     # continuous data x (B, D) in [-1, 1]; the network predicts the noise (Algorithm 2)
@@ -19,8 +19,7 @@ and SDE samplers. No classes, no state, no I/O; torch alone. Copy this file and 
 
 References. Sections (§) and Algorithms are numbered alike in every version of the paper; equation numbers moved
 between versions, so each is given with its version, as "arXiv:2308.07037v2, eq. (N)" (v2 for short). The results
-that are not in the paper (the exact discrete L^n, conditioning, guidance, the ODE and SDE samplers) carry their
-derivation here.
+that are not in the paper (the exact discrete L^n, the ODE and SDE samplers) carry their derivation here.
 
 Conventions
     B batch, D data dimensions (any trailing shape "..."), K bins or classes.
@@ -39,7 +38,7 @@ The stochastic losses are unbiased one-sample estimates of the paper's expectati
 closed forms: 1 - gamma as sigma_1^(2t), gamma as -expm1(2t ln sigma_1). Every random draw takes an optional
 torch.Generator.
 """
-import functools
+
 import math
 
 import torch
@@ -49,11 +48,6 @@ import torch.nn.functional as F
 def _full_precision(x):
     """x in float32, or float64 if it already is: the math never runs in half precision."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def _log(p):
-    """ln p with p clamped to the smallest positive float, so that an underflowed probability gives a finite log."""
-    return p.clamp_min(torch.finfo(p.dtype).tiny).log()
 
 
 def _per_example(t, x):
@@ -75,6 +69,7 @@ def _randn_like(x, generator=None):
 # ----------------------------------------------------------------------------------------------------
 # §4 Continuous data (Algorithms 1-3). Input N(mu, 1/rho), sender N(x, 1/alpha), schedule from sigma_1.
 # beta(t) = sigma_1^(-2t) - 1 (v2, eq. (72)) and alpha(t) = -2 ln(sigma_1) sigma_1^(-2t) (v2, eq. (74)).
+
 
 def continuous_gamma(t, sigma_1):
     """§4.5, arXiv:2308.07037v2, eq. (80): gamma(t) = beta(t) / (1 + beta(t)) = 1 - sigma_1^(2t), computed as
@@ -118,9 +113,9 @@ def continuous_x_hat(mu, t, eps_hat, sigma_1, t_min=1e-6):
     x_hat = 0 for t < t_min (Algorithm 1's CTS_OUTPUT_PREDICTION).
 
     The network predicts the noise eps_hat (B, ...). gamma is taken at max(t, t_min), so that the branch which
-    torch.where discards is finite and back-propagates zeros rather than NaNs.
-    """
-    mu, eps_hat = _full_precision(mu), _full_precision(eps_hat)
+    torch.where discards is finite and back-propagates zeros rather than NaNs."""
+    mu = _full_precision(mu)
+    eps_hat = _full_precision(eps_hat)
     t = _per_example(_full_precision(torch.as_tensor(t)), mu)
     gamma = continuous_gamma(t.clamp_min(t_min), sigma_1)
     x_hat = mu / gamma - (continuous_one_minus_gamma(t.clamp_min(t_min), sigma_1) / gamma).sqrt() * eps_hat
@@ -131,8 +126,7 @@ def continuous_loss_n(x, x_hat, i, n, sigma_1):
     """§4.10, v2 eq. (96), discrete-time loss (Algorithm 1):
     L^n(x) = (n / 2) alpha_i ||x - x_hat(theta_{i-1}, t_{i-1})||^2. Returns (B,).
 
-    The caller draws i ~ U{1..n}, mu ~ p_F(. | x; t_{i-1}) and evaluates x_hat at t_{i-1} = (i - 1) / n.
-    """
+    The caller draws i ~ U{1..n}, mu ~ p_F(. | x; t_{i-1}) and evaluates x_hat at t_{i-1} = (i - 1) / n."""
     alpha = continuous_alpha(i, n, sigma_1)
     return n / 2 * alpha * _sum_dims((_full_precision(x) - _full_precision(x_hat)) ** 2)
 
@@ -147,16 +141,18 @@ def continuous_loss_inf(x, x_hat, t, sigma_1):
 def continuous_recon_loss(x, x_hat, std, K):
     """§4.13, reconstruction loss L^r(x) = -ln p_O(x | theta, 1) for data in K = K bins. The delta output of
     §4.6 cannot score data, so, as the authors' release does, x is scored under N(x_hat, std^2) discretised to the
-    bins with clipped tails (the §5.2 construction). Returns (B,).
-    """
-    x, x_hat = _full_precision(x), _full_precision(x_hat)
+    bins with clipped tails (the §5.2 construction). Returns (B,)."""
+    x = _full_precision(x)
+    x_hat = _full_precision(x_hat)
     k = bin_index(x, K).to(x.dtype)
-    left, right = 2 * k / K - 1, 2 * (k + 1) / K - 1  # the edges of x's bin
+    left = 2 * k / K - 1  # the edges of x's bin
+    right = 2 * (k + 1) / K - 1
     return -_sum_dims(_log_bin_prob(left, right, x_hat, torch.as_tensor(std, dtype=x.dtype, device=x.device)))
 
 
 # ----------------------------------------------------------------------------------------------------
 # §5 Discretised data (Algorithms 4-6). K bins of width 2/K on [-1, 1]; input, sender, update and flow as §4.
+
 
 def bin_centres(K, device=None):
     """§5.1: k_c = (2k - 1) / K - 1 for k = 1..K. Returns (K,)."""
@@ -177,13 +173,17 @@ def _log_bin_prob(left, right, mu_x, sigma_x):
     within float32 rounding of the float64 value. Broadcasts; returns the shape of the broadcast inputs."""
     # beyond 1000 standard deviations a bin's probability is 0 to any precision (ln p < -5e5), and log_ndtr's gradient
     # is no longer finite far beyond: the clamp keeps every value and gradient finite
-    z_left, z_right = ((left - mu_x) / sigma_x).clamp(-1e3, 1e3), ((right - mu_x) / sigma_x).clamp(-1e3, 1e3)
-    first, last = left <= -1, right >= 1  # the clipped bins: G(left) = 0, or G(right) = 1
+    z_left = ((left - mu_x) / sigma_x).clamp(-1e3, 1e3)
+    z_right = ((right - mu_x) / sigma_x).clamp(-1e3, 1e3)
+    first = left <= -1  # the clipped bins: G(left) = 0,
+    last = right >= 1  # or G(right) = 1
     z_left = torch.where(first, z_right - 1, z_left)  # finite stand-ins where a clipped end is not used,
     z_right = torch.where(last, z_left + 1, z_right)  # so that no branch creates an inf or a NaN gradient
     upper = z_left > 0  # both ends above the mean: measure from the upper tail, Phi(-z_left) - Phi(-z_right)
-    a, b = torch.where(upper, -z_right, z_left), torch.where(upper, -z_left, z_right)  # a < b, a <= 0
-    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    a = torch.where(upper, -z_right, z_left)  # a < b, a <= 0
+    b = torch.where(upper, -z_left, z_right)
+    log_a = torch.special.log_ndtr(a)
+    log_b = torch.special.log_ndtr(b)
     interior = log_b + torch.log(-torch.expm1((log_a - log_b).clamp_max(-1e-30)))  # the clamp: a == b after rounding
     edge = torch.where(first, torch.special.log_ndtr(z_right), torch.special.log_ndtr(-z_left))
     return torch.where(first | last, edge, interior)
@@ -199,8 +199,7 @@ def discretised_probs(mu_x, sigma_x, K):
     """§5.2, arXiv:2308.07037v2, eq. (108): p_O(k) = G(k_r) - G(k_l) with G the clipped Normal(mu_x, sigma_x) CDF,
     so the first and last bins absorb the tails and the K probabilities sum to 1. A plain CDF difference: cheap, and
     exact enough for expectations (L^inf's k_hat) and sampling; it underflows in the far tails, so scoring data
-    (L^n, L^r) uses discretised_log_probs. (B, ...) -> (B, ..., K).
-    """
+    (L^n, L^r) uses discretised_log_probs. (B, ...) -> (B, ..., K)."""
     mu_x = _full_precision(mu_x)[..., None]
     sigma_x = _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
     edges = torch.linspace(-1, 1, K + 1, device=mu_x.device, dtype=mu_x.dtype)
@@ -211,8 +210,7 @@ def discretised_probs(mu_x, sigma_x, K):
 def discretised_log_probs(mu_x, sigma_x, K):
     """§5.2, arXiv:2308.07037v2, eq. (108): ln p_O(k) = ln [G(k_r) - G(k_l)] with G the clipped Normal(mu_x, sigma_x)
     CDF, so the first and last bins absorb the tails and the K probabilities sum to 1; in log space, exact far into
-    the tails (see _log_bin_prob). (B, ...) -> (B, ..., K).
-    """
+    the tails (see _log_bin_prob). (B, ...) -> (B, ..., K)."""
     mu_x = _full_precision(mu_x)[..., None]
     sigma_x = _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
     edges = torch.linspace(-1, 1, K + 1, device=mu_x.device, dtype=mu_x.dtype)
@@ -226,9 +224,10 @@ def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, t_min=1e-6, sigma_
 
     As the authors' released models were trained (not in the paper): ln sigma_eps is clamped to [-10, 10] before the
     exp, and sigma_x to sigma_x_range = [1e-3, 10]. This bounds how sharp or flat p_O can be, so that no finite
-    network output gives an inf or a NaN, and their checkpoints score as they did for them.
-    """
-    mu, mu_eps, log_sigma_eps = _full_precision(mu), _full_precision(mu_eps), _full_precision(log_sigma_eps)
+    network output gives an inf or a NaN, and their checkpoints score as they did for them."""
+    mu = _full_precision(mu)
+    mu_eps = _full_precision(mu_eps)
+    log_sigma_eps = _full_precision(log_sigma_eps)
     t = _per_example(_full_precision(torch.as_tensor(t)), mu)
     gamma = continuous_gamma(t.clamp_min(t_min), sigma_1)
     scale = (continuous_one_minus_gamma(t.clamp_min(t_min), sigma_1) / gamma).sqrt()
@@ -241,9 +240,9 @@ def discretised_output(mu, t, mu_eps, log_sigma_eps, sigma_1, t_min=1e-6, sigma_
 
 def discretised_loss_n(x, log_probs, i, n, sigma_1, generator=None):
     """§5.4, discrete-time loss (Algorithm 4), by Monte Carlo over one sender sample y ~ N(x, 1/alpha_i):
-    L^n(x) = n [ln N(y | x, 1/alpha_i) - ln sum_k p_O(k | theta_{i-1}, t_{i-1}) N(y | k_c, 1/alpha_i)]. Returns (B,).
-    """
-    x, log_probs = _full_precision(x), _full_precision(log_probs)
+    L^n(x) = n [ln N(y | x, 1/alpha_i) - ln sum_k p_O(k | theta_{i-1}, t_{i-1}) N(y | k_c, 1/alpha_i)]. Returns (B,)."""
+    x = _full_precision(x)
+    log_probs = _full_precision(log_probs)
     alpha = _per_example(continuous_alpha(i, n, sigma_1), x)
     y = x + _randn_like(x, generator) / alpha.sqrt()
     centres = bin_centres(log_probs.shape[-1], device=x.device).to(x.dtype)
@@ -255,8 +254,7 @@ def discretised_loss_n(x, log_probs, i, n, sigma_1, generator=None):
 
 def discretised_loss_inf(x, probs, t, sigma_1):
     """§5.5, continuous-time loss (Algorithm 5): L^inf(x) = -ln(sigma_1) sigma_1^(-2t) ||x - k_hat(theta, t)||^2,
-    with k_hat = sum_k p_O(k | theta, t) k_c. Returns (B,).
-    """
+    with k_hat = sum_k p_O(k | theta, t) k_c. Returns (B,)."""
     k_hat = (_full_precision(probs) * bin_centres(probs.shape[-1], device=probs.device)).sum(-1)
     return continuous_loss_inf(x, k_hat, t, sigma_1)
 
@@ -269,14 +267,17 @@ def discretised_recon_loss(x, log_probs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation of L^n (all data types)
+# Random times t for L^inf and steps i for L^n (all data types)
 
-def stratified_times(count, generator=None, device=None):
-    """Times t in [0, 1) for the `count` examples of a training batch of L^inf: one in each of `count` equal strata,
-    in a random order. Each t is still U(0, 1), so the loss stays unbiased, with less variance over the batch than
-    independent draws (beyond the paper, which draws each t independently). Returns (count,)."""
+
+def training_times(count, stratified=False, generator=None, device=None):
+    """t ~ U(0, 1) for each of `count` examples of a training batch. stratified (beyond the paper): one t in each of
+    `count` equal strata of [0, 1), in a random order; each is still U(0, 1), and the batch mean has less variance."""
+    u = torch.rand(count, generator=generator, device=device)
+    if not stratified:
+        return u
     strata = torch.randperm(count, generator=generator, device=device)
-    return (strata + torch.rand(count, generator=generator, device=device)) / count
+    return (strata + u) / count
 
 
 def stratified_steps(n, count, generator=None, device=None):
@@ -290,54 +291,15 @@ def stratified_steps(n, count, generator=None, device=None):
 # ----------------------------------------------------------------------------------------------------
 # §6 Discrete data (Algorithms 7-9). Input: categorical theta; sender N(alpha (K e_x - 1), alpha K I).
 
+
 def discrete_beta(t, beta_1):
     """§6.8, arXiv:2308.07037v2, eq. (182): beta(t) = beta(1) t^2 (and alpha(t) = 2 beta(1) t, eq. (183))."""
     return beta_1 * _full_precision(torch.as_tensor(t)) ** 2
 
 
-@functools.lru_cache(maxsize=None)
-def discrete_beta_1(K, reference=(27, 0.5625), samples=8192):
-    """A default beta(1) for K classes, beyond the paper (which gives beta(1) = 9 for K = 2 and 0.5625 for K = 27).
-    At t = 1 the flow's input is theta = softmax(y), y ~ N(beta(1) (K e_x - 1), beta(1) K I) (§6.3); its expected
-    entropy E[H(theta)] (nats) is what the last input leaves unknown about x. The rule: the last input may leave at
-    most what the paper's text8 setting leaves (0.138 nats at K = 27, beta(1) = 0.5625), and beta(1) is otherwise
-    text8's. So for K < 27 beta(1) rises until the entropy is down to 0.138 nats (2.566 at K = 2, 1.191 at K = 10;
-    the paper's binarised MNIST, beta(1) = 9, leaves 0.004), and for K >= 27 it stays 0.5625, which leaves less as K
-    grows (4e-6 nats at K = 117). Why not hold the entropy equal for K > 27 too (0.169 at K = 117): on a 117-symbol
-    corpus (README) that lost about 0.2 bits/char after 2,000 steps, all of it in L^r (a network that cannot yet
-    resolve the last input's doubt from context pays for it at t = 1), while beta(1) from 0.3 to 1.0 scored alike.
-    The expectation is a Monte Carlo mean over `samples` fixed draws (seed 0, the same numbers for every K), solved
-    by bisection in ln beta(1), kept to 4 significant digits; 0.5625 at K = 27 exactly. Cached per K."""
-    if K >= reference[0]:  # text8's beta(1) already leaves at most text8's entropy here
-        return reference[1]
-    z = torch.randn(samples, reference[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-    def entropy(beta_1, K):  # E[H(theta)] in nats at t = 1, the true class being 0 (all classes alike)
-        e_x = torch.nn.functional.one_hot(torch.zeros(samples, dtype=torch.long), K).double()
-        log_theta = torch.log_softmax(beta_1 * (K * e_x - 1) + math.sqrt(beta_1 * K) * z[:, :K], -1)
-        return -(log_theta.exp() * log_theta).sum(-1).mean().item()
-
-    target, lo, hi = entropy(reference[1], reference[0]), math.log(1e-6), math.log(1e4)
-    for _ in range(45):  # the entropy falls as beta(1) grows; 45 halvings: to 1e-12 relative
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if entropy(math.exp(mid), K) > target else (lo, mid)
-    return float(f"{math.exp((lo + hi) / 2):.4g}")
-
-
-def discrete_beta_1_tokens(K):
-    """A default beta(1) for K subword tokens (bfn_text8.py --vocab), beyond the paper: 20.4054 / K, the value of
-    ChemBFN (N. A. Tao et al., arXiv:2407.20294, its model's `beta`), here on the paper's beta(t) = beta(1) t^2. Why it
-    falls as 1 / K: L^inf weighs the squared error of p_O by K beta(1) t (§6.7), and at t = 1 the true token leads the
-    others in y = beta(1) (K e_x - 1) + sqrt(beta(1) K) eps by K beta(1), its noise sqrt(K beta(1)): both depend on K
-    beta(1) alone, which text8's setting puts at 15.2 (27 x 0.5625) and this rule at 20.4 for every K; text8's 0.5625
-    at K = 1,024 would make it 576, and L^inf would start near 290 nats per token. The rule is the safe default, not
-    the best at every K: RESULTS.md "Subword tokens against characters" has the measurements."""
-    return 20.4054 / K
-
-
 def discrete_alpha(i, n, beta_1):
     """§6.8: alpha_i = beta(t_i) - beta(t_{i-1}) = beta(1) (2i - 1) / n^2."""
-    return beta_1 * (2 * _full_precision(torch.as_tensor(i)) - 1) / n ** 2
+    return beta_1 * (2 * _full_precision(torch.as_tensor(i)) - 1) / n**2
 
 
 def discrete_update(theta, y):
@@ -349,8 +311,7 @@ def discrete_update(theta, y):
 
 def discrete_flow(x, t, beta_1, K, generator=None):
     """§6.3, Bayesian flow distribution: theta = softmax(y), y ~ N(beta(t) (K e_x - 1), beta(t) K I).
-    x (B, ...) long -> theta (B, ..., K).
-    """
+    x (B, ...) long -> theta (B, ..., K)."""
     e_x = torch.nn.functional.one_hot(x, K).float()
     beta = _per_example(discrete_beta(t, beta_1), e_x)
     y = beta * (K * e_x - 1) + (beta * K).sqrt() * _randn_like(e_x, generator)
@@ -369,8 +330,7 @@ def discrete_loss_n(x, log_probs, i, n, beta_1, generator=None):
     c(y) free of k.
     So ln p_S(y | x) - ln sum_k p_O(k) p_S(y | k) = y_x - logsumexp_k (ln p_O(k) + y_k): c(y) cancels exactly.
     A receiver factorised per coordinate (as in the authors' release) is a different, looser quantity. The tests
-    check this function against the mixture density written out with torch.distributions.Normal.
-    """
+    check this function against the mixture density written out with torch.distributions.Normal."""
     log_probs = _full_precision(log_probs)
     K = log_probs.shape[-1]
     e_x = torch.nn.functional.one_hot(x, K).to(log_probs.dtype)
@@ -382,8 +342,7 @@ def discrete_loss_n(x, log_probs, i, n, beta_1, generator=None):
 
 def discrete_loss_inf(x, probs, t, beta_1):
     """§6.7, v2 eq. (205), continuous-time loss (Algorithm 8): L^inf(x) = K beta(1) t ||e_x - e_hat(theta, t)||^2,
-    with e_hat = sum_k p_O(k) e_k = probs. Summed over the K classes and the data dimensions. Returns (B,).
-    """
+    with e_hat = sum_k p_O(k) e_k = probs. Summed over the K classes and the data dimensions. Returns (B,)."""
     probs = _full_precision(probs)
     K = probs.shape[-1]
     e_x = torch.nn.functional.one_hot(x, K).to(probs.dtype)
@@ -404,9 +363,10 @@ def discrete_recon_loss(x, log_probs):
 # ..., (n - 1)/n and 1, under torch.no_grad() (a function that needs gradients turns them on itself). It takes
 # probabilities, not log-probabilities: it draws from p_O, where a probability too small for float32 counts for
 # nothing. Like the paper's algorithms, the samplers end with a draw of p_O(. | theta, 1) (the authors' code returns
-# its mode). Algorithm 9 needs discrete_sample, discrete_update and _categorical, nothing else of this file.
+# its mode). Algorithm 9 needs discrete_sample, discrete_update and sample_categorical, nothing else of this file.
 
-def _categorical(probs, generator=None):
+
+def sample_categorical(probs, generator=None):
     """k ~ Categorical(probs) over the last axis by inversion of the CDF; probs need not be normalised, and negative
     entries (a guided prediction off the simplex) count as 0. (B, ..., K) -> (B, ...) long."""
     cdf = probs.clamp_min(0).cumsum(-1)
@@ -417,270 +377,46 @@ def _categorical(probs, generator=None):
 @torch.no_grad()
 def continuous_sample(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None):
     """§4, Algorithm 3. x_hat_fn(mu (B, ...), t (B,)) -> x_hat (B, ...). Returns OUTPUT(mu, 1), (B, ...)."""
-    mu, rho, ones = torch.zeros(shape, device=device), 1.0, torch.ones(shape[0], device=device)
+    mu = torch.zeros(shape, device=device)
+    rho = 1.0
     for i in range(1, n_steps + 1):
-        x_hat = x_hat_fn(mu, (i - 1) / n_steps * ones)  # OUTPUT(mu, t_{i-1})
+        t = torch.full(shape[:1], (i - 1) / n_steps, device=device)  # t_{i-1}
+        x_hat = x_hat_fn(mu, t)
         alpha = continuous_alpha(i, n_steps, sigma_1).item()
         y = x_hat + torch.randn(shape, generator=generator, device=device) / math.sqrt(alpha)  # y ~ N(x_hat, 1/alpha)
         mu, rho = continuous_update(mu, rho, y, alpha)
-    return x_hat_fn(mu, ones)
+    return x_hat_fn(mu, torch.ones(shape[:1], device=device))
 
 
 @torch.no_grad()
 def discretised_sample(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None):
     """§5, Algorithm 6: as Algorithm 3, but each step draws a bin k ~ p_O(. | theta, t_{i-1}) and sends y ~ N(k_c,
     1/alpha_i). probs_fn(mu (B, ...), t (B,)) -> p_O (B, ..., K). Returns the centre of a bin k ~ p_O(. | theta, 1)."""
-    mu, rho, ones = torch.zeros(shape, device=device), 1.0, torch.ones(shape[0], device=device)
+    mu = torch.zeros(shape, device=device)
+    rho = 1.0
     centres = bin_centres(K, device=device)
     for i in range(1, n_steps + 1):
-        k = _categorical(probs_fn(mu, (i - 1) / n_steps * ones), generator)  # k ~ p_O(. | theta, t_{i-1})
+        t = torch.full(shape[:1], (i - 1) / n_steps, device=device)  # t_{i-1}
+        k = sample_categorical(probs_fn(mu, t), generator)  # k ~ p_O(. | theta, t_{i-1})
         alpha = continuous_alpha(i, n_steps, sigma_1).item()
         y = centres[k] + torch.randn(shape, generator=generator, device=device) / math.sqrt(alpha)
         mu, rho = continuous_update(mu, rho, y, alpha)
-    return centres[_categorical(probs_fn(mu, ones), generator)]
+    return centres[sample_categorical(probs_fn(mu, torch.ones(shape[:1], device=device)), generator)]
 
 
 @torch.no_grad()
 def discrete_sample(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None):
     """§6, Algorithm 9. probs_fn(theta (B, ..., K), t (B,)) -> p_O (B, ..., K). Returns k ~ p_O(. | theta, 1),
     (B, ...) long."""
-    theta, ones = torch.full((*shape, K), 1 / K, device=device), torch.ones(shape[0], device=device)
+    theta = torch.full((*shape, K), 1 / K, device=device)
     for i in range(1, n_steps + 1):
-        k = _categorical(probs_fn(theta, (i - 1) / n_steps * ones), generator)  # k ~ p_O(. | theta, t_{i-1})
-        alpha = beta_1 * (2 * i - 1) / n_steps ** 2  # alpha_i = beta(t_i) - beta(t_{i-1}) (§6.8)
+        t = torch.full(shape[:1], (i - 1) / n_steps, device=device)  # t_{i-1}
+        k = sample_categorical(probs_fn(theta, t), generator)  # k ~ p_O(. | theta, t_{i-1})
+        alpha = beta_1 * (2 * i - 1) / n_steps**2  # alpha_i = beta(t_i) - beta(t_{i-1}) (§6.8)
         e_k = F.one_hot(k, K).float()
         y = alpha * (K * e_k - 1) + math.sqrt(alpha * K) * torch.randn(e_k.shape, generator=generator, device=device)
         theta = discrete_update(theta, y)  # theta <- e^y theta / sum_k e^{y_k} theta_k
-    return _categorical(probs_fn(theta, ones), generator)
-
-
-# ======================================================================================================================
-# Beyond the paper: trajectories, conditioning on known values, guidance, and fast ODE and SDE solvers. Every sampler
-# here takes the network functions, calls and returns of the paper's samplers above.
-
-def recorded(fn, trajectory, rows=None, summary=None):
-    """The network function fn of any sampler, appending {t, input, output} of each call to the list trajectory: the
-    input parameters it saw and its prediction (or summary(prediction), e.g. the mean bin of p_O), of the first `rows`
-    examples (None: all), for figures of how samples form."""
-    def call(inputs, t):
-        output = fn(inputs, t)
-        kept = output[:rows] if summary is None else summary(output[:rows])
-        trajectory.append({"t": t[0].item(), "input": inputs[:rows], "output": kept})
-        return output
-    return call
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Conditioning on known dimensions (inpainting, prompts). known (B, ...): the values to condition on, NaN where unknown
-# (continuous and discretised data), or classes, -1 where unknown (discrete data).
-#
-# Replacement: at every step the prediction of each known dimension is replaced by its value (x_hat = c, or p_O all
-# on c), so the known dimensions follow exactly the Bayesian flow of c and the network sees them as it would in
-# training. It wraps the network function, for every sampler. Cheap, but it does not sample p(x_u | x_k = c): the
-# unknown dimensions are conditioned only on the noisy input parameters of the known ones, and that bias does not
-# vanish as n grows.
-#
-# Sequential Monte Carlo (P particles per example) samples the model's own conditional. A sampler defines a joint
-# distribution of its path and output, q(y_1..y_n, x) = prod_i r_i(y_i | theta_{i-1}) p_O(x | theta_n, 1), with r_i its
-# transition: the receiver distribution p_R (§3) for the paper's samplers, a Gaussian for the SDE solver. Conditioning
-# on x_k = c gives the target
-#     pi(y_1..y_n, x_u) ∝ prod_i r_i(y_i | theta_{i-1}) p_O(c | theta_n, 1) p_O(x_u | theta_n, 1).
-# The particles move by replacement (r_i on the unknown dimensions; on the known ones the sender p_S(. | c), or the
-# SDE transition with c as the prediction), and each step multiplies a particle's weight by
-#     w_i = [r_i(y_i,k | theta_{i-1}) / proposal(y_i,k)] psi_i(theta_i) / psi_{i-1}(theta_{i-1}),
-# with psi_i(theta) = p_O(c | theta, t_i): the network's own prediction of the known values, a product over the known
-# dimensions; at t = 1 it is the exact final factor p_O(c | theta_n, 1). The product of the w_i is pi / proposal up to
-# a constant whatever psi is in between, so with resampling (multinomial, when the effective sample size of an
-# example's particles falls below P / 2) the particles target pi exactly as P grows (Del Moral, "Feynman-Kac
-# Formulae", 2004); psi only decides how early the particles that will not fit c are dropped (twisted SMC). One
-# particle per example is returned, drawn in proportion to its final weight, its unknown dimensions drawn from
-# p_O(. | theta_n, 1). p_O enters the weights as the sampler draws from it: its positive part, normalised (a guided
-# prediction can leave the simplex). For continuous data p_O is a delta at x_hat, so psi_i = N(c | x_hat(theta_i, t_i),
-# sigma_1^(2 t_i)): the variance of x given mu for data of unit variance, sigma_1^2 at t = 1. The ODE solver moves
-# deterministically after its first draw: it has no transition to reweight, and takes replacement only.
-# Cost: P (n + 1) network calls per example. With nothing known and P = 1 each SMC sampler is its plain sampler.
-
-def replace_known_x_hat(x_hat_fn, known):
-    """Conditioning by replacement, continuous data: x_hat_fn with the prediction of each known dimension set to its
-    value. known (B, ...), NaN where unknown."""
-    return lambda mu, t: torch.where(known.isnan(), x_hat_fn(mu, t), known)
-
-
-def replace_known_probs(probs_fn, known):
-    """Conditioning by replacement, discrete and discretised data: probs_fn with p_O of each known dimension all on its
-    class (or bin). known (B, ...) long, -1 where unknown."""
-    def replaced(inputs, t):
-        probs = probs_fn(inputs, t)
-        return torch.where((known >= 0)[..., None], F.one_hot(known.clamp_min(0), probs.shape[-1]).to(probs), probs)
-    return replaced
-
-
-def _reweight(log_w, increment, generator=None):
-    """One step of sequential importance resampling. log_w (B, P): the log-weights of each example's particles;
-    increment (B P,): this step's log-factor. Returns (log_w, idx): examples whose effective sample size
-    (sum w)^2 / sum w^2 fell below P / 2 are resampled (multinomial) and their weights reset; idx (B P,) are the rows of
-    the flattened batch that carry on."""
-    B, P = log_w.shape
-    log_w = log_w + increment.view(B, P)
-    w = torch.softmax(log_w, -1)
-    low = (1 / (w ** 2).sum(-1) < P / 2)[:, None]  # (B, 1)
-    keep = torch.arange(P, device=log_w.device).expand(B, P)
-    if low.any():
-        keep = torch.where(low, torch.multinomial(w, P, replacement=True, generator=generator), keep)
-    rows = P * torch.arange(B, device=log_w.device)[:, None]
-    return torch.where(low, torch.zeros_like(log_w), log_w), (keep + rows).flatten()
-
-
-def _choose(log_w, generator=None):
-    """One particle per example, drawn in proportion to its weight: log_w (B, P) -> (B,) rows of the flattened batch."""
-    B, P = log_w.shape
-    pick = torch.multinomial(torch.softmax(log_w, -1), 1, generator=generator)[:, 0] if P > 1 else 0
-    return pick + P * torch.arange(B, device=log_w.device)
-
-
-def _log_positive(probs):
-    """ln of the distribution _categorical draws from: the positive part of probs, normalised. (B, ..., K)."""
-    p = probs.clamp_min(0)
-    return _log(p / p.sum(-1, keepdim=True))
-
-
-def _known_log_psi(log_probs, k):
-    """ln psi: the sum over the known dimensions of ln p_O(k | theta, t). log_probs (B, ..., K); k -1 where unknown."""
-    log_p = log_probs.gather(-1, k.clamp_min(0)[..., None])[..., 0]
-    return _sum_dims(torch.where(k >= 0, log_p, torch.zeros_like(log_p)))
-
-
-def _gaussian_ratio(eps, delta, scale, on):
-    """ln N(y | m + delta, scale^2) - ln N(y | m, scale^2) at y = m + scale eps, summed where on: the log-ratio of a
-    Gaussian transition with the model's mean m + delta to the proposal with mean m, at the proposal's draw."""
-    return _sum_dims(torch.where(on, eps * delta / scale - delta ** 2 / (2 * scale ** 2), torch.zeros_like(eps)))
-
-
-@torch.no_grad()
-def continuous_sample_smc(x_hat_fn, known, n_steps, sigma_1, particles, sde=False, generator=None):
-    """Continuous data: Algorithm 3 (or, with sde, the SDE solver) conditioned on known (B, ...) (NaN where unknown) by
-    sequential Monte Carlo over P = particles per example. x_hat_fn as in continuous_sample; returns (B, ...)."""
-    B, P, device = known.shape[0], particles, known.device
-    c = known.repeat_interleave(P, 0)
-    on, c0, ones = ~c.isnan(), c.nan_to_num(), torch.ones(B * P, device=device)
-    mu, rho, log_w, log_psi, log_ratio, prev = torch.zeros_like(c0), 1.0, torch.zeros(B, P, device=device), 0, 0, None
-    for i in range(n_steps + 1):
-        t = min(i / n_steps, 1.0)
-        x_hat = _full_precision(x_hat_fn(mu, t * ones))
-        new_psi = _sum_dims(torch.where(on, -(c0 - x_hat) ** 2 / (2 * sigma_1 ** (2 * t)), torch.zeros_like(x_hat)))
-        if i == n_steps:
-            return torch.where(on, c0, x_hat)[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)]
-        log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
-        mu, x_hat, log_psi = mu[idx], x_hat[idx], new_psi[idx]
-        eps = torch.randn(mu.shape, generator=generator, device=device)
-        if sde:  # mu' = decay mu + gain d + scale eps (see the SDE solvers)
-            prev = None if prev is None else (prev[0][idx], prev[1])
-            decay, gain, scale, d, prev = _sde_step(x_hat, prev, i, n_steps, sigma_1)
-            mu = decay * mu + gain * torch.where(on, c0, d) + scale * eps
-            log_ratio = _gaussian_ratio(eps, gain * (d - c0), scale, on)
-        else:  # y ~ N(x_hat, 1/alpha) on the unknown dimensions, the sender N(c, 1/alpha) on the known ones
-            alpha = continuous_alpha(i + 1, n_steps, sigma_1).item()
-            mu, rho = continuous_update(mu, rho, torch.where(on, c0, x_hat) + eps / math.sqrt(alpha), alpha)
-            log_ratio = _gaussian_ratio(eps, x_hat - c0, 1 / math.sqrt(alpha), on)
-
-
-@torch.no_grad()
-def discretised_sample_smc(probs_fn, known, n_steps, sigma_1, K, particles, sde=False, generator=None):
-    """Discretised data: Algorithm 6 (or, with sde, the SDE solver) conditioned on known (B, ...) (values, NaN where
-    unknown) by sequential Monte Carlo over P = particles per example. probs_fn as in discretised_sample."""
-    B, P, device = known.shape[0], particles, known.device
-    c = known.repeat_interleave(P, 0)
-    on, centres, ones = ~c.isnan(), bin_centres(K, device=device), torch.ones(B * P, device=device)
-    k, c0 = torch.where(on, bin_index(c.nan_to_num(), K), -1), c.nan_to_num()
-    mu, rho, log_w, log_psi, log_ratio, prev = torch.zeros_like(c0), 1.0, torch.zeros(B, P, device=device), 0, 0, None
-    for i in range(n_steps + 1):
-        t = min(i / n_steps, 1.0)
-        probs = _full_precision(probs_fn(mu, t * ones))
-        log_p, used = _log_positive(probs), torch.where(on[..., None], F.one_hot(k.clamp_min(0), K).to(probs), probs)
-        new_psi = _known_log_psi(log_p, k)
-        if i == n_steps:
-            pick = _choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)
-            return centres[_categorical(used[pick], generator)]
-        log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
-        mu, log_p, used, log_psi = mu[idx], log_p[idx], used[idx], new_psi[idx]
-        if sde:  # the mean bin k_hat as the prediction, and c on the known dimensions
-            prev = None if prev is None else (prev[0][idx], prev[1])
-            decay, gain, scale, d, prev = _sde_step((probs[idx] * centres).sum(-1), prev, i, n_steps, sigma_1)
-            eps = torch.randn(mu.shape, generator=generator, device=device)
-            mu = decay * mu + gain * torch.where(on, c0, d) + scale * eps
-            log_ratio = _gaussian_ratio(eps, gain * (d - c0), scale, on)
-        else:  # a bin drawn from p_O, or c; ln p_R(y | theta) - ln N(y | c, 1/alpha) on the known dimensions (§5.4)
-            alpha = continuous_alpha(i + 1, n_steps, sigma_1).item()
-            y = centres[_categorical(used, generator)] + torch.randn(mu.shape, generator=generator,
-                                                                     device=device) / math.sqrt(alpha)
-            mixture = torch.logsumexp(log_p - alpha / 2 * (y[..., None] - centres) ** 2, -1)
-            log_ratio = _sum_dims(torch.where(on, mixture + alpha / 2 * (y - c0) ** 2, torch.zeros_like(y)))
-            mu, rho = continuous_update(mu, rho, y, alpha)
-
-
-@torch.no_grad()
-def discrete_sample_smc(probs_fn, known, n_steps, beta_1, K, particles, sde=False, generator=None):
-    """Discrete data: Algorithm 9 (or, with sde, the SDE solver) conditioned on known (B, ...) (classes, -1 where
-    unknown) by sequential Monte Carlo over P = particles per example. probs_fn as in discrete_sample."""
-    B, P, device = known.shape[0], particles, known.device
-    k = known.repeat_interleave(P, 0)
-    on, ones = (k >= 0)[..., None], torch.ones(B * P, device=device)
-    theta, log_w, log_psi, log_ratio, prev = torch.full((*k.shape, K), 1 / K, device=device), \
-        torch.zeros(B, P, device=device), 0, 0, None
-    for i in range(n_steps + 1):
-        t, t_next = min(i / n_steps, 1.0), (i + 1) / n_steps
-        probs = _full_precision(probs_fn(theta, t * ones))
-        log_p, used = _log_positive(probs), torch.where(on, F.one_hot(k.clamp_min(0), K).to(probs), probs)
-        new_psi = _known_log_psi(log_p, k)
-        if i == n_steps:
-            return _categorical(used[_choose(log_w + (log_ratio + new_psi - log_psi).view(B, P), generator)], generator)
-        log_w, idx = _reweight(log_w, log_ratio + new_psi - log_psi, generator)
-        theta, probs, log_p, used, log_psi = theta[idx], probs[idx], log_p[idx], used[idx], new_psi[idx]
-        alpha = beta_1 * (2 * i + 1) / n_steps ** 2  # beta(t') - beta(t)
-        if sde:  # the mean e_hat with its change over the step, and c on the known dimensions
-            prev = None if prev is None else (prev[0][idx], prev[1])
-            drift = _discrete_sde_drift(probs, prev, alpha, t, t_next, beta_1)
-            eps = torch.randn(theta.shape, generator=generator, device=device)
-            y = torch.where(on, alpha * (K * used - 1), drift) + math.sqrt(alpha * K) * eps
-            log_ratio = _gaussian_ratio(eps, drift - alpha * (K * used - 1), math.sqrt(alpha * K), on)
-            prev = (probs, t)
-        else:  # a class drawn from p_O, or c; ln p_R(y | theta) - ln p_S(y | c) on the known dimensions (§6.6)
-            e_k = F.one_hot(_categorical(used, generator), K).float()
-            y = alpha * (K * e_k - 1) + math.sqrt(alpha * K) * torch.randn(e_k.shape, generator=generator,
-                                                                           device=device)
-            to_c = torch.logsumexp(log_p + y, -1) - y.gather(-1, k.clamp_min(0)[..., None])[..., 0]
-            log_ratio = _sum_dims(torch.where(k >= 0, to_c, torch.zeros_like(to_c)))
-        theta = discrete_update(theta, y)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Guidance. For discrete data the flow's logits y (theta = softmax y) have p(y | x) ∝ exp(y_x) (§6.3:
-# ln N(y | beta (K e_x - 1), beta K I) = y_x + terms free of x), and the network predicts e_hat = E[e_x | y]. For any
-# property c of x (a class, a word) with p(c | y) = sum_x p(c | x) p(x | y), differentiating gives
-#     grad_y ln p(c | y) = E[e_x | y, c] - e_hat,
-# so the prediction of the model conditioned on c is e_hat + grad_y ln p(c | y), exactly, at every t. For continuous
-# and discretised data, mu = gamma x + sqrt(gamma (1 - gamma)) z gives in the same way (Tweedie's formula)
-#     x_hat + (1 - gamma) grad_mu ln p(c | mu) = E[x | mu, c].
-# In the SDE view of the samplers the prediction is an affine function of the score of the input parameters'
-# distribution, and these are that score plus grad ln p(c | .): guidance with weight w adds w times the term, in every
-# sampler, through the network function it is given. w = 0 is the unguided sampler. w = 1 with an exact classifier
-# makes every prediction the exact one given c; the samples then follow p(x | c) when the last input theta(1) is
-# certain enough (a large enough beta(1) or small enough sigma_1), because the final draw of p_O(. | theta, 1) is
-# per dimension and cannot keep a property of several dimensions that theta(1) leaves in doubt. w > 1 sharpens. A
-# guided e_hat can leave the simplex (it still sums to 1): the ODE and SDE solvers use it only in their mean update,
-# and the paper's sampler draws a class from its positive part; a guided x_hat is clipped to [-1, 1].
-
-def discrete_guided_probs(probs, theta, grad_theta, w):
-    """e_hat + w grad_y ln c: probs (B, ..., K) = e_hat, grad_theta = grad_theta ln c(theta, t) at the input theta; with
-    theta = softmax(y), grad_y = theta (grad_theta - <theta, grad_theta>). Returns (B, ..., K), summing to 1."""
-    grad_theta = _full_precision(grad_theta)
-    return probs + w * theta * (grad_theta - (theta * grad_theta).sum(-1, keepdim=True))
-
-
-def continuous_guided_x_hat(x_hat, t, grad_mu, w, sigma_1):
-    """x_hat + w (1 - gamma(t)) grad_mu ln c(mu, t), clipped to [-1, 1]. x_hat, grad_mu (B, ...), t (B,)."""
-    one_minus_gamma = _per_example(continuous_one_minus_gamma(t, sigma_1), x_hat)
-    return (x_hat + w * one_minus_gamma * _full_precision(grad_mu)).clamp(-1, 1)
+    return sample_categorical(probs_fn(theta, torch.ones(shape[:1], device=device)), generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -715,34 +451,54 @@ def continuous_guided_x_hat(x_hat, t, grad_mu, w, sigma_1):
 # first-order second step, and is kept. n_steps + 1 network calls, as the paper's samplers; deterministic given the
 # initial noise.
 
+
+def _beta(t, sigma_1):
+    """beta(t) = sigma_1^(-2t) - 1 (§4.5) as a float, from expm1 so that it keeps its digits near t = 0. The flow of
+    mu in these terms: gamma = beta / (1 + beta), its signal-to-noise ratio s = sqrt(beta), lambda = ln s, and its
+    noise std sqrt(gamma (1 - gamma)) = sqrt(beta) / (1 + beta)."""
+    return math.expm1(-2 * t * math.log(sigma_1))
+
+
+def _flow_std(t, sigma_1):
+    """sqrt(gamma (1 - gamma)) at t: the std of mu ~ p_F(. | x; t) per unit of noise."""
+    beta = _beta(t, sigma_1)
+    return math.sqrt(beta) / (1 + beta)
+
+
 def _continuous_ode(pred_fn, shape, n_steps, sigma_1, order, generator, device):
     """mu_t = gamma x + sqrt(gamma (1 - gamma)) z is a VP diffusion whose signal-to-noise ratio is s = sqrt(beta(t)).
     In v = mu / sqrt(gamma (1 - gamma)) the ODE is dv = x_hat ds, started at v = z when t = 0; a step with the
     prediction held fixed is v' = v + (s(t') - s(t)) x_hat. pred_fn(mu, t) -> the prediction. Returns mu at t = 1."""
-    s_of = lambda t: math.sqrt(sigma_1 ** (-2 * t) - 1)  # noqa: E731  s = sqrt(beta(t))
-    sigma_of = lambda t: math.sqrt((1 - sigma_1 ** (2 * t)) * sigma_1 ** (2 * t))  # noqa: E731  sqrt(gamma (1 - gamma))
     t = [i / n_steps for i in range(n_steps + 1)]
+    s = [math.sqrt(_beta(t_i, sigma_1)) for t_i in t]
     v = torch.randn(shape, generator=generator, device=device)
-    ones, prev = torch.ones(shape[0], device=device), None
+    ones = torch.ones(shape[0], device=device)
+    previous = None  # (the last prediction, its lambda)
     for i in range(n_steps):
-        # the first call where s is half its value at t_1 (math.log1p(s^2) = beta at t_eval), on the state of t = 0
-        t_eval = math.log1p(s_of(t[1]) ** 2 / 4) / (-2 * math.log(sigma_1)) if i == 0 else t[i]
-        pred = pred_fn(sigma_of(t_eval) * v, t_eval * ones)
-        lam, d = math.log(s_of(t_eval)), pred  # lambda = ln s, the log signal-to-noise ratio
-        if order == 2 and prev is not None:  # x_hat extrapolated to the middle of the step, linearly in lambda
-            d = pred + (pred - prev[0]) * (math.log(s_of(t[i + 1])) - lam) / (2 * (lam - prev[1]))
-        prev = (pred, lam) if i > 0 else None  # the second step is first order (see "The first step")
-        v = v + (s_of(t[i + 1]) - s_of(t[i])) * d
-    return sigma_of(1.0) * v
+        t_eval = t[i]
+        if i == 0:  # the first call where s is half its value at t_1 (beta = s^2 = (1 + beta) - 1), on v at t = 0
+            t_eval = math.log1p(s[1] ** 2 / 4) / (-2 * math.log(sigma_1))
+        pred = pred_fn(_flow_std(t_eval, sigma_1) * v, t_eval * ones)
+        lam = 0.5 * math.log(_beta(t_eval, sigma_1))  # lambda = ln s, the log signal-to-noise ratio
+        d = pred
+        if order == 2 and previous is not None:  # x_hat extrapolated to the middle of the step, linearly in lambda
+            d = pred + (pred - previous[0]) * (math.log(s[i + 1]) - lam) / (2 * (lam - previous[1]))
+        if i > 0:  # the second step is first order (see "The first step")
+            previous = (pred, lam)
+        v = v + (s[i + 1] - s[i]) * d
+    return _flow_std(1.0, sigma_1) * v
 
 
 @torch.no_grad()
 def continuous_sample_ode(x_hat_fn, shape, n_steps, sigma_1, order=2, generator=None, device=None):
     """Continuous data (§4), the probability-flow ODE solver. x_hat_fn as in continuous_sample; returns x_hat(mu,
     1)."""
-    fn = lambda mu, t: _full_precision(x_hat_fn(mu, t))  # noqa: E731
-    mu = _continuous_ode(fn, shape, n_steps, sigma_1, order, generator, device)
-    return fn(mu, torch.ones(shape[0], device=device))
+
+    def x_hat_in_float32(mu, t):
+        return _full_precision(x_hat_fn(mu, t))
+
+    mu = _continuous_ode(x_hat_in_float32, shape, n_steps, sigma_1, order, generator, device)
+    return x_hat_in_float32(mu, torch.ones(shape[0], device=device))
 
 
 @torch.no_grad()
@@ -750,9 +506,13 @@ def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, genera
     """Discretised data (§5), the probability-flow ODE solver with the mean bin k_hat as the prediction; returns the
     centre of a bin drawn from p_O(. | theta, 1). probs_fn as in discretised_sample."""
     centres = bin_centres(K, device=device)
-    k_hat = lambda mu, t: (_full_precision(probs_fn(mu, t)) * centres).sum(-1)  # noqa: E731
+
+    def k_hat(mu, t):
+        return (_full_precision(probs_fn(mu, t)) * centres).sum(-1)
+
     mu = _continuous_ode(k_hat, shape, n_steps, sigma_1, order, generator, device)
-    return centres[_categorical(_full_precision(probs_fn(mu, torch.ones(shape[0], device=device))), generator)]
+    probs = _full_precision(probs_fn(mu, torch.ones(shape[0], device=device)))
+    return centres[sample_categorical(probs, generator)]
 
 
 @torch.no_grad()
@@ -764,15 +524,19 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
     discrete_sample."""
     t = [i / n_steps for i in range(n_steps + 1)]
     u = math.sqrt(beta_1 * K) * torch.randn((*shape, K), generator=generator, device=device)
-    ones, prev = torch.ones(shape[0], device=device), None
+    ones = torch.ones(shape[0], device=device)
+    previous = None  # (the last e_hat, its t)
     for i in range(n_steps):
-        t_eval = t[1] / 2 if i == 0 else t[i]  # the first call in the middle of the first step, on the state of t = 0
-        e_hat = d = _full_precision(probs_fn(torch.softmax(t_eval * u, -1), t_eval * ones))
-        if order == 2 and prev is not None:
-            d = e_hat + (e_hat - prev[0]) * (t[i + 1] - t_eval) / (2 * (t_eval - prev[1]))
-        prev = (e_hat, t_eval)
+        t_eval = t[i]
+        if i == 0:  # the first call in the middle of the first step, on the state of t = 0
+            t_eval = t[1] / 2
+        e_hat = _full_precision(probs_fn(torch.softmax(t_eval * u, -1), t_eval * ones))
+        d = e_hat
+        if order == 2 and previous is not None:
+            d = e_hat + (e_hat - previous[0]) * (t[i + 1] - t_eval) / (2 * (t_eval - previous[1]))
+        previous = (e_hat, t_eval)
         u = u + beta_1 * (K * d - 1) * (t[i + 1] - t[i])
-    return _categorical(_full_precision(probs_fn(torch.softmax(u, -1), ones)), generator)
+    return sample_categorical(_full_precision(probs_fn(torch.softmax(u, -1), ones)), generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -794,42 +558,58 @@ def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=
 #
 # n_steps + 1 network calls at t = 0, 1/n, ..., (n - 1)/n and 1, as the paper's samplers.
 
-def _sde_step(pred, prev, i, n_steps, sigma_1):
-    """Step i (t = i / n to t' = (i + 1) / n) of the SDE solver for mu: (decay, gain, scale, d, prev) such that
-    mu' = decay mu + gain d + scale eps, with d the prediction pred (B, ...) extrapolated by its change since the last
-    step; prev: (the last prediction, its lambda), or None."""
-    a_of = lambda t: continuous_gamma(torch.tensor(t, dtype=torch.float64), sigma_1).item()  # noqa: E731
-    b_of = lambda t: math.sqrt(a_of(t) * sigma_1 ** (2 * t))  # noqa: E731  sqrt(gamma (1 - gamma))
-    lam_of = lambda t: math.log(a_of(t) / b_of(t))  # noqa: E731
-    t, t_next = i / n_steps, (i + 1) / n_steps
-    a, b = a_of(t_next), b_of(t_next)
+
+def sde_coefficients(i, n_steps, sigma_1):
+    """Step i of the SDE solver for mu, from t = i / n to t' = (i + 1) / n: (decay, gain, scale), the three
+    coefficients of mu' = decay mu + gain d + scale eps, with d the prediction (sde_prediction) and eps ~ N(0, I)."""
+    beta = _beta(i / n_steps, sigma_1)
+    beta_next = _beta((i + 1) / n_steps, sigma_1)
+    a_next = beta_next / (1 + beta_next)  # gamma(t')
+    b_next = math.sqrt(beta_next) / (1 + beta_next)  # sqrt(gamma (1 - gamma)) at t'
     if i == 0:  # from mu = 0 at lambda = -inf: the flow with the prediction as the data
-        return 0.0, a, b, pred, None
-    lam, h = lam_of(t), lam_of(t_next) - lam_of(t)
+        return 0.0, a_next, b_next
+    h = 0.5 * math.log(beta_next / beta)  # lambda' - lambda
     kept = -math.expm1(-2 * h)  # 1 - e^(-2h)
-    d = pred if prev is None else pred + 0.5 * (pred - prev[0]) * h / (lam - prev[1])
-    return (b / b_of(t)) * math.exp(-h), a * kept, b * math.sqrt(kept), d, (pred, lam)
+    b = math.sqrt(beta) / (1 + beta)
+    return b_next / b * math.exp(-h), a_next * kept, b_next * math.sqrt(kept)
 
 
-def _discrete_sde_drift(e_hat, prev, alpha, t, t_next, beta_1):
+def sde_prediction(pred, previous, i, n_steps, sigma_1):
+    """d of step i of the SDE solver: the prediction pred (B, ...), plus for order 2 its change since the last step,
+    0.5 (pred - pred_prev) h / (lambda - lambda_prev); previous: (the last step's prediction, its index i), or None."""
+    if previous is None:
+        return pred
+    lam = 0.5 * math.log(_beta(i / n_steps, sigma_1))
+    h = 0.5 * math.log(_beta((i + 1) / n_steps, sigma_1)) - lam
+    lam_previous = 0.5 * math.log(_beta(previous[1] / n_steps, sigma_1))
+    return pred + 0.5 * (pred - previous[0]) * h / (lam - lam_previous)
+
+
+def discrete_sde_drift(e_hat, previous, alpha, t, t_next, beta_1):
     """The mean change of the logits over step t -> t': alpha (K e_hat - 1), plus for order 2 the change of e_hat,
-    K beta(1) D (t' - t)^2 (2 t' + t) / 3; prev: (the last e_hat, its t), or None."""
-    drift = alpha * (e_hat.shape[-1] * e_hat - 1)
-    if prev is None:
+    K beta(1) D (t' - t)^2 (2 t' + t) / 3; previous: (the last e_hat, its t), or None."""
+    K = e_hat.shape[-1]
+    drift = alpha * (K * e_hat - 1)
+    if previous is None:
         return drift
-    slope = (e_hat - prev[0]) / (t - prev[1])
-    return drift + e_hat.shape[-1] * beta_1 * slope * (t_next - t) ** 2 * (2 * t_next + t) / 3
+    slope = (e_hat - previous[0]) / (t - previous[1])
+    return drift + K * beta_1 * slope * (t_next - t) ** 2 * (2 * t_next + t) / 3
 
 
 @torch.no_grad()
 def continuous_sample_sde(x_hat_fn, shape, n_steps, sigma_1, generator=None, device=None):
     """Continuous data (§4), the second-order SDE solver (Algorithm 3 plus the change of x_hat). x_hat_fn as in
     continuous_sample; returns x_hat(mu, 1)."""
-    mu, ones, prev = torch.zeros(shape, device=device), torch.ones(shape[0], device=device), None
+    mu = torch.zeros(shape, device=device)
+    ones = torch.ones(shape[0], device=device)
+    previous = None
     for i in range(n_steps):
         x_hat = _full_precision(x_hat_fn(mu, i / n_steps * ones))
-        decay, gain, scale, d, prev = _sde_step(x_hat, prev, i, n_steps, sigma_1)
+        decay, gain, scale = sde_coefficients(i, n_steps, sigma_1)
+        d = sde_prediction(x_hat, previous, i, n_steps, sigma_1)
         mu = decay * mu + gain * d + scale * torch.randn(shape, generator=generator, device=device)
+        if i > 0:  # the second step is first order
+            previous = (x_hat, i)
     return x_hat_fn(mu, ones)
 
 
@@ -837,26 +617,34 @@ def continuous_sample_sde(x_hat_fn, shape, n_steps, sigma_1, generator=None, dev
 def discretised_sample_sde(probs_fn, shape, n_steps, sigma_1, K, generator=None, device=None):
     """Discretised data (§5), the second-order SDE solver with the mean bin k_hat as the prediction; returns the centre
     of a bin drawn from p_O(. | theta, 1). probs_fn as in discretised_sample."""
-    mu, ones, prev = torch.zeros(shape, device=device), torch.ones(shape[0], device=device), None
+    mu = torch.zeros(shape, device=device)
+    ones = torch.ones(shape[0], device=device)
     centres = bin_centres(K, device=device)
+    previous = None
     for i in range(n_steps):
         k_hat = (_full_precision(probs_fn(mu, i / n_steps * ones)) * centres).sum(-1)
-        decay, gain, scale, d, prev = _sde_step(k_hat, prev, i, n_steps, sigma_1)
+        decay, gain, scale = sde_coefficients(i, n_steps, sigma_1)
+        d = sde_prediction(k_hat, previous, i, n_steps, sigma_1)
         mu = decay * mu + gain * d + scale * torch.randn(shape, generator=generator, device=device)
-    return centres[_categorical(_full_precision(probs_fn(mu, ones)), generator)]
+        if i > 0:
+            previous = (k_hat, i)
+    return centres[sample_categorical(_full_precision(probs_fn(mu, ones)), generator)]
 
 
 @torch.no_grad()
 def discrete_sample_sde(probs_fn, shape, n_steps, beta_1, K, generator=None, device=None):
     """Discrete data (§6), the second-order SDE solver: Algorithm 9 with the mean e_hat = p_O in place of a drawn
     class, integrated linear in t over each step. probs_fn as in discrete_sample."""
-    theta, ones, prev = torch.full((*shape, K), 1 / K, device=device), torch.ones(shape[0], device=device), None
+    theta = torch.full((*shape, K), 1 / K, device=device)
+    ones = torch.ones(shape[0], device=device)
+    previous = None  # (the last e_hat, its t)
     for i in range(n_steps):
-        t, t_next = i / n_steps, (i + 1) / n_steps
+        t = i / n_steps
+        t_next = (i + 1) / n_steps
         e_hat = _full_precision(probs_fn(theta, t * ones))
-        alpha = beta_1 * (2 * i + 1) / n_steps ** 2  # beta(t') - beta(t)
-        eps = torch.randn(theta.shape, generator=generator, device=device)
-        theta = discrete_update(theta, _discrete_sde_drift(e_hat, prev, alpha, t, t_next, beta_1) + math.sqrt(
-            alpha * K) * eps)
-        prev = (e_hat, t)
-    return _categorical(_full_precision(probs_fn(theta, ones)), generator)
+        alpha = beta_1 * (2 * i + 1) / n_steps**2  # beta(t') - beta(t)
+        drift = discrete_sde_drift(e_hat, previous, alpha, t, t_next, beta_1)
+        noise = math.sqrt(alpha * K) * torch.randn(theta.shape, generator=generator, device=device)
+        theta = discrete_update(theta, drift + noise)
+        previous = (e_hat, t)
+    return sample_categorical(_full_precision(probs_fn(theta, ones)), generator)

@@ -5,6 +5,7 @@ of exact posteriors equal to the data entropy, ...) and against independent comp
 
 Monte Carlo checks use a fixed seed and a tolerance of Z standard errors of the estimate, never a hand-picked bound.
 """
+
 import math
 
 import pytest
@@ -44,6 +45,7 @@ def assert_variance(samples, expected, z=Z):
 
 # ---------------------------------------------------------------------------------------------------- schedules
 
+
 @pytest.mark.parametrize("sigma_1", [0.001, math.sqrt(0.001), 0.3])
 def test_continuous_schedule(sigma_1):
     n = 50
@@ -51,10 +53,10 @@ def test_continuous_schedule(sigma_1):
     alpha = C.continuous_alpha(i, n, sigma_1)
     beta = lambda t: sigma_1 ** (-2 * t) - 1  # noqa: E731
     torch.testing.assert_close(alpha, beta(i / n) - beta((i - 1) / n))
-    torch.testing.assert_close(alpha.sum().item(), sigma_1 ** -2 - 1)
+    torch.testing.assert_close(alpha.sum().item(), sigma_1**-2 - 1)
     assert C.continuous_gamma(torch.tensor(0.0), sigma_1).item() == 0
     gamma_1 = C.continuous_gamma(torch.tensor(1.0, dtype=torch.float64), sigma_1).item()
-    torch.testing.assert_close(gamma_1, 1 - sigma_1 ** 2)
+    torch.testing.assert_close(gamma_1, 1 - sigma_1**2)
     # gamma = beta / (1 + beta)
     t = torch.rand(10, dtype=torch.float64, generator=gen())
     torch.testing.assert_close(C.continuous_gamma(t, sigma_1), beta(t) / (1 + beta(t)))
@@ -76,10 +78,11 @@ def test_continuous_updates_reach_final_precision():
     for i in range(1, n + 1):
         alpha = C.continuous_alpha(torch.tensor(i, dtype=torch.float64), n, sigma_1).item()
         mu, rho = C.continuous_update(mu, rho, torch.randn(3, generator=gen(i)), alpha)
-    assert rho == pytest.approx(sigma_1 ** -2, rel=1e-9)
+    assert rho == pytest.approx(sigma_1**-2, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------- flows
+
 
 def test_flow_at_t0_is_the_prior():
     x = torch.rand(4, 5) * 2 - 1
@@ -122,7 +125,7 @@ def test_discrete_flow_logit_moments():
     x = torch.full((N,), 2)
     theta = C.discrete_flow(x, torch.full((N,), t), beta_1, K, gen(2))
     d = theta[:, 2].log() - theta[:, 0].log()
-    beta = beta_1 * t ** 2
+    beta = beta_1 * t**2
     assert_mean(d, beta * K)
     assert_variance(d, 2 * beta * K)
 
@@ -156,6 +159,7 @@ def test_discrete_update_stays_on_the_simplex_and_matches_bayes_rule():
 
 # ---------------------------------------------------------------------------------------------------- continuous
 
+
 def test_continuous_x_hat_inverts_the_flow_and_clips():
     sigma_1 = 0.001
     g = gen(5)
@@ -181,7 +185,7 @@ def test_continuous_x_hat_at_t0_is_zero_with_finite_gradient():
 def gaussian_posterior_mean(mu, t, s, sigma_1):
     """E[x | mu, t] for x ~ N(0, s^2): mu s^2 / ((1 - gamma) + gamma s^2)."""
     gamma = C.continuous_gamma(t, sigma_1).reshape(-1, *[1] * (mu.dim() - 1))
-    return mu * s ** 2 / ((1 - gamma) + gamma * s ** 2)
+    return mu * s**2 / ((1 - gamma) + gamma * s**2)
 
 
 def test_continuous_loss_inf_gaussian_data_closed_form():
@@ -193,7 +197,7 @@ def test_continuous_loss_inf_gaussian_data_closed_form():
     mu = C.continuous_flow(x, t, sigma_1, g)
     loss = C.continuous_loss_inf(x, gaussian_posterior_mean(mu, t, s, sigma_1), t, sigma_1)
     assert loss.shape == (N,)
-    assert_mean(loss, D / 2 * math.log(1 + s ** 2 * (sigma_1 ** -2 - 1)))
+    assert_mean(loss, D / 2 * math.log(1 + s**2 * (sigma_1**-2 - 1)))
 
 
 def test_continuous_loss_n_gaussian_data_closed_form_and_decreases_to_loss_inf():
@@ -203,9 +207,9 @@ def test_continuous_loss_n_gaussian_data_closed_form_and_decreases_to_loss_inf()
     exact = {}
     for n in [1, 4, 20, 1000]:
         i = torch.arange(1, n + 1, dtype=torch.float64)
-        v = s ** 2 / (1 + s ** 2 * beta((i - 1) / n))
+        v = s**2 / (1 + s**2 * beta((i - 1) / n))
         exact[n] = (C.continuous_alpha(i, n, sigma_1) / 2 * D * v).sum().item()
-    loss_inf = D / 2 * math.log(1 + s ** 2 * beta(1.0))
+    loss_inf = D / 2 * math.log(1 + s**2 * beta(1.0))
     assert exact[1] > exact[4] > exact[20] > exact[1000] > loss_inf
     assert exact[1000] == pytest.approx(loss_inf, rel=0.01)
     g = gen(7)
@@ -232,6 +236,7 @@ def test_continuous_recon_loss_is_a_discretised_gaussian():
 
 
 # ---------------------------------------------------------------------------------------------------- discretised
+
 
 def test_bins():
     torch.testing.assert_close(C.bin_centres(4), torch.tensor([-0.75, -0.25, 0.25, 0.75]))
@@ -279,7 +284,7 @@ def test_discretised_output_recovers_the_data_from_the_true_noise_and_is_uniform
 def exact_bin_posterior(mu, t, sigma_1, K, log_prior=None):
     """p(k | mu, t) ∝ pi_k N(mu | gamma k_c, gamma (1 - gamma)) for data on the K bin centres. (B, D) -> (B, D, K)."""
     gamma = C.continuous_gamma(t.clamp_min(1e-6), sigma_1).reshape(-1, 1, 1).double()
-    logits = -(mu[..., None].double() - gamma * C.bin_centres(K).double()) ** 2 / (2 * gamma * (1 - gamma))
+    logits = -((mu[..., None].double() - gamma * C.bin_centres(K).double()) ** 2) / (2 * gamma * (1 - gamma))
     if log_prior is not None:
         logits = logits + log_prior
     return torch.softmax(logits, -1)
@@ -334,6 +339,7 @@ def test_discretised_loss_inf_is_zero_for_a_sure_output_and_the_data_norm_for_a_
 
 
 # ---------------------------------------------------------------------------------------------------- discrete
+
 
 @pytest.mark.parametrize("K,beta_1", [(2, 9.0), (27, 0.5625)])
 def test_discrete_uniform_output_loss_inf(K, beta_1):
@@ -403,6 +409,17 @@ def test_discrete_loss_n_is_the_joint_mixture_kl_not_the_factorised_one():
 
 # ---------------------------------------------------------------------------------------------------- samplers
 
+
+def recorded(fn, trajectory):
+    """fn, appending each call's t and input to trajectory: what the scripts record for their evolution figures."""
+
+    def call(inputs, t):
+        trajectory.append({"t": t[0].item(), "input": inputs})
+        return fn(inputs, t)
+
+    return call
+
+
 class Counter:
     def __init__(self, fn):
         self.fn, self.calls, self.ts = fn, 0, []
@@ -418,7 +435,7 @@ def test_samplers_call_the_network_n_plus_one_times(n):
     K = 4
     cont = Counter(lambda mu, t: torch.zeros_like(mu))
     traj = []
-    x = C.continuous_sample(C.recorded(cont, traj), (3, 2), n, 0.01, gen())
+    x = C.continuous_sample(recorded(cont, traj), (3, 2), n, 0.01, gen())
     disc = Counter(lambda mu, t: torch.full(mu.shape + (K,), 1 / K))
     C.discretised_sample(disc, (3, 2), n, 0.01, K, gen())
     cat = Counter(lambda theta, t: theta)
@@ -453,7 +470,7 @@ def test_discrete_sample_with_the_exact_posterior_reproduces_the_data(n):
     fn = lambda theta, t: pi * theta / (pi * theta).sum(-1, keepdim=True)  # noqa: E731
     k = C.discrete_sample(fn, (20_000, 2), n, 4.0, len(pi), gen(20 + n))
     assert_frequencies(k, pi)
-    joint = (k[:, 0] * len(pi) + k[:, 1])  # the two dimensions are independent
+    joint = k[:, 0] * len(pi) + k[:, 1]  # the two dimensions are independent
     assert_frequencies(joint, (pi[:, None] * pi[None, :]).flatten())
 
 
@@ -472,7 +489,7 @@ def test_continuous_sample_with_the_exact_posterior_mean():
     sigma_1, s, N = 0.05, 0.5, 100_000
 
     def exact_variance(n):
-        c = lambda t: s ** 2 / ((1 - (1 - sigma_1 ** (2 * t))) + (1 - sigma_1 ** (2 * t)) * s ** 2)  # noqa: E731
+        c = lambda t: s**2 / ((1 - (1 - sigma_1 ** (2 * t))) + (1 - sigma_1 ** (2 * t)) * s**2)  # noqa: E731
         v, rho = 0.0, 1.0
         for i in range(1, n + 1):
             alpha = sigma_1 ** (-2 * i / n) * (1 - sigma_1 ** (2 / n))
@@ -485,10 +502,11 @@ def test_continuous_sample_with_the_exact_posterior_mean():
         x = C.continuous_sample(fn, (N,), n, sigma_1, gen(40 + n))
         assert_mean(x, 0.0)
         assert_variance(x, exact_variance(n))
-    assert abs(exact_variance(500) - s ** 2) < abs(exact_variance(50) - s ** 2) < abs(exact_variance(2) - s ** 2)
+    assert abs(exact_variance(500) - s**2) < abs(exact_variance(50) - s**2) < abs(exact_variance(2) - s**2)
 
 
 # ---------------------------------------------------------------------------------------------------- numerics
+
 
 def test_no_nan_or_inf_at_the_extremes():
     g = gen(50)
@@ -499,21 +517,30 @@ def test_no_nan_or_inf_at_the_extremes():
         eps = torch.randn(4, 8, generator=g)
         x_hat = C.continuous_x_hat(mu, t, eps, sigma_1)
         log_probs = C.discretised_log_probs(*C.discretised_output(mu, t, eps, eps, sigma_1), 256)
-        for v in [mu, x_hat, log_probs, C.continuous_loss_inf(x, x_hat, t, sigma_1),
-                  C.continuous_loss_n(x, x_hat, torch.tensor([1, 1, 5, 10]), 10, sigma_1),
-                  C.continuous_recon_loss(x, x_hat, sigma_1, 256),
-                  C.discretised_loss_inf(x, log_probs.exp(), t, sigma_1),
-                  C.discretised_loss_n(x, log_probs, torch.tensor([1, 2, 10, 10]), 10, sigma_1, g),
-                  C.discretised_recon_loss(x, log_probs)]:
+        for v in [
+            mu,
+            x_hat,
+            log_probs,
+            C.continuous_loss_inf(x, x_hat, t, sigma_1),
+            C.continuous_loss_n(x, x_hat, torch.tensor([1, 1, 5, 10]), 10, sigma_1),
+            C.continuous_recon_loss(x, x_hat, sigma_1, 256),
+            C.discretised_loss_inf(x, log_probs.exp(), t, sigma_1),
+            C.discretised_loss_n(x, log_probs, torch.tensor([1, 2, 10, 10]), 10, sigma_1, g),
+            C.discretised_recon_loss(x, log_probs),
+        ]:
             assert torch.isfinite(v).all()
     for beta_1 in [1e-3, 9.0, 1e4]:
         x = torch.randint(0, 27, (4, 8), generator=g)
         theta = C.discrete_flow(x, t, beta_1, 27, g)
         logits = torch.randn(4, 8, 27, generator=g) * 30  # nearly one-hot outputs
         probs, log_probs = torch.softmax(logits, -1), torch.log_softmax(logits, -1)
-        for v in [theta, C.discrete_loss_inf(x, probs, t, beta_1), C.discrete_recon_loss(x, log_probs),
-                  C.discrete_loss_n(x, log_probs, torch.tensor([1, 1, 5, 10]), 10, beta_1, g),
-                  C.discrete_update(theta, 1e3 * torch.randn(4, 8, 27, generator=g))]:
+        for v in [
+            theta,
+            C.discrete_loss_inf(x, probs, t, beta_1),
+            C.discrete_recon_loss(x, log_probs),
+            C.discrete_loss_n(x, log_probs, torch.tensor([1, 1, 5, 10]), 10, beta_1, g),
+            C.discrete_update(theta, 1e3 * torch.randn(4, 8, 27, generator=g)),
+        ]:
             assert torch.isfinite(v).all()
         k = C.discrete_sample(lambda th, t: th, (2, 3), 5, beta_1, 27, g)
         assert ((k >= 0) & (k < 27)).all()
@@ -528,15 +555,20 @@ def test_losses_run_in_float32_under_autocast():
         probs = torch.softmax(torch.randn(4, 6, 3), -1).bfloat16()
         xs = torch.randint(0, 3, (4, 6))
         bin_probs = C.discretised_probs(*C.discretised_output(x.bfloat16(), t, x.bfloat16(), x.bfloat16(), 0.01), 16)
-        losses = [x_hat, C.continuous_loss_inf(x, x_hat, t, 0.01), C.discretised_loss_inf(x, bin_probs, t, 0.01),
-                  C.discrete_loss_inf(xs, probs, t, 3.0),
-                  C.discrete_loss_n(xs, probs.log(), torch.ones(4, dtype=torch.long), 2, 3.0),
-                  C.discrete_recon_loss(xs, probs.log())]
+        losses = [
+            x_hat,
+            C.continuous_loss_inf(x, x_hat, t, 0.01),
+            C.discretised_loss_inf(x, bin_probs, t, 0.01),
+            C.discrete_loss_inf(xs, probs, t, 3.0),
+            C.discrete_loss_n(xs, probs.log(), torch.ones(4, dtype=torch.long), 2, 3.0),
+            C.discrete_recon_loss(xs, probs.log()),
+        ]
     for v in losses:
         assert v.dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------- ODE samplers
+
 
 @pytest.mark.parametrize("n", [1, 6])
 def test_ode_samplers_call_the_network_n_plus_one_times(n):
@@ -547,7 +579,7 @@ def test_ode_samplers_call_the_network_n_plus_one_times(n):
     disc = Counter(lambda mu, t: torch.full(mu.shape + (K,), 1 / K))
     cat = Counter(lambda theta, t: theta)
     traj = []
-    x = C.continuous_sample_ode(C.recorded(cont, traj), (2, 3), n, 0.01, generator=gen())
+    x = C.continuous_sample_ode(recorded(cont, traj), (2, 3), n, 0.01, generator=gen())
     C.discretised_sample_ode(disc, (2, 3), n, 0.01, K, generator=gen())
     k = C.discrete_sample_ode(cat, (2, 3), n, 2.0, K, generator=gen())
     for c in (cont, disc, cat):
@@ -563,12 +595,15 @@ def test_continuous_ode_is_exact_for_gaussian_data():
     (one sample; the first draw of the generator is z) measures the solver's error."""
     sigma_1, s = 0.05, 0.5
     fn = lambda mu, t: gaussian_posterior_mean(mu, t, s, sigma_1)  # noqa: E731
-    gamma_1 = 1 - sigma_1 ** 2
-    c_1 = s ** 2 / ((1 - gamma_1) + gamma_1 * s ** 2)
-    exact = c_1 * math.sqrt(gamma_1 ** 2 * s ** 2 + gamma_1 * (1 - gamma_1))
+    gamma_1 = 1 - sigma_1**2
+    c_1 = s**2 / ((1 - gamma_1) + gamma_1 * s**2)
+    exact = c_1 * math.sqrt(gamma_1**2 * s**2 + gamma_1 * (1 - gamma_1))
     z = torch.randn((1,), generator=gen(60)).item()
-    error = {(order, n): abs(C.continuous_sample_ode(fn, (1,), n, sigma_1, order, gen(60)).item() / z - exact)
-             for order in (1, 2) for n in (5, 20, 200)}
+    error = {
+        (order, n): abs(C.continuous_sample_ode(fn, (1,), n, sigma_1, order, gen(60)).item() / z - exact)
+        for order in (1, 2)
+        for n in (5, 20, 200)
+    }
     assert error[(2, 20)] < 0.01 * exact and error[(2, 200)] < 0.001 * exact  # second order: few steps suffice
     assert error[(2, 5)] < error[(1, 5)] / 2 and error[(2, 20)] < error[(1, 20)] / 5
     assert error[(1, 200)] < error[(1, 20)] < error[(1, 5)]
@@ -592,6 +627,7 @@ def test_discretised_ode_with_the_exact_posterior_reproduces_the_data():
 
 # ---------------------------------------------------------------------------------------------------- SDE samplers
 
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_sde_samplers_call_the_network_n_plus_one_times(n):
     K = 3
@@ -599,7 +635,7 @@ def test_sde_samplers_call_the_network_n_plus_one_times(n):
     disc = Counter(lambda mu, t: torch.full(mu.shape + (K,), 1 / K))
     cat = Counter(lambda theta, t: theta)
     traj = []
-    x = C.continuous_sample_sde(C.recorded(cont, traj), (2, 3), n, 0.01, gen())
+    x = C.continuous_sample_sde(recorded(cont, traj), (2, 3), n, 0.01, gen())
     C.discretised_sample_sde(disc, (2, 3), n, 0.01, K, gen())
     k = C.discrete_sample_sde(cat, (2, 3), n, 2.0, K, gen())
     for c in (cont, disc, cat):
@@ -612,8 +648,8 @@ def test_continuous_sde_is_algorithm_3_when_the_prediction_does_not_change():
     closed form: the same noise gives the same mu at every step."""
     fn = lambda mu, t: torch.full_like(mu, 0.3)  # noqa: E731
     paper, sde = [], []
-    C.continuous_sample(C.recorded(fn, paper), (4, 5), 8, 0.01, gen(80))
-    C.continuous_sample_sde(C.recorded(fn, sde), (4, 5), 8, 0.01, gen(80))
+    C.continuous_sample(recorded(fn, paper), (4, 5), 8, 0.01, gen(80))
+    C.continuous_sample_sde(recorded(fn, sde), (4, 5), 8, 0.01, gen(80))
     for a, b in zip(paper, sde):
         torch.testing.assert_close(a["input"], b["input"], rtol=1e-5, atol=1e-6)
 
@@ -634,6 +670,7 @@ def test_discretised_sde_with_the_exact_posterior_reproduces_the_data():
 
 
 # ---------------------------------------------------------------------------------------------------- precision
+
 
 def test_one_minus_gamma_and_the_scales_are_exact_in_float32():
     """With sigma_1 = 0.001, gamma is within an ulp of 1 for t >= 0.5: 1 - gamma must come from sigma_1^(2t) itself.
@@ -691,22 +728,26 @@ def test_no_finite_network_output_gives_a_nan_or_inf():
     log_sigma_eps = torch.tensor([0.0, 0.0, 0.0, 1e6, -1e6, 80.0], requires_grad=True)
     mu, t = torch.full((6,), 0.2), torch.tensor([0.5, 0.5, 0.9, 1.0, 0.3, 1e-3])
     for K in [16, 256]:
-        log_p = C.discretised_log_probs(*C.discretised_output(mu[:, None], t, mu_eps[:, None], log_sigma_eps[:, None],
-                                                              0.001), K)
+        log_p = C.discretised_log_probs(
+            *C.discretised_output(mu[:, None], t, mu_eps[:, None], log_sigma_eps[:, None], 0.001), K
+        )
         assert torch.isfinite(log_p).all()
         torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(6, 1), rtol=1e-4, atol=1e-4)
         x = C.bin_centres(K)[torch.tensor([[3], [0], [K - 1], [5], [7], [2]])]
-        (C.discretised_recon_loss(x, log_p).sum() + C.discretised_loss_n(x, log_p, torch.tensor([3] * 6), 5, 0.001,
-                                                                            gen(71)).sum()).backward()
+        (
+            C.discretised_recon_loss(x, log_p).sum()
+            + C.discretised_loss_n(x, log_p, torch.tensor([3] * 6), 5, 0.001, gen(71)).sum()
+        ).backward()
         assert torch.isfinite(mu_eps.grad).all() and torch.isfinite(log_sigma_eps.grad).all()
         mu_eps.grad, log_sigma_eps.grad = None, None
 
 
 def test_stratified_times_put_one_t_in_each_stratum_and_each_is_uniform():
     g = torch.Generator().manual_seed(0)
-    t = C.stratified_times(8, g)
+    t = C.training_times(8, True, g)
     assert sorted((t * 8).floor().long().tolist()) == list(range(8))  # one in each eighth of [0, 1)
-    draws = torch.stack([C.stratified_times(8, g) for _ in range(4000)])  # (4000, 8)
+    assert C.training_times(8, False, g).shape == (8,)
+    draws = torch.stack([C.training_times(8, True, g) for _ in range(4000)])  # (4000, 8)
     assert abs(draws[:, 0].mean().item() - 0.5) < 0.02 and abs(draws[:, 0].var().item() - 1 / 12) < 0.005  # U(0, 1)
     assert draws.mean(1).var().item() < 0.1 * (1 / 12 / 8)  # the batch mean: far less variance than independent t
 
@@ -718,62 +759,12 @@ def test_stratified_steps_use_every_step_equally_and_each_is_uniform():
     assert_frequencies(first - 1, torch.full((7,), 1 / 7))
 
 
-@pytest.mark.parametrize("sampler", [C.discrete_sample_ode, C.discrete_sample_sde])
-def test_guidance_on_probabilities_is_guidance_on_the_updates_of_theta(sampler):
-    """The ODE and SDE samplers use p_O only through the mean of the update of the logits, so running them with
-    (1 + w) p_c - w p_u gives ln theta = (1 + w) ln theta_c - w ln theta_u (up to normalisation) for the same noise:
-    classifier-free guidance on the input parameters."""
-    g = torch.Generator().manual_seed(5)
-    p_c, p_u = torch.rand(3, 4, 5, generator=g).softmax(-1), torch.rand(3, 4, 5, generator=g).softmax(-1)
-    w = 1.5
-
-    def final_theta(p):
-        trajectory = []
-        sampler(C.recorded(lambda theta, t: p, trajectory), (3, 4), 6, 2.0, 5, generator=gen(0))
-        return trajectory[-1]["input"].double()
-
-    combined = ((1 + w) * final_theta(p_c).log() - w * final_theta(p_u).log()).log_softmax(-1)
-    torch.testing.assert_close(final_theta((1 + w) * p_c - w * p_u).log(), combined, rtol=1e-4, atol=1e-4)
-
-
-def test_discrete_beta_1_for_tokens_holds_k_beta_1():
-    """20.4054 / K: the L^inf weight K beta(1) t and the true token's lead K beta(1) in y at t = 1 are the same for
-    every vocabulary. Under it the flow's last input gives the true token 0.92 of its mass at K = 256 and 0.73 at
-    K = 4096 (more rivals' noise); under text8's 0.5625 it is already certain there (and long before t = 1)."""
-    assert [K * C.discrete_beta_1_tokens(K) for K in (27, 256, 4096)] == pytest.approx([20.4054] * 3)
-    g, x, t = torch.Generator().manual_seed(0), torch.zeros(2000, dtype=torch.long), torch.ones(2000)
-    sure = [C.discrete_flow(x, t, C.discrete_beta_1_tokens(K), K, g)[:, 0].mean().item() for K in (256, 4096)]
-    assert 0.88 < sure[0] < 0.95 and 0.68 < sure[1] < 0.78
-    assert C.discrete_flow(x, t, 0.5625, 256, g)[:, 0].mean().item() > 0.999
-
-
-def test_discrete_beta_1_rule():
-    """0.5625 (the paper's text8 setting) at K = 27 and above; below, larger, so that the final input's expected
-    entropy, estimated on other draws, is the text8 setting's; for K > 27 text8's beta(1) leaves less."""
-    assert C.discrete_beta_1(27) == 0.5625 and C.discrete_beta_1(28) == C.discrete_beta_1(117) == 0.5625
-    values = [C.discrete_beta_1(K) for K in (2, 4, 10, 26)]
-    assert values == sorted(values, reverse=True) and values[-1] > 0.5625
-    assert values[0] == pytest.approx(2.566, rel=1e-3) and values[2] == pytest.approx(1.191, rel=1e-3)
-
-    def entropy(beta_1, K, n=100_000):  # E[H(theta)] in nats at t = 1 on fresh draws, float64
-        y = beta_1 * (K * torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), K) - 1) + \
-            math.sqrt(beta_1 * K) * torch.randn(n, K, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-        log_theta = y.log_softmax(-1)
-        return -(log_theta.exp() * log_theta).sum(-1).mean().item()
-
-    text8 = entropy(0.5625, 27)
-    assert text8 == pytest.approx(0.138, abs=0.005) and entropy(9.0, 2) < 0.01  # the paper's MNIST leaves less
-    for K, beta_1 in zip((2, 4, 10), values):
-        assert entropy(beta_1, K) == pytest.approx(text8, rel=0.05)
-    assert entropy(0.5625, 117) < 1e-4 < entropy(0.5625, 26) - text8  # fewer classes: more entropy at 0.5625
-
-
 def test_the_worked_example_at_the_top_of_common_runs():
     """The docstring's example, as written, with a tiny network of each kind: it trains (a finite loss with gradients)
     and samples (the samplers turn autograd off themselves)."""
     lines = C.__doc__.split("\n")
     start = lines.index("    import torch, common as C")
-    code = "\n".join(line[4:] for line in lines[start:lines.index("", start)])
+    code = "\n".join(line[4:] for line in lines[start : lines.index("", start)])
     D, K, sigma_1, beta_1 = 5, 3, 0.01, 2.0
     lin = torch.nn.Linear(D * K + 1, D * K)
 
@@ -782,8 +773,15 @@ def test_the_worked_example_at_the_top_of_common_runs():
         out = lin(torch.cat([torch.nn.functional.pad(flat, (0, D * K - flat.shape[1])), t[:, None]], 1))
         return out[:, :D] if inp.dim() == 2 else out.view(-1, D, K)
 
-    scope = {"net": net, "x": torch.rand(8, D) * 2 - 1, "k": torch.randint(0, K, (8, D)), "D": D, "K": K,
-             "sigma_1": sigma_1, "beta_1": beta_1}
+    scope = {
+        "net": net,
+        "x": torch.rand(8, D) * 2 - 1,
+        "k": torch.randint(0, K, (8, D)),
+        "D": D,
+        "K": K,
+        "sigma_1": sigma_1,
+        "beta_1": beta_1,
+    }
     exec(code, scope)
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
     assert scope["x"].shape == (16, D) and scope["k"].shape == (16, D) and not scope["x"].requires_grad
