@@ -1,23 +1,38 @@
 """Bayesian Flow Network on dynamically binarised MNIST (§6 of Graves et al., arXiv:2308.07037): discrete data, K = 2.
 
-Trains the authors' U-Net with the continuous-time loss L^inf (Algorithm 8), evaluates the test bound L^inf + L^r and
-L^n + L^r in nats/image (the paper: 77.87), and samples with Algorithm 9 or the ODE or SDE solver of common.py.
+Trains the authors' U-Net with the continuous-time loss L^inf (Algorithm 8), evaluates the test bound L^n + L^r in
+nats/image (the paper: 77.87 in continuous time) and samples with Algorithm 9, or the ODE or SDE solver of common.py.
 Writes log.txt, ckpt.pt, eval.json, samples.png and .pt, and evolution.png/.gif (theta and p_O over time) to --out-dir.
 
-    python bfn_mnist.py --preset quick                    # a small U-Net, minutes on a laptop CPU
-    python bfn_mnist.py                                   # the paper's model and optimiser
-    torchrun --nproc_per_node=8 bfn_mnist.py --batch-size 64       # the paper's global batch on 8 GPUs
-    python bfn_mnist.py --eval-only --eval-n inf 10 25 50 100 784   # the paper's table, from the run directory
-    python bfn_mnist.py --sample-only --sampler ode sde --sample-steps 10 --num-samples 500   # then, to score them:
-    python benchmarks/score_samples.py runs/bfn_mnist/samples-ode-10.pt runs/bfn_mnist/samples-sde-10.pt
-    python bfn_mnist.py --sample-only --inpaint bottom --particles 8       # complete the lower half of test digits
-    python bfn_mnist.py --sample-only --grad-guidance 2 --sample-class 3   # steer any model towards a digit
-    python bfn_mnist.py --preset quick --digits 2 --steps 960   # 64x64 images of two digits side by side, 24 min
+    python bfn_mnist.py --preset quick                                # a small U-Net, minutes on a laptop CPU
+    python bfn_mnist.py                                               # the paper's model and optimiser
+    torchrun --nproc_per_node=8 bfn_mnist.py --batch-size 64          # the paper's global batch on 8 GPUs
+    python bfn_mnist.py --eval-only --eval-n inf 10 25 50 100 784     # the paper's table, from the run directory
+    python bfn_mnist.py --sample-only --sampler ode --sample-steps 10 --num-samples 500
+    python bfn_mnist.py --preset quick --digits 2 --steps 960         # 64x64 images of two digits side by side
 
+Sampling a trained model beyond the paper (inpainting, guidance) is in beyond/, one command per feature.
 Shapes: B batch, H x W image (28 x 28; 64 x 64 with --digits 2), K = 2 classes (0 white, 1 black ink), C channels.
 """
-import argparse, collections, contextlib, copy, ctypes, dataclasses, datetime, gzip, json, math, os, shlex, shutil
-import signal, struct, sys, time, types, zlib
+
+import argparse
+import collections
+import contextlib
+import copy
+import dataclasses
+import datetime
+import gzip
+import json
+import math
+import os
+import resource
+import shlex
+import shutil
+import signal
+import struct
+import sys
+import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -26,119 +41,139 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_flow, discrete_guided_probs, discrete_loss_inf, discrete_loss_n, discrete_recon_loss, \
-    discrete_sample, discrete_sample_ode, discrete_sample_sde, discrete_sample_smc, recorded, replace_known_probs, \
-    stratified_steps, stratified_times
+import common
 
-SCRIPT, UNIT, K, BETAS = "bfn_mnist.py", "nats/image", 2, (0.9, 0.98)  # K: white and black pixels; AdamW's betas
+SCRIPT = "bfn_mnist.py"
+UNIT = "nats/image"
+K = 2  # the classes of a pixel: 0 white, 1 black ink
+ADAMW_BETAS = (0.9, 0.98)
+TIME_DRAWS = ("uniform", "stratified")  # of t in a training batch: the paper's, or one t per stratum (beyond)
 
 
-def opt(default, help=None, fixed=False, **kwargs):
-    """A setting: its default; its --help (None: not a flag, the presets set it); whether it fixes the model or the
-    data (a checkpoint keeps it); argparse's choices."""
-    return dataclasses.field(default=default, metadata=dict(help=help, fixed=fixed, **kwargs))
+def error(message):
+    """The exception that stops the script with one line: "SCRIPT: error: message" (exit status 1)."""
+    return SystemExit(f"{SCRIPT}: error: {message}")
+
+
+def setting(default, help=None, choices=None, low=None, fixed=False):
+    """A field of Config: its default, --help (None: only presets set it), choices or bound (an int at least low, a
+    float more than low); fixed: it shapes the model or the data, so a checkpoint keeps it."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "fixed": fixed})
 
 
 @dataclasses.dataclass
 class Config:
     """Every setting of a run; each with help is a flag (--batch-size for batch_size). The defaults are the paper's."""
-    data_dir: str = opt("data", "where MNIST is, or is downloaded to (torchvision's layout: DIR/MNIST/raw)")
-    digits: int = opt(1, "1: 28x28 MNIST; 2: 64x64 images of two digits side by side", True, choices=(1, 2))
-    conditional: bool = opt(False, "the network also sees the label (the digit, or the number 00-99)", True)
-    beta_1: float = opt(9.0, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8)", True)
-    channels: int = opt(128, "U-Net base channels (a multiple of 8)", True)
-    res_blocks: int = opt(2, "residual blocks per U-Net level", True)
-    steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
-    batch_size: int = opt(512, "examples per process and step (global: x --grad-accum x processes); also of "
-                               "evaluation and sampling")
-    grad_accum: int = opt(1, "batches accumulated per optimiser step")
-    lr: float = opt(1e-4, "AdamW learning rate (the peak, with the quick preset's schedule)")
-    eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test bounds L^n + L^r (inf: continuous time)")
-    eval_examples: int = opt(0, "evaluate on the first N test images (0: all)")
-    eval_repeats: int = opt(1, "passes over them with fresh binarisations and noise")
-    sampler: str = opt("paper", "Algorithm 9, or the second-order ODE or SDE solver", choices=("paper", "ode", "sde"))
-    sample_steps: int = opt(100, "generation steps n")
-    num_samples: int = opt(64, "images to sample (samples.png, samples.pt), or test images to complete")
-    sample_class: tuple = opt(("all",), "with --conditional or --grad-guidance: the classes to sample, a row each")
-    guidance: float = opt(0.0, "classifier-free guidance weight of a --conditional model")
-    grad_guidance: float = opt(0.0, "gradient guidance weight towards --sample-class, through a classifier of theta")
-    inpaint: str = opt("", "complete test images: top, bottom, left, right, centre, or a mask image (white: generate)")
-    particles: int = opt(1, "with --inpaint: sequential Monte Carlo over P particles (1: replacement)")
-    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win",
-                      choices=("paper", "quick"))
-    out_dir: str = opt("runs/bfn_mnist", "the run directory")
-    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its settings (flags given change them)")
-    init_from: str = opt("", "start from the weights of another run's ckpt.pt or an authors' checkpoint")
-    eval_only: bool = opt(False, "evaluate the checkpoint in <out-dir> on the test set")
-    sample_only: bool = opt(False, "sample from the checkpoint in <out-dir>")
-    seed: int = opt(0, "everything random derives from it")
-    device: str = opt("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
-    compile: bool = opt(False, "torch.compile the network for training")
-    t_draw: str = opt("uniform", "the times t of a training batch: uniform, each drawn alone (the paper), or "
-                                 "stratified, one in each 1/B of [0, 1] (the same loss, less variance)",
-                      choices=("uniform", "stratified"))
-    log_every: int = opt(100, "steps between log lines")
-    dropout: float = opt(0.5)  # in the residual blocks
-    lr_warmup: int = opt(0)  # steps of linear learning-rate warm-up (the paper: none)
-    lr_decay: str = opt("none")  # cosine: down to 0.1 --lr at --steps (the paper: constant)
+
+    data_dir: str = setting("data", "where MNIST is, or is downloaded to (torchvision's layout: DIR/MNIST/raw)")
+    digits: int = setting(1, "1: 28x28 MNIST; 2: 64x64 images of two digits side by side", (1, 2), fixed=True)
+    conditional: bool = setting(False, "a class-conditional network: it also sees the digit (or number)", fixed=True)
+    beta_1: float = setting(
+        9.0, "final accuracy beta(1) of the schedule beta(t) = beta(1) t^2 (§6.8)", low=0.0, fixed=True
+    )
+    channels: int = setting(128, "U-Net base channels (a multiple of 8)", low=8, fixed=True)
+    res_blocks: int = setting(2, "residual blocks per U-Net level", low=1, fixed=True)
+    steps: int = setting(100_000, "optimiser steps to train (the total, also when resuming)", low=1)
+    batch_size: int = setting(512, "images per process and step, also of evaluation and sampling", low=1)
+    grad_accum: int = setting(1, "batches accumulated per optimiser step", low=1)
+    lr: float = setting(1e-4, "AdamW learning rate (the peak, with the quick preset's schedule)", low=0.0)
+    t_draw: str = setting("uniform", "t of a training batch: each alone, or one per 1/B of [0, 1]", TIME_DRAWS)
+    eval_n: tuple = setting(("inf", "10", "100"), "steps n of the test bounds L^n + L^r (inf: continuous time)")
+    eval_examples: int = setting(0, "evaluate on the first N test images (0: all)", low=0)
+    eval_repeats: int = setting(1, "passes over them with fresh binarisations and noise", low=1)
+    sampler: str = setting("paper", "Algorithm 9, or the second-order ODE or SDE solver", ("paper", "ode", "sde"))
+    sample_steps: int = setting(100, "generation steps n", low=1)
+    num_samples: int = setting(64, "images to sample (with --conditional: about as many, a row per class)", low=1)
+    preset: str = setting("paper", "the paper's settings, or a small CPU recipe; flags given win", ("paper", "quick"))
+    out_dir: str = setting("runs/bfn_mnist", "the run directory")
+    resume: bool = setting(False, "continue from <out-dir>/ckpt.pt with its settings (flags given change them)")
+    init_from: str = setting("", "start from the weights of another run's ckpt.pt or an authors' checkpoint")
+    eval_only: bool = setting(False, "evaluate the checkpoint in <out-dir> on the test set")
+    sample_only: bool = setting(False, "sample from the checkpoint in <out-dir>")
+    seed: int = setting(0, "everything random derives from it")
+    device: str = setting("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
+    compile: bool = setting(False, "torch.compile the network for training")
+    log_every: int = setting(100, "steps between log lines", low=1)
+    dropout: float = setting(0.5)  # in the residual blocks
+    lr_warmup: int = setting(0)  # steps of linear learning-rate warm-up (the paper: none)
+    lr_decay: str = setting("none")  # "cosine": down to 0.1 --lr at --steps (the paper: constant)
 
 
-PRESETS = {"paper": {}, "quick": dict(channels=32, res_blocks=1, dropout=0.0, lr=1e-3, lr_warmup=100, lr_decay="cosine",
-                                      batch_size=32, steps=1600, eval_examples=2000)}
-INPAINT_REGIONS = ("top", "bottom", "left", "right", "centre")
+QUICK_NETWORK = {"channels": 32, "res_blocks": 1, "dropout": 0.0}
+QUICK_TRAINING = {"lr": 1e-3, "lr_warmup": 100, "lr_decay": "cosine", "batch_size": 32, "steps": 1600}
+PRESETS = {"paper": {}, "quick": QUICK_NETWORK | QUICK_TRAINING | {"eval_examples": 2000}}
 GROUPS = 32  # GroupNorm groups at most (the authors')
 
 
 def check(cfg):
-    """The settings that depend on each other -> (cfg, with every class for --grad-guidance without --sample-class;
-    the first problem, a one-line message, or None)."""
-    classes = 10 ** cfg.digits
-    if cfg.grad_guidance and cfg.sample_class == ("all",) and not cfg.conditional:
-        cfg = dataclasses.replace(cfg, sample_class=tuple(map(str, range(classes))))
-    return cfg, next((message for bad, message in [
-        *[(getattr(cfg, k) < 1, f"--{k.replace('_', '-')} must be at least 1, got {getattr(cfg, k)}") for k in (
-            "batch_size", "grad_accum", "eval_repeats", "sample_steps", "num_samples", "particles", "log_every")],
-        (cfg.beta_1 <= 0 or cfg.lr <= 0 or cfg.guidance < -1 or cfg.grad_guidance < 0, "--beta-1 and --lr must be "
-         "positive, --guidance at least -1, --grad-guidance at least 0"),
-        (cfg.channels < 8 or cfg.channels % 8 or cfg.res_blocks < 1, "--channels must be a multiple of 8 and "
-         f"--res-blocks at least 1, got {cfg.channels} and {cfg.res_blocks}"),
-        (any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n),
-         f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}"),
-        (cfg.conditional and GROUPS % (2 * cfg.channels) == 0, "--conditional needs a U-Net level with more channels "
-         f"than its {GROUPS} GroupNorm groups, or the normalisation erases the label: raise --channels"),
-        (cfg.guidance and not cfg.conditional, "--guidance needs a --conditional model"),
-        (cfg.sample_class != ("all",) and not (cfg.conditional or cfg.grad_guidance),
-         "--sample-class needs a --conditional model or --grad-guidance"),
-        (any(c != "all" and not (c.isdigit() and int(c) < classes) for c in cfg.sample_class),
-         f"--sample-class takes all or classes 0..{classes - 1}, got {' '.join(cfg.sample_class)}"),
-        (cfg.inpaint not in ("", *INPAINT_REGIONS) and not os.path.isfile(cfg.inpaint),
-         f"--inpaint takes {', '.join(INPAINT_REGIONS)} or a mask image, and {cfg.inpaint} is neither (no such file)"),
-        (cfg.particles > 1 and not cfg.inpaint, "--particles is for --inpaint"),
-        (cfg.particles > 1 and cfg.sampler == "ode", "--particles needs a stochastic sampler (paper, sde): the ODE "
-         "solver is deterministic after its first draw, so there is nothing to reweight"),
-        (cfg.eval_only and cfg.sample_only, "--eval-only and --sample-only exclude each other"),
-        (cfg.resume and bool(cfg.init_from), "--resume and --init-from exclude each other")] if bad), None)
+    """The first problem with the settings, in one line, or None."""
+    for field in dataclasses.fields(Config):
+        value = getattr(cfg, field.name)
+        low = field.metadata["low"]
+        if field.type is int and low is not None and value < low:
+            return f"--{field.name.replace('_', '-')} must be at least {low}, got {value}"
+        if field.type is float and low is not None and not value > low:
+            return f"--{field.name.replace('_', '-')} must be more than {low:g}, got {value}"
+    if any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n):
+        return f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}"
+    if cfg.eval_only and cfg.sample_only:
+        return "--eval-only and --sample-only exclude each other"
+    if cfg.resume and cfg.init_from:
+        return "--resume and --init-from exclude each other"
+    if cfg.channels % 8:
+        return f"--channels must be a multiple of 8, got {cfg.channels}"
+    if cfg.conditional and GROUPS % (2 * cfg.channels) == 0:
+        return f"--conditional needs more --channels: a level with more than {GROUPS} GroupNorm groups"
+    return None
+
+
+def parse_flags(argv=None):
+    """The command line -> {setting: value} of the flags given. --help shows each default, and the quick preset's."""
+    parser = argparse.ArgumentParser(SCRIPT, description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    for field in dataclasses.fields(Config):
+        help = field.metadata["help"]
+        if help is None:
+            continue  # set by the presets only
+        if field.default not in ("", False):
+            help += f" (default: {' '.join(field.default) if field.type is tuple else field.default})"
+        if PRESETS["quick"].get(field.name, field.default) != field.default:
+            help += f" (--preset quick: {PRESETS['quick'][field.name]})"
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true", help=help)
+        elif field.type is tuple:
+            parser.add_argument(flag, nargs="+", help=help)
+        else:
+            parser.add_argument(flag, type=field.type, choices=field.metadata["choices"], help=help)
+    given = vars(parser.parse_args(argv))
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: MNIST as uint8 tensors on the device; every read draws a fresh binarisation.
 
-MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-               "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's first source
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IDX_DIMS = {2051: 3, 2049: 1}  # the magic number of an idx file -> its number of dimensions: images, labels
 
 
 def read_idx(path):
     """An MNIST idx file (gzip's CRC-32 checks it): images (magic 2051) -> (N, 28, 28), labels (2049) -> (N,), uint8."""
+    fix = "Delete it to download it afresh"
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-        dims = {2051: 3, 2049: 1}.get(struct.unpack(">I", raw[:4])[0], 0)
-        shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
-    except (OSError, EOFError, struct.error) as e:
-        raise SystemExit(f"{SCRIPT}: error: {path} is corrupt or truncated ({e}). Delete it to download it afresh")
-    if not dims or len(raw) != 4 + 4 * dims + math.prod(shape):
-        raise SystemExit(f"{SCRIPT}: error: {path} is not an MNIST idx file. Delete it to download it afresh")
-    return torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8).reshape(shape)
+        dims = IDX_DIMS.get(struct.unpack(">I", raw[:4])[0], 0)
+        shape = struct.unpack(f">{dims}I", raw[4 : 4 + 4 * dims])
+    except (OSError, EOFError, struct.error) as failure:
+        raise error(f"{path} is corrupt or truncated ({failure}). {fix}") from failure
+    header = 4 + 4 * dims
+    if not dims or len(raw) != header + math.prod(shape):
+        raise error(f"{path} is not an MNIST idx file. {fix}")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
 def load_mnist(data_dir):
@@ -148,17 +183,21 @@ def load_mnist(data_dir):
     paths = {split: [os.path.join(raw, name) for name in names] for split, names in MNIST_FILES.items()}
     if not all(os.path.exists(path) for split in paths.values() for path in split):
         if data_dir != Config.data_dir and not os.path.isdir(data_dir):
-            raise SystemExit(f"{SCRIPT}: error: --data-dir {data_dir} does not exist")
-        made = next((d for d in (data_dir, os.path.join(data_dir, "MNIST")) if not os.path.exists(d)), None)
+            raise error(f"--data-dir {data_dir} does not exist")
+        made = [folder for folder in (data_dir, os.path.join(data_dir, "MNIST")) if not os.path.exists(folder)]
         try:
             import torchvision
-            for train in (True, False):
-                torchvision.datasets.MNIST(data_dir, train=train, download=True)
-        except Exception as e:
+
+            torchvision.datasets.MNIST(data_dir, train=True, download=True)
+            torchvision.datasets.MNIST(data_dir, train=False, download=True)
+        except Exception as failure:
             if made:
-                shutil.rmtree(made, ignore_errors=True)
-            raise SystemExit(f"{SCRIPT}: error: downloading MNIST (4 files, 11 MB) into {raw} failed ({e}); put them "
-                             f"there by hand ({', '.join(n for names in MNIST_FILES.values() for n in names)})")
+                shutil.rmtree(made[0], ignore_errors=True)
+            names = ", ".join(name for pair in MNIST_FILES.values() for name in pair)
+            raise error(
+                f"downloading MNIST (4 files, 11 MB) from {MNIST_URL} into {raw} failed ({failure}); "
+                f"put them there by hand ({names})"
+            ) from None
     return {split: (read_idx(images), read_idx(labels)) for split, (images, labels) in paths.items()}
 
 
@@ -166,16 +205,18 @@ def two_digit_images(digits, labels, n, seed):
     """n 64x64 images of two random digits side by side, each at a random vertical offset (0..36) and a horizontal
     jitter (0..4) within its half, and their labels, the numbers 10 left + right; deterministic given the seed.
     (N, 28, 28), (N,) -> (n, 64, 64) uint8, (n,) uint8."""
-    g = torch.Generator().manual_seed(seed)
-    canvas, number = torch.zeros(n, 64, 64, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(seed)
+    canvas = torch.zeros(n, 64, 64, dtype=torch.uint8)
+    number = torch.zeros(n, dtype=torch.uint8)
     for half in (0, 32):
-        which = torch.randint(len(digits), (n,), generator=g)
+        which = torch.randint(len(digits), (n,), generator=generator)
         number = 10 * number + labels[which]
-        dy, dx = torch.randint(0, 37, (n,), generator=g), half + torch.randint(0, 5, (n,), generator=g)
-        for y in range(37):
+        top = torch.randint(0, 37, (n,), generator=generator)
+        left = half + torch.randint(0, 5, (n,), generator=generator)
+        for y in range(37):  # paste every digit that goes to (y, x) at once
             for x in range(half, half + 5):
-                m = (dy == y) & (dx == x)
-                canvas[m, y:y + 28, x:x + 28] = digits[which[m]]
+                here = (top == y) & (left == x)
+                canvas[here, y : y + 28, x : x + 28] = digits[which[here]]
     return canvas, number
 
 
@@ -184,40 +225,43 @@ def load_data(cfg, device):
     number 00-99), on the device; train/val is a fixed 99% / 1% split of the training set."""
     mnist = load_mnist(cfg.data_dir)
     if cfg.digits == 2:
-        mnist = {split: two_digit_images(*mnist[split], n, cfg.seed + k)
-                 for k, (split, n) in enumerate([("train", 60_000), ("test", 10_000)])}
-    perm = torch.randperm(len(mnist["train"][0]), generator=torch.Generator().manual_seed(0))
-    n_val, data = len(perm) // 100, {}  # 600 of 60,000
-    for split, (images, labels), idx in [("train", mnist["train"], perm[n_val:]), ("val", mnist["train"], perm[:n_val]),
-                                         ("test", mnist["test"], slice(None))]:
-        data[split], data[split + "_labels"] = images[idx].to(device), labels[idx].to(device)
-    return data
+        mnist["train"] = two_digit_images(*mnist["train"], 60_000, cfg.seed)
+        mnist["test"] = two_digit_images(*mnist["test"], 10_000, cfg.seed + 1)
+    images, labels = mnist["train"]
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    n_val = len(images) // 100  # 600 of 60,000
+    return {
+        "train": images[order[n_val:]].to(device),
+        "train_labels": labels[order[n_val:]].to(device),
+        "val": images[order[:n_val]].to(device),
+        "val_labels": labels[order[:n_val]].to(device),
+        "test": mnist["test"][0].to(device),
+        "test_labels": mnist["test"][1].to(device),
+    }
 
 
-def binarise(images, generator=None):
-    """Dynamic binarisation: pixel = 1 with probability grey / 255, a fresh draw every time. (B, H, W) -> long."""
+def as_data(images, cfg, generator=None):
+    """What the BFN models: dynamic binarisation, pixel = 1 (black) with probability grey / 255, drawn afresh at every
+    read. (B, H, W) uint8 -> (B, H, W) long."""
     return torch.bernoulli(images.float() / 255, generator=generator).long()
 
 
 def get_batch(data, cfg):
     """A random training batch: (B, H, W) pixel classes and, with --conditional, the (B,) labels (else None)."""
-    idx = torch.randint(len(data["train"]), (cfg.batch_size,), device=data["train"].device)
-    return binarise(data["train"][idx]), data["train_labels"][idx].long() if cfg.conditional else None
+    index = torch.randint(len(data["train"]), (cfg.batch_size,), device=data["train"].device)
+    labels = data["train_labels"][index].long() if cfg.conditional else None
+    return as_data(data["train"][index], cfg), labels
 
 
-def evaluation_set(images, cfg):
-    """The first --eval-examples images of a split (all if 0). (N, H, W) uint8."""
-    return images[:cfg.eval_examples or None]
-
-
-def to_unit(nats, cfg):
-    """Nats per example -> the paper's unit (nats/image: unchanged)."""
+def in_paper_unit(nats, cfg):
+    """Nats per image -> the paper's unit, which for MNIST is nats per image (the sum over the 784 pixels)."""
     return nats
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Network: the authors' improved-diffusion U-Net for MNIST (mults (1, 2, 2), attention in the middle), tensor for
 # tensor: their parameter names (without the `net.` prefix), shapes and function, so their checkpoints load as they are.
+
 
 def group_norm(c, groups):
     """GroupNorm with the largest number of groups up to `groups` that divides c (the authors': 32)."""
@@ -245,8 +289,9 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(group_norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(c_emb, c_out))
-        self.out_layers = nn.Sequential(group_norm(c_out, groups), nn.SiLU(), nn.Dropout(dropout),
-                                        zero(nn.Conv2d(c_out, c_out, 3, padding=1)))
+        self.out_layers = nn.Sequential(
+            group_norm(c_out, groups), nn.SiLU(), nn.Dropout(dropout), zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        )
         self.skip_connection = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):  # (B, c_in, H, W), (B, c_emb) -> (B, c_out, H, W)
@@ -260,20 +305,17 @@ class Attention(nn.Module):
 
     def __init__(self, c, groups, heads=4):
         super().__init__()
-        self.heads, self.norm = heads, group_norm(c, groups)
-        self.qkv, self.proj_out = nn.Conv1d(c, 3 * c, 1), zero(nn.Conv1d(c, c, 1))
+        self.heads = heads
+        self.norm = group_norm(c, groups)
+        self.qkv = nn.Conv1d(c, 3 * c, 1)
+        self.proj_out = zero(nn.Conv1d(c, c, 1))
 
     def forward(self, x):  # (B, C, H, W) -> (B, C, H, W)
         h = x.flatten(2)  # (B, C, H W)
         qkv = rearrange(self.qkv(self.norm(h)), "b (h three d) s -> three b h s d", three=3, h=self.heads)
-        h = F.scaled_dot_product_attention(*qkv.contiguous())  # (B, heads, H W, C / heads); contiguous: fast on CPU
+        q, k, v = qkv.contiguous()  # contiguous: fast on CPU
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H W, C / heads)
         return x + self.proj_out(rearrange(h, "b h s d -> b (h d) s")).view_as(x)
-
-
-def sequential(**layers):
-    """Layers in turn under the authors' names: sequential(op=conv) holds op.weight (their Downsample), up and conv
-    their Upsample (nearest-neighbour, then a convolution)."""
-    return nn.Sequential(collections.OrderedDict(layers))
 
 
 class Layers(nn.ModuleList):
@@ -294,13 +336,15 @@ class UNet(nn.Module):
 
     def __init__(self, channels=128, mults=(1, 2, 2), res_blocks=2, dropout=0.5, classes=0, groups=32):
         super().__init__()
-        c_emb, ch = 4 * channels, channels
-        self.channels, self.classes = channels, classes
+        c_emb = 4 * channels
+        self.channels = channels
+        self.classes = classes
         self.input_projection = nn.Linear(2, channels)
         self.time_embed = nn.Sequential(nn.Linear(channels, c_emb), nn.SiLU(), nn.Linear(c_emb, c_emb))
         if classes:  # a row per (position, digit 0-9 or null) of the label's decimal digits: 11 rows, or 22 for 00-99
             self.digits = len(str(classes - 1))
             self.label_embed = nn.Embedding(11 * self.digits, c_emb)
+        ch = channels
         self.input_blocks = nn.ModuleList([Layers([nn.Conv2d(ch, ch, 3, padding=1)])])
         skips = [ch]
         for level, mult in enumerate(mults):
@@ -308,18 +352,24 @@ class UNet(nn.Module):
                 self.input_blocks.append(Layers([ResBlock(ch, channels * mult, c_emb, dropout, groups)]))
                 ch = channels * mult
                 skips.append(ch)
-            if level < len(mults) - 1:
-                self.input_blocks.append(Layers([sequential(op=nn.Conv2d(ch, ch, 3, stride=2, padding=1))]))
+            if level < len(mults) - 1:  # the authors' Downsample: a strided convolution, its weights named op
+                down = nn.Sequential(collections.OrderedDict(op=nn.Conv2d(ch, ch, 3, stride=2, padding=1)))
+                self.input_blocks.append(Layers([down]))
                 skips.append(ch)
-        self.middle_block = Layers([ResBlock(ch, ch, c_emb, dropout, groups), Attention(ch, groups),
-                                    ResBlock(ch, ch, c_emb, dropout, groups)])
+        middle = [
+            ResBlock(ch, ch, c_emb, dropout, groups),
+            Attention(ch, groups),
+            ResBlock(ch, ch, c_emb, dropout, groups),
+        ]
+        self.middle_block = Layers(middle)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for i in range(res_blocks + 1):
                 layers = Layers([ResBlock(ch + skips.pop(), channels * mult, c_emb, dropout, groups)])
                 ch = channels * mult
-                if level > 0 and i == res_blocks:
-                    layers.append(sequential(up=nn.Upsample(scale_factor=2), conv=nn.Conv2d(ch, ch, 3, padding=1)))
+                if level > 0 and i == res_blocks:  # the authors' Upsample: nearest neighbour, then a convolution
+                    up = collections.OrderedDict(up=nn.Upsample(scale_factor=2), conv=nn.Conv2d(ch, ch, 3, padding=1))
+                    layers.append(nn.Sequential(up))
                 self.output_blocks.append(layers)
         self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), zero(nn.Conv2d(ch, channels, 3, padding=1)))
         self.output_projection = nn.Linear(2 * channels, 1)
@@ -329,8 +379,11 @@ class UNet(nn.Module):
         x = self.input_projection(features)  # (B, H, W, channels)
         emb = self.time_embed(time_embedding(t, self.channels))  # (B, 4 channels)
         if self.classes:
-            emb = emb + self.embed_label(torch.full_like(t, self.classes, dtype=torch.long) if y is None else y)
-        h, hs = x.permute(0, 3, 1, 2).contiguous(), []  # (B, channels, H, W); contiguous: GroupNorm is slow otherwise
+            if y is None:
+                y = torch.full_like(t, self.classes, dtype=torch.long)
+            emb = emb + self.embed_label(y)
+        h = x.permute(0, 3, 1, 2).contiguous()  # (B, channels, H, W); contiguous: GroupNorm is slow otherwise
+        hs = []
         for layers in self.input_blocks:
             h = layers(h, emb)
             hs.append(h)
@@ -343,245 +396,184 @@ class UNet(nn.Module):
     def embed_label(self, y):  # (B,) -> (B, 4 channels)
         """The sum over the label's decimal digits of a learned vector for (position, digit), the null label being the
         null digit 10 at every position: for 00-99 what a 4 looks like on the left is learnt from every number 40-49."""
-        null, emb = y == self.classes, 0
+        null = y == self.classes
+        emb = 0
         for position in range(self.digits):
             digit = torch.where(null, 10, y // 10 ** (self.digits - 1 - position) % 10)
             emb = emb + self.label_embed(11 * position + digit)
         return emb
 
 
+def make_network(cfg):
+    """The U-Net of the settings, with a label embedding for --conditional."""
+    classes = 10**cfg.digits if cfg.conditional else 0
+    return UNet(cfg.channels, (1, 2, 2), cfg.res_blocks, cfg.dropout, classes)
+
+
 def from_authors(state):
     """A state_dict of the authors' BFN module (`net.` + their names) -> this network's: the output layer is theirs
     `output_adapter.output_projection`; their input adapter holds only fixed features (not used by this network)."""
-    state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-    state = {k.replace("output_adapter.output_projection.", "output_projection."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("input_adapter.")}
+    ours = {}
+    for name, tensor in state.items():
+        name = name.removeprefix("net.").replace("output_adapter.output_projection.", "output_projection.")
+        if not name.startswith("input_adapter."):
+            ours[name] = tensor
+    return ours
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# BFN: the network as the output distribution of discrete data (§6.4), the loss, the test bound and the draw.
+# BFN: the network as the output distribution of discrete data (§6.4), the loss, the test bound and the samplers.
 
-def output_log_probs(net, theta, t, ctx, y=None):
-    """ln p_O(k | theta, t) from one logit per pixel (given labels y (B,) for a conditional network), as log-sigmoids in
-    float32, exact for confident pixels: theta (B, H, W, 2), t (B,) -> (B, H, W, 2)."""
-    with ctx.autocast:
-        logit = net(2 * theta[..., 0] - 1, t) if y is None else net(2 * theta[..., 0] - 1, t, y)  # (B, H, W)
+
+def output_log_probs(net, theta, t, runtime, labels=None):
+    """ln p_O(k | theta, t) from the network's logit of a black pixel, as log-sigmoids in float32 (exact for confident
+    pixels): theta (B, H, W, 2), t (B,), labels (B,) of a conditional network or None -> (B, H, W, 2)."""
+    with runtime.autocast:
+        logit = net(2 * theta[..., 0] - 1, t, labels)  # (B, H, W)
     logit = logit.float()  # the log-odds of black
     return torch.stack([F.logsigmoid(-logit), F.logsigmoid(logit)], -1)
 
 
-def train_loss(net, batch, cfg, ctx):
+def drop_labels(labels, cfg, p_null=0.1):
+    """Training labels (B,) with a fraction p_null replaced by the null label 10 ** --digits, so that one network
+    learns both p(x | class) and p(x), as classifier-free guidance needs (Ho and Salimans, arXiv:2207.12598); None
+    (an unconditional network) stays None."""
+    if labels is None:
+        return None
+    null = torch.rand(len(labels), device=labels.device) < p_null
+    return torch.where(null, 10**cfg.digits, labels)
+
+
+def train_loss(net, batch, cfg, runtime):
     """L^inf (§6.7, Algorithm 8) of a batch (x (B, H, W), labels (B,) or None): t ~ U(0, 1), theta ~ p_F(. | x; t).
     (B,) nats/image."""
-    x, y = batch
-    t = stratified_times(len(x), device=x.device) if cfg.t_draw == "stratified" else torch.rand(len(x),
-                                                                                               device=x.device)
-    theta = discrete_flow(x, t, cfg.beta_1, K)
-    return discrete_loss_inf(x, output_log_probs(net, theta, t, ctx, drop_labels(y, cfg)).exp(), t, cfg.beta_1)
+    x, labels = batch
+    t = common.training_times(len(x), cfg.t_draw == "stratified", device=x.device)
+    theta = common.discrete_flow(x, t, cfg.beta_1, K)
+    probs = output_log_probs(net, theta, t, runtime, drop_labels(labels, cfg)).exp()
+    return common.discrete_loss_inf(x, probs, t, cfg.beta_1)
+
+
+def make_optimizer(model, lr):
+    """The paper's AdamW: weight decay 0.01 on the weights of linear and convolutional layers, none on biases, norms."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    weights = [p for p in model.parameters() if id(p) in decayed]
+    others = [p for p in model.parameters() if id(p) not in decayed]
+    groups = [{"params": weights, "weight_decay": 0.01}, {"params": others, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr, ADAMW_BETAS)
+
+
+def optimizer_step(cfg, model, ema, optimizer, step, progress=None):
+    """The rest of the recipe: the learning rate (warm-up; cosine decay to 0.1 --lr as progress goes 0 to 1), the
+    gradient norm clipped at 5, AdamW, and the EMA with TensorFlow's warm-up (1 + n) / (10 + n) to 0.9999."""
+    if progress is None:
+        progress = min(1.0, max(0, step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
+    decay = 1.0
+    if cfg.lr_decay == "cosine":
+        decay = 0.1 + 0.9 * (1 + math.cos(math.pi * progress)) / 2
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.lr_warmup)) * decay
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for ema_weight, weight in zip(ema.parameters(), model.parameters()):
+            ema_weight.lerp_(weight, 1 - min(0.9999, (2 + step) / (11 + step)))  # n = step + 1
+    return grad_norm
 
 
 @torch.no_grad()
-def evaluate(net, cfg, ctx, data, step):
-    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n in --eval-n (inf: L^inf, §6.7) on the first
+def evaluate(net, cfg, runtime, data, step):
+    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n of --eval-n (inf: L^inf, §6.7) on the first
     --eval-examples test images, over --eval-repeats passes with fresh binarisations and noise, the steps i of L^n
-    stratified over the images: the mean in nats/image and its standard error over images, in eval.json and the log."""
-    images, g = evaluation_set(data["test"], cfg), torch.Generator(ctx.device).manual_seed(hash((cfg.seed, -1, step)) %
-                                                                                           2 ** 62)
-    log_p = lambda x, t: output_log_probs(net, discrete_flow(x, t, cfg.beta_1, K, g), t, ctx)  # noqa: E731
-    losses, recon = {n: [] for n in cfg.eval_n}, []
+    stratified over the images: its mean in nats/image and standard error over images, in eval.json and the log."""
+    generator = torch.Generator(runtime.device).manual_seed(cfg.seed)
+    images = data["test"][: cfg.eval_examples or None]
+
+    def log_probs(x, t):  # ln p_O at theta ~ p_F(. | x; t)
+        theta = common.discrete_flow(x, t, cfg.beta_1, K, generator)
+        return output_log_probs(net, theta, t, runtime)
+
+    losses = {n: [] for n in cfg.eval_n}
+    recon = []
     for _ in range(cfg.eval_repeats):
-        steps = {n: stratified_steps(int(n), len(images), g, images.device) for n in cfg.eval_n if n != "inf"}
         for start in range(0, len(images), cfg.batch_size):
-            x = binarise(images[start:start + cfg.batch_size], g)
-            recon.append(discrete_recon_loss(x, log_p(x, torch.ones(len(x), device=x.device))))
+            x = as_data(images[start : start + cfg.batch_size], cfg, generator)
+            recon.append(common.discrete_recon_loss(x, log_probs(x, torch.ones(len(x), device=x.device))))
             for n in cfg.eval_n:
                 if n == "inf":
-                    t = torch.rand(len(x), generator=g, device=x.device)
-                    losses[n].append(discrete_loss_inf(x, log_p(x, t).exp(), t, cfg.beta_1))
+                    t = torch.rand(len(x), generator=generator, device=x.device)
+                    losses[n].append(common.discrete_loss_inf(x, log_probs(x, t).exp(), t, cfg.beta_1))
                 else:
-                    i = steps[n][start:start + len(x)]
-                    losses[n].append(discrete_loss_n(x, log_p(x, (i - 1) / int(n)), i, int(n), cfg.beta_1, g))
-    report(losses, recon, cfg, ctx, step)
+                    i = common.stratified_steps(int(n), len(x), generator, x.device)  # every step as often
+                    t = (i - 1) / int(n)
+                    losses[n].append(common.discrete_loss_n(x, log_probs(x, t), i, int(n), cfg.beta_1, generator))
+    return write_eval(losses, recon, cfg, runtime, step)
 
 
-def report(losses, recon, cfg, ctx, step):
+def write_eval(losses, recon, cfg, runtime, step):
     """Per-example losses in nats, pass after pass ({n: [(B,), ...]}, [(B,), ...]) -> the bound in the paper's unit:
     its mean and standard error over examples (each example's passes averaged first), in eval.json and the log."""
-    per_example = lambda v: to_unit(torch.cat(v).double().view(cfg.eval_repeats, -1).mean(0), cfg)  # noqa: E731
-    recon, result = per_example(recon), {}
+    recon = in_paper_unit(torch.cat(recon).double().view(cfg.eval_repeats, -1).mean(0), cfg)
+    result = {}
     for n, parts in losses.items():
-        total = per_example(parts) + recon
-        result[n] = {"loss": (total - recon).mean().item(), "recon": recon.mean().item(), "total": total.mean().item(),
-                     "stderr": total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")}
+        total = in_paper_unit(torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0), cfg) + recon
+        stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
+        loss = (total - recon).mean().item()
+        result[n] = {"loss": loss, "recon": recon.mean().item(), "total": total.mean().item(), "stderr": stderr}
+    report = {"step": step, "split": "test", "unit": UNIT, "examples": len(recon), "repeats": cfg.eval_repeats}
+    report["n"] = result
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump({"step": step, "split": "test", "unit": UNIT, "examples": len(total), "repeats": cfg.eval_repeats,
-                   "n": result}, f, indent=1)
-    bounds = " | ".join(f"L^{n}+L^r {r['total']:.4g} ± {r['stderr']:.2g} (L^r {r['recon']:.3g})" for n, r in
-                        result.items())
-    ctx.log(f"test bound at step {step}: {bounds} {UNIT} | eval.json")
+        json.dump(report, f, indent=1)
+    bounds = [f"L^{n}+L^r {r['total']:.4g} ± {r['stderr']:.2g} (L^r {r['recon']:.3g})" for n, r in result.items()]
+    runtime.log(f"test bound at step {step}: {' | '.join(bounds)} {UNIT} | eval.json")
+    return report
 
 
-SAMPLERS = {"paper": discrete_sample, "ode": discrete_sample_ode, "sde": discrete_sample_sde}
+SAMPLERS = {"paper": common.discrete_sample, "ode": common.discrete_sample_ode, "sde": common.discrete_sample_sde}
 
 
-@torch.no_grad()
-def draw(net, n, cfg, ctx, generator, trajectory=None, known=None, labels=None):
-    """n samples (n, H, W) of the --sampler (Algorithm 9, or the ODE or SDE solver) at --sample-steps, in batches of
-    --batch-size. trajectory: a list that records each network call for the first 8 (theta and p_O); known (n, H, W):
-    pixels to condition on, -1 where unknown, by replacement or with --particles by sequential Monte Carlo (common.py,
-    Conditioning); labels (n,): the class of each sample, for --guidance and --grad-guidance."""
-    size, P = 64 if cfg.digits == 2 else 28, cfg.particles if known is not None else 1
-    guide = train_guide(cfg, ctx) if cfg.grad_guidance and labels is not None else None
-    chunks = torch.arange(n).split(max(1, cfg.batch_size // P))
-    out = []
-    for idx in chunks:
-        y = None if labels is None else labels[idx].repeat_interleave(P)
-        fn = lambda theta, t: guided_probs(net, theta, t, y, cfg, ctx, guide)  # noqa: E731
-        if P > 1:
-            out.append(discrete_sample_smc(fn, known[idx], cfg.sample_steps, cfg.beta_1, K, P, cfg.sampler == "sde",
-                                           generator))
-            continue
-        fn = fn if known is None else replace_known_probs(fn, known[idx])
-        fn = fn if trajectory is None or idx[0] > 0 else recorded(fn, trajectory, rows=8)
-        out.append(SAMPLERS[cfg.sampler](fn, (len(idx), size, size), cfg.sample_steps, cfg.beta_1, K,
-                                         generator=generator, device=ctx.device))
-    return torch.cat(out)
+def prediction(net, cfg, runtime, labels=None):
+    """The network as the samplers take it, (theta, t) -> p_O(. | theta, t), given labels (B,) of a conditional
+    network (None: the null label)."""
 
+    def probs(theta, t):
+        return output_log_probs(net, theta, t, runtime, labels).exp()
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Beyond the paper: classifier-free guidance of a conditional network, gradient guidance of any network through a
-# classifier of the input theta, and inpainting.
-
-def drop_labels(y, cfg, drop=0.1):
-    """Training labels (B,) with a fraction `drop` replaced by the null label (10 for digits, 100 for numbers), so that
-    one network learns both p(x | class) and p(x); None (unconditional) stays None."""
-    if y is None:
-        return None
-    return torch.where(torch.rand(len(y), device=y.device) < drop, 10 ** cfg.digits, y)
-
-
-def guided_probs(net, theta, t, y, cfg, ctx, guide=None):
-    """p_O(. | theta, t) for sampling, given labels y (B,) (or None). A conditional network predicts for the class,
-    with classifier-free guidance w = --guidance (Ho and Salimans, arXiv:2207.12598) from one call on the class and the
-    null label together: (1 + w) p_O(. | y) - w p_O(. | null), which the ODE and SDE solvers use only in the mean update
-    of theta's logits, so this guides those updates (and the paper's sampler draws from its positive part). With
-    guide, a classifier of theta and t: p_O + w grad_y ln c(y | theta, t), w = --grad-guidance (common.py, Guidance)."""
-    w = cfg.guidance if cfg.conditional and y is not None else 0
-    if not w:
-        probs = output_log_probs(net, theta, t, ctx, y if cfg.conditional else None).exp()
-    else:
-        null = torch.full_like(y, 10 ** cfg.digits)
-        both = output_log_probs(net, theta.repeat(2, 1, 1, 1), t.repeat(2), ctx, torch.cat([y, null]))
-        p_c, p_u = both.exp().chunk(2)
-        probs = (1 + w) * p_c - w * p_u
-    if guide is None:
-        return probs
-    with torch.enable_grad():
-        th = theta.detach().requires_grad_()
-        log_c = guide(guide_input(th[..., 1], t)).log_softmax(-1).gather(1, y[:, None]).sum()
-        grad, = torch.autograd.grad(log_c, th)
-    return discrete_guided_probs(probs, theta, grad, cfg.grad_guidance)
-
-
-def guide_input(theta_black, t):
-    """What the guidance classifier sees: [2 theta - 1, 2 t - 1] per pixel. (B, H, W), (B,) -> (B, 2, H, W)."""
-    return torch.stack([2 * theta_black - 1, (2 * t - 1)[:, None, None].expand_as(theta_black)], 1)
-
-
-def train_guide(cfg, ctx):
-    """The classifier of --grad-guidance: a small CNN of the input theta of the Bayesian flow at a random t
-    (guide_input) -> the label (the digit, or the number 00-99), trained once (Adam, 2 epochs of the training images'
-    flow at random times) and cached next to the data."""
-    images, labels = load_mnist(cfg.data_dir)["train"]
-    crc = zlib.crc32(labels.numpy().tobytes(), zlib.crc32(images.numpy().tobytes()))
-    path = os.path.join(cfg.data_dir, "MNIST", f"guide-{crc:08x}-d{cfg.digits}-s{cfg.seed}-b{cfg.beta_1:g}.pt")
-    torch.manual_seed(2)
-    clf = nn.Sequential(nn.Conv2d(2, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(49 * 64, 128), nn.ReLU(),
-                        nn.Linear(128, 10 ** cfg.digits))
-    if os.path.exists(path):
-        clf.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return clf.to(ctx.device).eval()
-    if cfg.digits == 2:
-        images, labels = two_digit_images(images, labels, 60_000, cfg.seed)
-    ctx.log(f"training the guidance classifier on {len(labels):,} images (once; cached as {path})")
-    clf, g = clf.to(ctx.device), torch.Generator(ctx.device).manual_seed(2)
-    images, labels, optimizer = images.to(ctx.device), labels.long().to(ctx.device), torch.optim.Adam(clf.parameters())
-    with torch.enable_grad():  # also when called from inside sampling code
-        for idx in torch.cat([torch.randperm(len(images), generator=g, device=ctx.device) for _ in "12"]).split(128):
-            x, t = binarise(images[idx], g), torch.rand(len(idx), generator=g, device=ctx.device)
-            loss = F.cross_entropy(clf(guide_input(discrete_flow(x, t, cfg.beta_1, K, g)[..., 1], t)), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    with contextlib.suppress(OSError):  # a read-only data folder: trained again next time
-        torch.save(clf.state_dict(), path)
-    return clf.eval()
-
-
-def inpaint_mask(cfg, size, device):
-    """--inpaint: (H, W) bool, True where pixels are generated: a half (top, bottom, left, right), the centre (the
-    middle half each way), or the white pixels of a mask image of H x W pixels."""
-    h, q, mask = size // 2, size // 4, torch.zeros(size, size, dtype=torch.bool)
-    regions = {"top": (slice(0, h), slice(None)), "bottom": (slice(h, None), slice(None)), "left": (slice(None), slice(
-        0, h)), "right": (slice(None), slice(h, None)), "centre": (slice(q, size - q), slice(q, size - q))}
-    if cfg.inpaint in regions:
-        mask[regions[cfg.inpaint]] = True
-        return mask.to(device)
-    from PIL import Image
-    image = Image.open(cfg.inpaint).convert("L")
-    if image.size != (size, size):
-        raise SystemExit(f"{SCRIPT}: error: --inpaint {cfg.inpaint} is {image.size[0]}x{image.size[1]} pixels; the "
-                         f"images are {size}x{size}")
-    return (torch.tensor(list(image.getdata())).view(size, size) >= 128).to(device)
+    return probs
 
 
 @torch.no_grad()
-def complete(net, cfg, ctx, data):
-    """--inpaint: the first --num-samples test images completed where the mask says, given the rest (by replacement, or
-    sequential Monte Carlo with --particles): inpaint.png shows each with the missing part grey, the completion and the
-    original; inpaint.pt holds the completions and the originals' labels (benchmarks/score_samples.py scores them)."""
-    if not cfg.inpaint:
-        return
-    from torchvision.utils import save_image
-    n, missing, start = cfg.num_samples, inpaint_mask(cfg, data["test"].shape[-1], ctx.device), time.time()
-    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 2)
-    original = binarise(data["test"][:n], g)
-    x = draw(net, n, cfg, ctx, g, known=torch.where(missing, -1, original))
-    rows = torch.stack([torch.where(missing, 0.5, 1 - original.float()), 1 - x.float(), 1 - original.float()], 1)
-    save_image(rows.flatten(0, 1)[:, None], os.path.join(cfg.out_dir, "inpaint.png"),
-               nrow=3 * max(1, round(math.sqrt(n) / 2)), pad_value=0.5)  # ink black, missing grey
-    name = f"inpaint-{cfg.inpaint if cfg.inpaint in INPAINT_REGIONS else 'mask'}{tag(cfg)}-p{cfg.particles}.pt"
-    save_samples(x, data["test_labels"][:n], cfg, name)
-    ctx.log(f"inpainting ({cfg.inpaint}, {cfg.sampler}, {cfg.sample_steps} steps, {cfg.particles} particles, "
-            f"{time.time() - start:.0f} s): {n} test images completed | inpaint.png, {name}")
+def generate(predict, n, cfg, runtime, generator):
+    """n images (n, H, W) of pixel classes from the --sampler at --sample-steps: Algorithm 9, or the ODE or SDE
+    solver. predict(theta, t) -> p_O, as prediction() makes it."""
+    size = 64 if cfg.digits == 2 else 28
+    sampler = SAMPLERS[cfg.sampler]
+    return sampler(
+        predict, (n, size, size), cfg.sample_steps, cfg.beta_1, K, generator=generator, device=runtime.device
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Figures: grids and animations of samples, and the samples themselves for benchmarks/score_samples.py.
 
-def sample_labels(cfg, n, device):
-    """With --conditional or --sample-class: the class of each of about n samples, each --sample-class (all: every
-    class) n / classes times (at least once) in turn, and the columns of a grid with a row per class. Otherwise: None
-    and the columns of a square grid of n."""
-    if not (cfg.conditional or cfg.sample_class != ("all",)):
-        return None, max(1, round(math.sqrt(n)))
-    classes = range(10 ** cfg.digits) if "all" in cfg.sample_class else [int(c) for c in cfg.sample_class]
-    each = max(1, n // len(classes))
-    labels = torch.tensor(list(classes), device=device).repeat_interleave(each)
-    return labels, each if each > 1 else max(1, round(math.sqrt(len(labels))))
 
+def recording(predict, trajectory, rows=8):
+    """predict, appending at each call its t and, for the first `rows` images, theta and p_O to trajectory."""
 
-def tag(cfg):
-    """Sampling settings for a file name: -SAMPLER-STEPS, then -gW for --guidance W, -ggW for --grad-guidance W."""
-    return f"-{cfg.sampler}-{cfg.sample_steps}" + f"-g{cfg.guidance:g}" * (cfg.guidance != 0) + \
-        f"-gg{cfg.grad_guidance:g}" * (cfg.grad_guidance != 0)
+    def call(theta, t):
+        probs = predict(theta, t)
+        trajectory.append({"t": t[0].item(), "input": theta[:rows], "output": probs[:rows]})
+        return probs
+
+    return call
 
 
 def save_samples(x, labels, cfg, name):
     """Samples (N, H, W) and their classes (N,) or None, with the run's settings, for benchmarks/score_samples.py."""
-    torch.save({"samples": x.to(torch.uint8).cpu(), "labels": None if labels is None else labels.cpu(),
-                "script": SCRIPT, "config": dataclasses.asdict(cfg)}, os.path.join(cfg.out_dir, name))
+    labels = None if labels is None else labels.cpu()
+    saved = {"samples": x.to(torch.uint8).cpu(), "labels": labels, "script": SCRIPT, "config": dataclasses.asdict(cfg)}
+    torch.save(saved, os.path.join(cfg.out_dir, name))
 
 
 def save_gif(frames, nrow, path, max_frames=100):
@@ -589,82 +581,101 @@ def save_gif(frames, nrow, path, max_frames=100):
     frames: a list of (N, C, H, W) in [0, 1]."""
     from PIL import Image
     from torchvision.utils import make_grid
-    keep = sorted({round(k * (len(frames) - 1) / (max_frames - 1)) for k in range(max_frames)}) \
-        if len(frames) > max_frames else range(len(frames))
-    images = [Image.fromarray((make_grid(frames[k].float().cpu(), nrow=nrow, pad_value=0.5).clamp(0, 1) * 255)
-                              .round().byte().permute(1, 2, 0).numpy()) for k in keep]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=[80] * (len(images) - 1) + [2000], loop=0)
+
+    keep = range(len(frames))
+    if len(frames) > max_frames:
+        keep = sorted({round(k * (len(frames) - 1) / (max_frames - 1)) for k in range(max_frames)})
+    images = []
+    for k in keep:
+        grid = make_grid(frames[k].float().cpu(), nrow=nrow, pad_value=0.5).clamp(0, 1)  # (3, H', W')
+        images.append(Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy()))
+    durations = [80] * (len(images) - 1) + [2000]  # milliseconds per frame; the samples held at the end
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
 @torch.no_grad()
-def sample(net, cfg, ctx, data):
-    """samples.png (a grid of samples; with labels a row per class), samples-SAMPLER-STEPS.pt (tag()), evolution.png
-    (for 4 samples, two rows: theta of a black pixel, then p_O, at t = 0, 0.1, ..., 1) and evolution.gif (every network
+def write_samples(net, cfg, runtime):
+    """samples.png (a grid; for a conditional model a row per class), samples-SAMPLER-STEPS.pt, evolution.png (for 4
+    samples, two rows: theta of a black pixel, then p_O, at t = 0, 0.1, ..., 1) and evolution.gif (every network
     call, 8 samples)."""
-    if cfg.inpaint:  # --inpaint: the completions of test images instead
-        return complete(net, cfg, ctx, data)
     from torchvision.utils import save_image
-    labels, nrow = sample_labels(cfg, cfg.num_samples, ctx.device)
-    trajectory, n = [], cfg.num_samples if labels is None else len(labels)
-    x = draw(net, n, cfg, ctx, torch.Generator(ctx.device).manual_seed(cfg.seed), trajectory, labels=labels)
+
+    generator = torch.Generator(runtime.device).manual_seed(cfg.seed)
+    n = cfg.num_samples
+    nrow = max(1, round(math.sqrt(n)))
+    labels = None
+    if cfg.conditional:  # each class in turn, a row each
+        nrow = max(1, n // 10**cfg.digits)
+        labels = torch.arange(10**cfg.digits, device=runtime.device).repeat_interleave(nrow)
+        n = len(labels)
+    trajectory = []
+    batches = []
+    for index in torch.arange(n).split(cfg.batch_size):
+        predict = prediction(net, cfg, runtime, None if labels is None else labels[index])
+        if index[0] == 0:
+            predict = recording(predict, trajectory)
+        batches.append(generate(predict, len(index), cfg, runtime, generator))
+    x = torch.cat(batches)
+    name = f"samples-{cfg.sampler}-{cfg.sample_steps}.pt"
     save_image(1 - x[:, None].float(), os.path.join(cfg.out_dir, "samples.png"), nrow=nrow, pad_value=0.5)
-    save_samples(x, labels, cfg, f"samples{tag(cfg)}.pt")
-    steps = [min(trajectory, key=lambda s: abs(s["t"] - k / 10)) for k in range(11)]
-    rows = [s[part][b, ..., 1] for b in range(min(4, len(x))) for part in ("input", "output") for s in steps]
+    save_samples(x, labels, cfg, name)
+    times = [min(trajectory, key=lambda call: abs(call["t"] - k / 10)) for k in range(11)]  # t = 0, 0.1, ..., 1
+    rows = []
+    for b in range(min(4, len(x))):
+        rows += [call["input"][b, ..., 1] for call in times] + [call["output"][b, ..., 1] for call in times]
     save_image(1 - torch.stack(rows)[:, None], os.path.join(cfg.out_dir, "evolution.png"), nrow=11, pad_value=0.5)
     shown = min(8, len(x))  # evolution.gif: a frame per network call, theta above p_O, then the samples
-    frames = [1 - torch.cat([s["input"][:shown, ..., 1], s["output"][:shown, ..., 1]])[:, None] for s in trajectory]
-    save_gif(frames + [1 - torch.cat([x[:shown], x[:shown]]).float()[:, None]], shown,
-             os.path.join(cfg.out_dir, "evolution.gif"))
-    ctx.log(f"samples ({cfg.sampler}, {cfg.sample_steps} steps): samples.png, samples{tag(cfg)}.pt, evolution.png, "
-            "evolution.gif")
+    frames = [1 - torch.cat([c["input"][:shown, ..., 1], c["output"][:shown, ..., 1]])[:, None] for c in trajectory]
+    frames.append(1 - torch.cat([x[:shown], x[:shown]]).float()[:, None])
+    save_gif(frames, shown, os.path.join(cfg.out_dir, "evolution.gif"))
+    runtime.log(f"samples ({cfg.sampler}, {cfg.sample_steps} steps): samples.png, {name}, evolution.png, evolution.gif")
 
 
 # ======================================================================================================================
-# Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
-# from the experiment: SCRIPT, UNIT, BETAS, Config, PRESETS, check, load_data, get_batch, to_unit, from_authors,
-# train_loss, evaluate and sample.
+# Run machinery: the same in every script, calling the experiment above; safe to skip on a first reading.
 # ======================================================================================================================
 
 PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
-MODES = ("preset", "resume", "eval_only", "sample_only", "init_from", "out_dir", "device", "compile")
+RUN_MODES = ("preset", "resume", "eval_only", "sample_only", "init_from", "out_dir", "device", "compile")  # not kept
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)]
 
 
-def parse_args(argv=None, saved=None, strict=True):
-    """Command line -> Config: the paper's defaults, then the --preset's, then the checkpoint's (saved), then the flags
-    given. A model or data flag other than the checkpoint's: one line; strict: then check() (a bad combination: one
-    line)."""
-    argv, fields, saved = list(sys.argv[1:] if argv is None else argv), dataclasses.fields(Config), saved or {}
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--preset", default="paper")
-    defaults = {f.name: f.default for f in fields} | PRESETS.get(first.parse_known_args(argv)[0].preset, {}) | {
-        k: v for k, v in saved.items() if k not in MODES}
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    for f, d in ((f, defaults[f.name]) for f in fields if f.metadata["help"]):
-        kind = dict(action="store_true") if f.type is bool else dict(nargs="+", type=type(f.default[0])) \
-            if f.type is tuple else dict(type=f.type)
-        shown = f" (default: {' '.join(map(str, d)) if f.type is tuple else d})" if d else ""
-        p.add_argument("--" + f.name.replace("_", "-"), default=d, help=f.metadata["help"] + shown, **kind,
-                       **{k: v for k, v in f.metadata.items() if k not in ("help", "fixed")})  # choices
-    cfg = Config(**defaults | {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
-    if differ := [f"--{k.replace('_', '-')} {v} in the checkpoint, {getattr(cfg, k)} now" for k, v in saved.items()
-                  if Config.__dataclass_fields__[k].metadata["fixed"] and getattr(cfg, k) != v]:
-        raise SystemExit(f"{SCRIPT}: error: the checkpoint was made with other model or data settings: "
-                         f"{'; '.join(differ)}. Leave those flags out to use the checkpoint's")
-    cfg, problem = check(cfg) if strict else (cfg, None)  # not strict: enough to find the checkpoint and the device
-    return p.error(problem) if problem else cfg
+def prepare(argv=None):
+    """The flags -> (cfg, runtime, ckpt): the settings (over a checkpoint's), the device and log, the checkpoint."""
+    given = parse_flags(argv)
+    preset = PRESETS[given.get("preset", "paper")]
+    defaults = {field.name: field.default for field in dataclasses.fields(Config)} | preset
+    modes = {name: value for name, value in given.items() if name in RUN_MODES}
+    cfg = Config(**(defaults | modes))  # enough to find the device and a checkpoint
+    runtime = setup(cfg)
+    ckpt = None
+    saved = {}
+    if cfg.init_from or cfg.resume or cfg.eval_only or cfg.sample_only:
+        ckpt = read_checkpoint(cfg, runtime)
+        fixed = [field.name for field in dataclasses.fields(Config) if field.metadata["fixed"]]
+        kept = fixed if cfg.init_from else [name for name in defaults if name not in RUN_MODES]
+        saved = {name: value for name, value in ckpt.get("config", {}).items() if name in kept}
+        for name in fixed:
+            if name in saved and name in given and given[name] != saved[name]:
+                change = f"--{name.replace('_', '-')} {saved[name]} in the checkpoint, {given[name]} now"
+                raise error(f"the checkpoint's model or data differ: {change}; leave it out")
+    cfg = Config(**(defaults | saved | given))
+    problem = check(cfg)
+    if problem:
+        raise error(problem)
+    return cfg, runtime, ckpt
 
 
 def setup(cfg):
-    """Device (one not here: one line), autocast, rank of `world` (torchrun); log(line): rank 0 prints it to log.txt."""
-    with contextlib.suppress(OSError):  # glibc keeps freed memory: quick MNIST steps about 7% faster (RESULTS)
-        [ctypes.CDLL("libc.so.6").mallopt(k, v) for k, v in ((-3, 32 << 20), (-1, 1 << 30), (-2, 256 << 20))]
-    world, gpus = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.device_count()
-    here = ["cpu", *[f"cuda:{k}" for k in range(gpus)], *(["mps"] if torch.backends.mps.is_available() else [])]
-    mine = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(1, gpus)}"  # this process's GPU
-    name = {"auto": mine if gpus else here[-1], "cuda": mine}.get(cfg.device, cfg.device)
+    """This process's device, rank of `world` (torchrun), network autocast, and log(line): rank 0 prints and logs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count()
+    here = ["cpu"] + [f"cuda:{k}" for k in range(gpus)] + (["mps"] if torch.backends.mps.is_available() else [])
+    name = here[-1] if cfg.device == "auto" else cfg.device  # auto: the last of cpu, cuda:N, mps
+    if name in ("cuda", "cuda:0") and gpus:  # under torchrun, this process's own GPU
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % gpus}"
     if name not in here:
-        raise SystemExit(f"{SCRIPT}: error: --device {cfg.device} is not available here; available: {', '.join(here)}")
+        raise error(f"--device {cfg.device} is not available here; available: {', '.join(here)}")
     if world > 1:  # the others wait while rank 0 evaluates: a long timeout
         dist.init_process_group("nccl" if "cuda" in name else "gloo", timeout=datetime.timedelta(hours=1))
     rank = dist.get_rank() if world > 1 else 0
@@ -672,149 +683,149 @@ def setup(cfg):
     def log(line):
         if rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
+            line = time.strftime("%H:%M:%S ") + line
+            print(line, flush=True)
             with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
-                [print(time.strftime("%H:%M:%S ") + line, file=out, flush=True) for out in (sys.stdout, f)]
-    return types.SimpleNamespace(device=torch.device(name), rank=rank, world=world, log=log, autocast=torch.autocast(
-        name.split(":")[0], torch.bfloat16, enabled="cuda" in name))  # the network in bfloat16 on GPUs
+                print(line, file=f)
+
+    device = torch.device(name)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    return types.SimpleNamespace(device=device, rank=rank, world=world, autocast=autocast, log=log)
 
 
-def read_checkpoint(cfg, ctx):
+def read_checkpoint(cfg, runtime):
     """--init-from's checkpoint, or <out-dir>/ckpt.pt (ckpt-prev.pt if that is unreadable); weights_only: no code."""
     paths = [cfg.init_from] if cfg.init_from else [os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "ckpt-prev.pt")]
     for path in filter(os.path.exists, paths):
         try:
-            ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
-        except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-            ctx.log(f"warning: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            ckpt = torch.load(path, map_location=runtime.device, weights_only=True)
+        except Exception as failure:  # a truncated or foreign file fails in many ways inside torch.load
+            runtime.log(f"warning: {path} is unreadable ({type(failure).__name__}); trying the next")
             continue
-        if ckpt.get("script", SCRIPT) == SCRIPT:
-            return ckpt
-        raise SystemExit(f"{SCRIPT}: error: {path} is a checkpoint of {ckpt['script']}; use that script")
-    raise SystemExit(f"{SCRIPT}: error: no readable checkpoint: {' or '.join(paths)}")
+        if ckpt.get("script", SCRIPT) != SCRIPT:
+            raise error(f"{path} is a checkpoint of {ckpt['script']}; use that script")
+        return ckpt
+    raise error(f"no readable checkpoint: {' or '.join(paths)}")
 
 
-def build(cfg, ctx, ckpt):
-    """The network, its EMA copy (evaluation, sampling) and AdamW (weight decay on weights only), with the checkpoint's
-    weights (ours, or the authors'), for --resume also its optimiser; and the first step."""
-    torch.manual_seed(cfg.seed)  # the initial weights
-    model = UNet(cfg.channels, (1, 2, 2), cfg.res_blocks, cfg.dropout, 10 ** cfg.digits if cfg.conditional else 0)
-    size = sum(p.numel() for p in model.parameters())
-    ctx.log(f"{size / 1e6:.2f}M parameters" + ("" if size < 1e7 or ctx.device.type == "cuda" else ": the size of the "
-            "paper's model, meant for GPUs; --preset quick trains a small one in minutes"))
-    model, ema = model.to(ctx.device).train(), copy.deepcopy(model).to(ctx.device).eval().requires_grad_(False)
-    decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}  # not biases, norms
-    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if (id(p) in decay) == on],
-                                    "weight_decay": 0.01 * on} for on in (1, 0)], cfg.lr, BETAS)
+def build(cfg, runtime, ckpt):
+    """The network, its EMA copy and optimiser, with the checkpoint's weights and state; and the step to start from."""
+    with torch.random.fork_rng(devices=[]):  # the initial weights from --seed; the global generator untouched
+        torch.manual_seed(cfg.seed)
+        model = make_network(cfg)
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    note = ": the paper's size, meant for GPUs; --preset quick trains a small one" if size > 10 else ""
+    runtime.log(f"{size:.2f}M parameters{note if runtime.device.type != 'cuda' else ''}")
+    model = model.to(runtime.device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = make_optimizer(model, cfg.lr)
+    if ckpt is None:
+        return model, ema, optimizer, 0
+    state = ckpt["model"] if "model" in ckpt else from_authors(ckpt)
     try:
-        if ckpt:
-            model.load_state_dict(state := ckpt["model"] if "model" in ckpt else from_authors(ckpt))
-            ema.load_state_dict(ckpt.get("ema", state))
-    except RuntimeError as e:  # tensors missing, unexpected or of other shapes
-        sizes = " ".join(f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Config) if f.metadata["fixed"])
-        raise SystemExit(f"{SCRIPT}: error: {cfg.init_from or cfg.out_dir} does not fit this network ("
-                         f"{(str(e).splitlines()[1:] or [''])[0].strip()[:300]}). Give the flags of its run: {sizes}")
-    if ckpt and not cfg.init_from:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    return model, ema, optimizer, ckpt["step"] if ckpt and not cfg.init_from else 0
+        model.load_state_dict(state)
+        ema.load_state_dict(ckpt.get("ema", state))
+    except RuntimeError as failure:  # tensors missing, unexpected or of other shapes
+        first = (str(failure).splitlines()[1:] or [""])[0].strip()[:300]
+        flags = " ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(Config) if f.metadata["fixed"])
+        where = cfg.init_from or cfg.out_dir
+        raise error(f"{where} does not fit this network ({first}); give its {flags}") from None
+    if cfg.init_from:
+        return model, ema, optimizer, 0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return model, ema, optimizer, ckpt["step"]
 
 
 def save_checkpoint(cfg, model, ema, optimizer, step):
     """<out-dir>/ckpt.pt through a temporary file, renamed; the previous one kept as ckpt-prev.pt."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "config": dataclasses.asdict(cfg), "script": SCRIPT}, path + ".tmp")
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    torch.save(state | {"config": dataclasses.asdict(cfg), "script": SCRIPT}, path + ".tmp")
     if os.path.exists(path):
         os.replace(path, os.path.join(cfg.out_dir, "ckpt-prev.pt"))
     os.replace(path + ".tmp", path)
 
 
-def learning_rate(step, cfg):
-    """Of step `step` (from 0): a linear warm-up over lr_warmup steps, then --lr, or a cosine to 0.1 --lr at --steps."""
-    decay = min(1.0, max(0, step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
-    return cfg.lr * min(1, (step + 1) / max(1, cfg.lr_warmup)) * (
-        0.55 + 0.45 * math.cos(math.pi * decay) if cfg.lr_decay == "cosine" else 1)
+def train(cfg, runtime, data, model, ema, optimizer, step):
+    """Steps to --steps, a log line every --log-every, a checkpoint every 10 minutes, at the end and on a signal."""
+    net = DDP(model, [runtime.device.index] if runtime.device.type == "cuda" else None) if runtime.world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    received = None  # a first SIGTERM, SIGINT or SIGUSR1 (those the platform has): stop after the step in progress
 
+    def stop(signum, frame):  # then the default action again: a second signal ends the process at once
+        nonlocal received
+        received = signal.Signals(signum).name
+        print(f"{received}: stopping after step {step + 1}; a second signal stops at once", flush=True)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
 
-@contextlib.contextmanager
-def stop_signals(done):
-    """Within: a first SIGTERM, SIGINT or SIGUSR1 says the run stops after this step; a second ends the process."""
-    received, stops = [], (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def stop(signum, frame):
-        received.append(signal.Signals(signum).name)
-        print(f"{received[0]}: stopping after step {done[0] + 1}; a second signal stops at once", flush=True)
-        [signal.signal(s, signal.SIG_DFL) for s in stops]
-    previous = {s: signal.signal(s, stop) for s in stops}
+    previous_handlers = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    first = step
+    logged = step
+    logged_at = time.time()
+    saved_at = time.time()
+    losses = 0.0
     try:
-        yield received
-    finally:
-        [signal.signal(s, handler) for s, handler in previous.items()]
-
-
-def train(cfg, ctx, data, model, ema, optimizer, step):
-    """Steps to --steps, a checkpoint every 10 minutes, at the end and on a stop signal; draws from seed and step."""
-    net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world > 1 else model
-    net, done, first, last, loss_sum = torch.compile(net) if cfg.compile else net, [step], step, step, 0.0
-    clock = saved_at = time.time()
-    with stop_signals(done) as received:
         while step < cfg.steps:
-            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, cfg)
-            for k in range(cfg.grad_accum):
-                with net.no_sync() if ctx.world > 1 and k < cfg.grad_accum - 1 else contextlib.nullcontext():
-                    loss = train_loss(net, get_batch(data, cfg), cfg, ctx).mean() / cfg.grad_accum
+            torch.manual_seed(hash((cfg.seed, runtime.rank, step)) % 2**62)  # data and noise from the seed and step
+            for micro in range(cfg.grad_accum):
+                sync = runtime.world == 1 or micro == cfg.grad_accum - 1  # all-reduce the gradients once, at the last
+                with contextlib.nullcontext() if sync else net.no_sync():
+                    loss = train_loss(net, get_batch(data, cfg), cfg, runtime).mean() / cfg.grad_accum
                     loss.backward()
-                loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # EMA with warm-up: the effective decay grows towards 0.9999
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - min(0.9999, (2 + step) / (11 + step)))
-            step = done[0] = step + 1
-            if not math.isfinite(loss_sum + grad_norm):
-                raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step}; the last checkpoint is untouched")
-            flags = torch.tensor([len(received), loss_sum], dtype=torch.float64, device=ctx.device)
-            dist.all_reduce(flags) if ctx.world > 1 else None  # a signal to any process; the loss of all
+                losses += loss.item()
+            grad_norm = optimizer_step(cfg, model, ema, optimizer, step)
+            step += 1
+            if not math.isfinite(losses + grad_norm):
+                raise error(f"non-finite loss at step {step}; the last checkpoint is untouched")
+            stopping = torch.tensor(float(received is not None), device=runtime.device)
+            if runtime.world > 1:
+                dist.all_reduce(stopping)  # a signal to any process stops them all
             if step % cfg.log_every == 0 or step in (first + 1, cfg.steps):
-                seconds, steps = time.time() - clock, step - last
-                ctx.log(f"step {step} | loss {to_unit(flags[1].item() / ctx.world / steps, cfg):.4g} {UNIT} | "
-                        f"{steps * cfg.batch_size * cfg.grad_accum * ctx.world / seconds:.1f} examples/s | ETA "
-                        f"{(cfg.steps - step) * seconds / steps / 60:.1f} min")
-                last, clock, loss_sum = step, time.time(), 0.0
-            if ctx.rank == 0 and (flags[0] or step == cfg.steps or time.time() - saved_at > 600):
+                seconds = time.time() - logged_at
+                loss = in_paper_unit(losses / (step - logged), cfg)  # this process's mean since the last line
+                speed = (step - logged) * cfg.batch_size * cfg.grad_accum * runtime.world / seconds
+                memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak resident size (Linux: KiB)
+                if runtime.device.type == "cuda":
+                    memory = torch.cuda.max_memory_allocated(runtime.device) / 2**30
+                eta = (cfg.steps - step) * seconds / (step - logged) / 60
+                done = f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm:.3g}"
+                runtime.log(f"{done} | {speed:.1f} examples/s | {memory:.2f} GiB | ETA {eta:.1f} min")
+                logged = step
+                logged_at = time.time()
+                losses = 0.0
+            if runtime.rank == 0 and (stopping or step == cfg.steps or time.time() - saved_at > 600):
                 save_checkpoint(cfg, model, ema, optimizer, step)
                 saved_at = time.time()
-            if flags[0]:
-                ctx.log(f"stopped by {received[0] if received else 'a signal to another process'} after step {step}: "
-                        f"the checkpoint is written; continue with the same command and --resume")
+            if stopping:
+                by = received or "a signal to another process"
+                runtime.log(f"stopped by {by} after step {step}: checkpoint written; continue with --resume")
                 raise SystemExit(PREEMPTED)
+    finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     return step
 
 
 def main(argv=None):
-    """Parse the flags, then train (or only evaluate, or only sample) in the run directory."""
-    cfg = parse_args(argv, strict=False)
-    ctx = setup(cfg)
-    ckpt = read_checkpoint(cfg, ctx) if cfg.init_from or cfg.resume or cfg.eval_only or cfg.sample_only else None
-    kept = [f.name for f in dataclasses.fields(Config) if f.metadata["fixed"] or not cfg.init_from]
-    cfg = parse_args(argv, {k: v for k, v in ckpt["config"].items() if k in kept} if ckpt and "config" in ckpt else
-                     None)
-    data, command = load_data(cfg, ctx.device), ["python", SCRIPT, *(sys.argv[1:] if argv is None else argv)]
-    ctx.log(f"==== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} | {shlex.join(command)} | {ctx.device} x {ctx.world}")
-    model, ema, optimizer, step = build(cfg, ctx, ckpt)
+    """Train (or only evaluate, or only sample) in the run directory, as the flags say."""
+    cfg, runtime, ckpt = prepare(argv)
+    command = shlex.join(["python", SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+    runtime.log(f"==== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} | {command} | {runtime.device} x {runtime.world}")
+    model, ema, optimizer, step = build(cfg, runtime, ckpt)
+    data = load_data(cfg, runtime.device)
     try:
-        step = step if cfg.eval_only or cfg.sample_only else train(cfg, ctx, data, model, ema, optimizer, step)
-        if ctx.rank == 0 and not cfg.sample_only:
-            evaluate(ema, cfg, ctx, data, step)
-        if ctx.rank == 0 and not cfg.eval_only:
-            sample(ema, cfg, ctx, data)
+        if not (cfg.eval_only or cfg.sample_only):
+            step = train(cfg, runtime, data, model, ema, optimizer, step)
+        if runtime.rank == 0 and not cfg.sample_only:
+            evaluate(ema, cfg, runtime, data, step)
+        if runtime.rank == 0 and not cfg.eval_only:
+            write_samples(ema, cfg, runtime)
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit(f"{SCRIPT}: error: out of memory on {ctx.device}: lower --batch-size {cfg.batch_size} (and "
-                         f"raise --grad-accum {cfg.grad_accum} to keep the global batch)")
-    ctx.log(f"done: {cfg.out_dir}")
-    if ctx.world > 1:
+        advice = f"lower --batch-size {cfg.batch_size} and raise --grad-accum {cfg.grad_accum} to keep the global batch"
+        raise error(f"out of memory on {runtime.device}: {advice}") from None
+    runtime.log(f"done: {cfg.out_dir}")
+    if runtime.world > 1:
         dist.barrier()  # the other processes wait for rank 0's evaluation and samples
         dist.destroy_process_group()
 

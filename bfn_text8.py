@@ -1,24 +1,38 @@
 """Bayesian Flow Network on text8 characters (§6 of Graves et al., arXiv:2308.07037): discrete data, K = 27.
 
-Trains the authors' non-causal transformer with the continuous-time loss L^inf (Algorithm 8), evaluates the test bound
-L^inf + L^r and L^n + L^r in bits/char (the paper: 1.41), and samples with Algorithm 9 or the ODE or SDE solver of
-common.py. --text-file trains on any UTF-8 text, its alphabet its own characters, beta(1) by common.discrete_beta_1;
---vocab N trains on N subword tokens (byte-pair merges of those characters), still scored in bits/char.
-Writes log.txt, ckpt.pt, eval.json, samples.txt and .pt, and evolution.txt/.gif (theta and p_O over time) to --out-dir.
+Trains the authors' transformer with the continuous-time loss L^inf (Algorithm 8), evaluates the test bound L^n + L^r
+in bits/char (the paper: 1.41 in continuous time) and samples with Algorithm 9, or the ODE or SDE solver of common.py;
+any UTF-8 text (--text-file), characters or K subword tokens (--vocab K). Writes log.txt, ckpt.pt, eval.json,
+samples.txt and .pt, and evolution.txt/.gif (theta and p_O over time) to --out-dir.
 
     python bfn_text8.py --preset quick --text-file book.txt   # a small transformer on any text, minutes on a CPU
     python bfn_text8.py --steps 1000                          # the paper's model and optimiser (text8 downloaded)
     torchrun --nproc_per_node=8 bfn_text8.py --batch-size 104 --grad-accum 4   # the paper's batch on 8 GPUs
-    python bfn_text8.py --sample-only --sampler sde --sample-steps 100 --num-samples 200   # then, to score them:
-    python benchmarks/score_samples.py runs/bfn_text8/samples-sde-100.pt
-    python bfn_text8.py --sample-only --infill "the ____ of the united states" --particles 8
-    python bfn_text8.py --sample-only --guide-word zero --grad-guidance 3     # steer any model towards a word
+    python bfn_text8.py --sample-only --sampler sde --sample-steps 100 --num-samples 200
     python bfn_text8.py --preset quick --vocab 1024 --text-file book.txt      # K = 1024 subword tokens
 
+Sampling a trained model beyond the paper (prompts, infilling, guidance) is in beyond/, one command per feature.
 Shapes: B batch, L sequence length (--seq-len), K symbols (27 for text8; --vocab), W transformer width.
 """
-import argparse, collections, contextlib, copy, ctypes, dataclasses, datetime, functools, json, math, os, shlex, shutil
-import signal, sys, time, types, zipfile, zlib
+
+import argparse
+import collections
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import resource
+import shlex
+import shutil
+import signal
+import sys
+import time
+import types
+import zipfile
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -27,162 +41,168 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import discrete_beta_1, discrete_beta_1_tokens, discrete_flow, discrete_guided_probs, \
-    discrete_loss_inf, discrete_loss_n, discrete_recon_loss, discrete_sample, discrete_sample_ode, \
-    discrete_sample_sde, discrete_sample_smc, recorded, replace_known_probs, stratified_steps, stratified_times
+import common
 
-SCRIPT, UNIT, BETAS = "bfn_text8.py", "bits/char", (0.9, 0.98)
+SCRIPT = "bfn_text8.py"
+UNIT = "bits/char"
+ADAMW_BETAS = (0.9, 0.98)
+TIME_DRAWS = ("uniform", "stratified")  # of t in a training batch: the paper's, or one t per stratum (beyond)
+ALPHABET = " abcdefghijklmnopqrstuvwxyz"  # text8's symbols: symbol k is ALPHABET[k]
 
 
-def opt(default, help=None, fixed=False, **kwargs):
-    """A setting: its default; its --help (None: not a flag, the presets set it); whether it fixes the model or the
-    data (a checkpoint keeps it); argparse's choices."""
-    return dataclasses.field(default=default, metadata=dict(help=help, fixed=fixed, **kwargs))
+def error(message):
+    """The exception that stops the script with one line: "SCRIPT: error: message" (exit status 1)."""
+    return SystemExit(f"{SCRIPT}: error: {message}")
+
+
+def setting(default, help=None, choices=None, low=None, fixed=False):
+    """A field of Config: its default, --help (None: only presets set it), choices or bound (an int at least low, a
+    float more than low); fixed: it shapes the model or the data, so a checkpoint keeps it."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "fixed": fixed})
 
 
 @dataclasses.dataclass
 class Config:
     """Every setting of a run; each with help is a flag (--batch-size for batch_size). The defaults are the paper's."""
-    data_dir: str = opt("data", "where text8.zip is, or is downloaded to")
-    text_file: str = opt("", "train on this UTF-8 text file instead of text8")
-    seq_len: int = opt(256, "characters (with --vocab: tokens) per window", True)
-    vocab: int = opt(0, "K subword tokens: byte-pair merges of the characters, learnt on the training split (0: the "
-                        "characters)", True)
-    beta_1: float = opt(0.0, "final accuracy beta(1) of beta(t) = beta(1) t^2 (§6.8); 0: 0.5625 for K >= 27, larger "
-                             "below (discrete_beta_1), 20.4054 / K with --vocab (discrete_beta_1_tokens)", True)
-    layers: int = opt(24, "transformer layers", True)
-    heads: int = opt(12, "attention heads", True)
-    width: int = opt(768, "transformer width (a multiple of 2 x --heads)", True)
-    steps: int = opt(100_000, "optimiser steps to train (the total, also when resuming)")
-    batch_size: int = opt(128, "windows per process and step (global: x --grad-accum x processes); also of "
-                               "evaluation and sampling")
-    grad_accum: int = opt(1, "batches accumulated per optimiser step")
-    lr: float = opt(1e-4, "AdamW learning rate")
-    eval_n: tuple = opt(("inf", "10", "100"), "steps n of the test bounds L^n + L^r (inf: continuous time)")
-    eval_examples: int = opt(0, "evaluate on N test windows drawn with a fixed seed (0: all)")
-    eval_repeats: int = opt(1, "passes over them with fresh noise")
-    sampler: str = opt("paper", "Algorithm 9, or the second-order ODE or SDE solver", choices=("paper", "ode", "sde"))
-    sample_steps: int = opt(1000, "generation steps n")
-    num_samples: int = opt(8, "windows to sample (samples.txt, samples.pt), or completions of --prompt or --infill")
-    prompt: str = opt("", "sample continuations of this text (of the alphabet), fixed at the start of every window")
-    infill: str = opt("", "fill in the underscores of this text (with --vocab each _ is a token), fixed at the start "
-                          "of every window")
-    particles: int = opt(1, "with --prompt, --infill: sequential Monte Carlo over P particles (1: replacement)")
-    guide_word: str = opt("", "with --grad-guidance: steer samples towards containing this word (with --vocab: its "
-                              "tokens when spelt alone; ' zero' for the word after a space)")
-    grad_guidance: float = opt(0.0, "gradient guidance weight towards --guide-word, through the network")
-    preset: str = opt("paper", "the paper's settings, or a small CPU recipe; flags given win",
-                      choices=("paper", "quick"))
-    out_dir: str = opt("runs/bfn_text8", "the run directory")
-    resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its settings (flags given change them)")
-    init_from: str = opt("", "start from the weights of another run's ckpt.pt or an authors' checkpoint")
-    eval_only: bool = opt(False, "evaluate the checkpoint in <out-dir> on the test set")
-    sample_only: bool = opt(False, "sample from the checkpoint in <out-dir>")
-    seed: int = opt(0, "everything random derives from it")
-    device: str = opt("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
-    compile: bool = opt(False, "torch.compile the network for training")
-    t_draw: str = opt("uniform", "the times t of a training batch: uniform, each drawn alone (the paper), or "
-                                 "stratified, one in each 1/B of [0, 1] (the same loss, less variance)",
-                      choices=("uniform", "stratified"))
-    log_every: int = opt(100, "steps between log lines")
-    alphabet: str = opt("", fixed=True)  # the characters in order: text8's, or the --text-file's own
-    merges: tuple = opt((), fixed=True)  # --vocab: token len(alphabet) + i is the pair merges[i] of tokens (a, b)
-    chars: float = opt(1.0, fixed=True)  # characters per symbol in the training split (the unit of the training log)
-    lr_warmup: int = opt(0)  # steps of linear learning-rate warm-up (the paper: none)
-    lr_decay: str = opt("none")  # cosine: down to 0.1 --lr at --steps (the paper: constant)
+
+    data_dir: str = setting("data", "where text8.zip is, or is downloaded to")
+    text_file: str = setting("", "train on this UTF-8 text file instead of text8")
+    seq_len: int = setting(256, "characters (with --vocab: tokens) per window", low=1, fixed=True)
+    vocab: int = setting(0, "K subword tokens, byte-pair merges of the characters (0: characters)", low=0, fixed=True)
+    beta_1: float = setting(None, "final accuracy of beta(t) = beta(1) t^2 (§6.8) (default: K's)", low=0.0, fixed=True)
+    layers: int = setting(24, "transformer layers", low=1, fixed=True)
+    heads: int = setting(12, "attention heads", low=1, fixed=True)
+    width: int = setting(768, "transformer width (a multiple of 2 x --heads)", low=2, fixed=True)
+    steps: int = setting(100_000, "optimiser steps to train (the total, also when resuming)", low=1)
+    batch_size: int = setting(128, "windows per process and step, also of evaluation and sampling", low=1)
+    grad_accum: int = setting(1, "batches accumulated per optimiser step", low=1)
+    lr: float = setting(1e-4, "AdamW learning rate", low=0.0)
+    t_draw: str = setting("uniform", "t of a training batch: each alone, or one per 1/B of [0, 1]", TIME_DRAWS)
+    eval_n: tuple = setting(("inf", "10", "100"), "steps n of the test bounds L^n + L^r (inf: continuous time)")
+    eval_examples: int = setting(0, "evaluate on N test windows drawn with a fixed seed (0: all)", low=0)
+    eval_repeats: int = setting(1, "passes over them with fresh noise", low=1)
+    sampler: str = setting("paper", "Algorithm 9, or the second-order ODE or SDE solver", ("paper", "ode", "sde"))
+    sample_steps: int = setting(1000, "generation steps n", low=1)
+    num_samples: int = setting(8, "windows to sample", low=1)
+    preset: str = setting("paper", "the paper's settings, or a small CPU recipe; flags given win", ("paper", "quick"))
+    out_dir: str = setting("runs/bfn_text8", "the run directory")
+    resume: bool = setting(False, "continue from <out-dir>/ckpt.pt with its settings (flags given change them)")
+    init_from: str = setting("", "start from the weights of another run's ckpt.pt or an authors' checkpoint")
+    eval_only: bool = setting(False, "evaluate the checkpoint in <out-dir> on the test set")
+    sample_only: bool = setting(False, "sample from the checkpoint in <out-dir>")
+    seed: int = setting(0, "everything random derives from it")
+    device: str = setting("auto", "auto (cuda, mps or cpu), cpu, cuda (this process's GPU), cuda:N or mps")
+    compile: bool = setting(False, "torch.compile the network for training")
+    log_every: int = setting(100, "steps between log lines", low=1)
+    alphabet: str = setting("", fixed=True)  # the characters in order: text8's, or the --text-file's own
+    merges: tuple = setting((), fixed=True)  # --vocab: token len(alphabet) + i is the pair merges[i] of tokens (a, b)
+    chars: float = setting(1.0, fixed=True)  # characters per symbol of the training split (for the training log)
+    lr_warmup: int = setting(0)  # steps of linear learning-rate warm-up (the paper: none)
+    lr_decay: str = setting("none")  # "cosine": down to 0.1 --lr at --steps (the paper: constant)
+
+    def __post_init__(self):  # what the flags leave open: the alphabet, --vocab's merges, beta(1)
+        if not self.alphabet:  # the text's own characters, or text8's when it has no others
+            own = "".join(sorted(set(read_text(self.text_file)))) if self.text_file else ALPHABET
+            self.alphabet = ALPHABET if set(own) <= set(ALPHABET) else own
+        if self.vocab > len(self.alphabet) and not self.merges:
+            self.merges, self.chars = learn_tokens(self)
+        if self.beta_1 is None:
+            self.beta_1 = default_beta_1(len(self.alphabet) + len(self.merges), self.vocab)
 
 
-PRESETS = {"paper": {}, "quick": dict(layers=4, heads=4, width=128, seq_len=32, batch_size=16, lr=1e-3, steps=17904,
-                                      eval_examples=1000, num_samples=4, sample_steps=100)}
+QUICK_NETWORK = {"layers": 4, "heads": 4, "width": 128, "seq_len": 32}
+QUICK_TRAINING = {"batch_size": 16, "lr": 1e-3, "steps": 17904}
+QUICK_OUTPUTS = {"eval_examples": 1000, "num_samples": 4, "sample_steps": 100}
+PRESETS = {"paper": {}, "quick": QUICK_NETWORK | QUICK_TRAINING | QUICK_OUTPUTS}
 
 
 def check(cfg):
-    """The settings that depend on each other -> (cfg, with the alphabet, --vocab's merges and beta(1) resolved; the
-    first problem, a one-line message, or None)."""
-    if not cfg.alphabet:  # the text's own characters, or text8's when it has no others
-        alphabet = "".join(sorted(set(read_text(cfg.text_file)))) if cfg.text_file else ALPHABET
-        cfg = dataclasses.replace(cfg, alphabet=ALPHABET if set(alphabet) <= set(ALPHABET) else alphabet)
-    if cfg.vocab > len(cfg.alphabet) and not cfg.merges:
-        cfg = dataclasses.replace(cfg, **learn_tokens(cfg))
-    if cfg.beta_1 == 0:
-        cfg = dataclasses.replace(cfg, beta_1=discrete_beta_1_tokens(cfg.vocab) if cfg.vocab else discrete_beta_1(
-            len(cfg.alphabet)))
-    text, outside = cfg.prompt or cfg.infill or cfg.guide_word, set(cfg.prompt + cfg.guide_word + cfg.infill.replace(
-        "_", "")) - set(cfg.alphabet)
-    return cfg, next((message for bad, message in [
-        *[(getattr(cfg, k) < 1, f"--{k.replace('_', '-')} must be at least 1, got {getattr(cfg, k)}") for k in (
-            "batch_size", "grad_accum", "eval_repeats", "sample_steps", "num_samples", "particles", "log_every",
-            "seq_len", "layers", "heads")],
-        (cfg.beta_1 < 0 or cfg.lr <= 0 or cfg.grad_guidance < 0, "--beta-1 and --grad-guidance must be at least 0, "
-         "--lr positive"),
-        (len(set(cfg.alphabet)) != len(cfg.alphabet) or not 2 <= len(cfg.alphabet) <= 4096,
-         f"the alphabet needs 2 to 4096 different symbols, got {len(cfg.alphabet)} ({len(set(cfg.alphabet))} "
-         "different)"),
-        (cfg.vocab and cfg.vocab <= len(cfg.alphabet), f"--vocab must exceed the {len(cfg.alphabet)} characters of "
-         f"the alphabet (0: characters), got {cfg.vocab}"),
-        (cfg.width % cfg.heads != 0 or cfg.width // cfg.heads % 2 != 0,
-         f"--width must be a multiple of 2 x --heads, got width {cfg.width} and heads {cfg.heads}"),
-        (any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n),
-         f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}"),
-        (bool(cfg.prompt) and bool(cfg.infill), "--prompt and --infill exclude each other"),
-        (bool(outside), f"--prompt, --infill and --guide-word take the symbols of the alphabet {cfg.alphabet!r}; "
-                        f"{''.join(sorted(outside))!r} {'is' if len(outside) == 1 else 'are'} not in it"),
-        (bool(cfg.infill) and "_" not in cfg.infill, "--infill needs at least one _ to fill in"),
-        (len(text) > cfg.seq_len, f"--prompt, --infill or --guide-word is longer than --seq-len {cfg.seq_len}"),
-        (bool(cfg.grad_guidance) != bool(cfg.guide_word), "--grad-guidance and --guide-word go together"),
-        (cfg.particles > 1 and not (cfg.prompt or cfg.infill), "--particles is for --prompt and --infill"),
-        (cfg.particles > 1 and cfg.sampler == "ode", "--particles needs a stochastic sampler (paper, sde): the ODE "
-         "solver is deterministic after its first draw, so there is nothing to reweight"),
-        (cfg.eval_only and cfg.sample_only, "--eval-only and --sample-only exclude each other"),
-        (cfg.resume and bool(cfg.init_from), "--resume and --init-from exclude each other")] if bad), None)
+    """The first problem with the settings, in one line, or None."""
+    for field in dataclasses.fields(Config):
+        value = getattr(cfg, field.name)
+        low = field.metadata["low"]
+        if field.type is int and low is not None and value < low:
+            return f"--{field.name.replace('_', '-')} must be at least {low}, got {value}"
+        if field.type is float and low is not None and not value > low:
+            return f"--{field.name.replace('_', '-')} must be more than {low:g}, got {value}"
+    if any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n):
+        return f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}"
+    if cfg.eval_only and cfg.sample_only:
+        return "--eval-only and --sample-only exclude each other"
+    if cfg.resume and cfg.init_from:
+        return "--resume and --init-from exclude each other"
+    if len(set(cfg.alphabet)) != len(cfg.alphabet) or not 2 <= len(cfg.alphabet) <= 4096:
+        return f"the alphabet needs 2 to 4096 different symbols, got {len(cfg.alphabet)}"
+    if cfg.vocab and cfg.vocab <= len(cfg.alphabet):
+        return f"--vocab must exceed the {len(cfg.alphabet)} characters of the alphabet, got {cfg.vocab}"
+    if cfg.width % (2 * cfg.heads):
+        return f"--width must be a multiple of 2 x --heads, got width {cfg.width} and heads {cfg.heads}"
+    return None
+
+
+def parse_flags(argv=None):
+    """The command line -> {setting: value} of the flags given. --help shows each default, and the quick preset's."""
+    parser = argparse.ArgumentParser(SCRIPT, description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    for field in dataclasses.fields(Config):
+        help = field.metadata["help"]
+        if help is None:
+            continue  # set by the presets only
+        if field.default not in ("", False):
+            help += f" (default: {' '.join(field.default) if field.type is tuple else field.default})"
+        if PRESETS["quick"].get(field.name, field.default) != field.default:
+            help += f" (--preset quick: {PRESETS['quick'][field.name]})"
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true", help=help)
+        elif field.type is tuple:
+            parser.add_argument(flag, nargs="+", help=help)
+        else:
+            parser.add_argument(flag, type=field.type, choices=field.metadata["choices"], help=help)
+    given = vars(parser.parse_args(argv))
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: text8 (or any UTF-8 text) as one tensor of symbols on the device; batches are random windows.
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
-TEXT8_ZIP_BYTES, TEXT8_BYTES, TEXT8_CRC32 = 31_344_016, 100_000_000, 0x7D6BE66F
-ALPHABET = " abcdefghijklmnopqrstuvwxyz"  # text8's symbols: symbol k is ALPHABET[k]
+TEXT8_ZIP_BYTES = 31_344_016
+TEXT8_BYTES = 100_000_000
+TEXT8_CRC32 = 0x7D6BE66F
 
 
 def load_text8(data_dir):
-    """The 100,000,000 characters of text8 as bytes: data_dir/text8.zip, downloaded (streamed, with a progress line)
-    if missing, then checked (size and CRC-32). A failed download leaves nothing behind."""
+    """text8's 100,000,000 characters: data_dir/text8.zip, downloaded if missing, checked by size and CRC-32."""
     path = os.path.join(data_dir, "text8.zip")
     if not os.path.exists(path):
         if data_dir != Config.data_dir and not os.path.isdir(data_dir):
-            raise SystemExit(f"{SCRIPT}: error: --data-dir {data_dir} does not exist")
+            raise error(f"--data-dir {data_dir} does not exist")
         made = not os.path.exists(data_dir)
         try:
-            import requests
-            os.makedirs(data_dir, exist_ok=True)
-            with requests.get(TEXT8_URL, stream=True, timeout=60) as r, open(path + ".part", "wb") as f:
-                r.raise_for_status()
-                for k, chunk in enumerate(r.iter_content(1 << 20)):
-                    f.write(chunk)
-                    print(f"\rdownloading {TEXT8_URL}: {k + 1} / {TEXT8_ZIP_BYTES >> 20} MB", end="", file=sys.stderr)
+            from torchvision.datasets.utils import download_url
+
+            download_url(TEXT8_URL, data_dir, "text8.zip.part")
             os.replace(path + ".part", path)
-        except Exception as e:
+        except Exception as failure:
             with contextlib.suppress(OSError):
                 os.remove(path + ".part")
             if made:
                 shutil.rmtree(data_dir, ignore_errors=True)
-            raise SystemExit(f"{SCRIPT}: error: downloading {TEXT8_URL} (31 MB) failed ({type(e).__name__}). Put "
-                             f"text8.zip into {data_dir}/ by hand, or train on any text with --text-file FILE")
-    fix = f"Delete {path} to download it afresh."
-    if os.path.getsize(path) != TEXT8_ZIP_BYTES:
-        raise SystemExit(f"{SCRIPT}: error: {path} is {os.path.getsize(path):,} bytes, expected {TEXT8_ZIP_BYTES:,}: "
-                         f"the download is truncated or corrupt. {fix}")
+            fix = f"Put text8.zip into {data_dir}/ by hand, or train on any text with --text-file FILE"
+            raise error(f"downloading {TEXT8_URL} (31 MB) failed ({type(failure).__name__}). {fix}") from None
+    fix = f"Delete {path} to download it afresh"
+    size = os.path.getsize(path)
+    if size != TEXT8_ZIP_BYTES:
+        raise error(f"{path} is {size:,} bytes, not {TEXT8_ZIP_BYTES:,}: truncated or corrupt. {fix}")
     try:
-        with zipfile.ZipFile(path) as z:
-            raw = z.read("text8")  # zipfile checks the member's CRC-32 as it reads
-    except (zipfile.BadZipFile, zlib.error, KeyError, OSError, EOFError) as e:
-        raise SystemExit(f"{SCRIPT}: error: {path} is not a valid text8 archive ({e}). {fix}")
+        with zipfile.ZipFile(path) as archive:
+            raw = archive.read("text8")  # zipfile checks the member's CRC-32 as it reads
+    except (zipfile.BadZipFile, zlib.error, KeyError, OSError, EOFError) as failure:
+        raise error(f"{path} is not a valid text8 archive ({failure}). {fix}") from None
     if len(raw) != TEXT8_BYTES or zlib.crc32(raw) != TEXT8_CRC32:
-        raise SystemExit(f"{SCRIPT}: error: the text8 in {path} is {len(raw):,} bytes with CRC-32 "
-                         f"{zlib.crc32(raw):#010x}, expected {TEXT8_BYTES:,} bytes with CRC-32 "
-                         f"{TEXT8_CRC32:#010x}. {fix}")
-    return raw
+        found = f"{len(raw):,} bytes with CRC-32 {zlib.crc32(raw):#010x}"
+        raise error(f"the text8 in {path} is {found}, not {TEXT8_BYTES:,} with {TEXT8_CRC32:#010x}. {fix}")
+    return raw.decode("ascii")
 
 
 def read_text(path):
@@ -191,56 +211,40 @@ def read_text(path):
         with open(path, encoding="utf-8", newline="") as f:
             text = f.read()
     except FileNotFoundError:
-        raise SystemExit(f"{SCRIPT}: error: --text-file {path} does not exist")
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"{SCRIPT}: error: --text-file {path} is not UTF-8 text (byte {e.start:,}: {e.reason})")
+        raise error(f"--text-file {path} does not exist") from None
+    except UnicodeDecodeError as failure:
+        raise error(f"--text-file {path} is not UTF-8 text (byte {failure.start:,}: {failure.reason})") from None
     if not text.strip():
-        raise SystemExit(f"{SCRIPT}: error: --text-file {path} is empty")
-    return text[:-1] if text.endswith("\n") else text
+        raise error(f"--text-file {path} is empty")
+    return text.removesuffix("\n")
 
 
 def encode(text, alphabet, source):
-    """text (str, or bytes for the a-z alphabet) -> (N,) symbols, uint8 (int16 beyond 256 symbols); a character not
-    in the alphabet stops with its position."""
-    if isinstance(text, bytes):  # text8's 100M characters: through a byte table
-        codes, table = torch.frombuffer(bytearray(text), dtype=torch.uint8).long(), torch.full((256,), -1)
-    else:
-        codes = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()
-        table = torch.full((max(map(ord, alphabet)) + 1,), -1)
-    known = [ord(c) for c in alphabet if ord(c) < len(table)]
-    table[known] = torch.tensor([alphabet.index(chr(c)) for c in known], dtype=torch.long)
-    x = table[codes.clamp_max(len(table) - 1)].masked_fill(codes >= len(table), -1)
-    if len(bad := (x < 0).nonzero()):
-        raise SystemExit(f"{SCRIPT}: error: {source} has the character {chr(codes[bad[0].item()])!r} at position "
-                         f"{bad[0].item():,}, which is not in the alphabet {alphabet!r}")
+    """text -> (N,) symbols, symbol k being alphabet[k] (uint8; int16 beyond 256 symbols)."""
+    codes = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()
+    table = torch.full((max(max(map(ord, alphabet)), codes.max().item()) + 1,), -1)  # code point -> symbol
+    table[[ord(c) for c in alphabet]] = torch.arange(len(alphabet))
+    x = table[codes]
+    outside = (x < 0).nonzero()
+    if len(outside):
+        at = outside[0].item()
+        raise error(f"{source} has the character {text[at]!r} at position {at:,}, not in the alphabet {alphabet!r}")
     return x.to(torch.uint8 if len(alphabet) <= 256 else torch.int16)
 
 
 def load_data(cfg, device):
-    """{train, val, test}: (N,) symbols on the device; the first 90% of the characters, the next 5%, the last 5%, each
-    with --vocab in tokens. A K that leaves no room for theta stops here, before the first step."""
-    if cfg.text_file:
-        text = read_text(cfg.text_file)
-        x = encode(text.encode() if cfg.alphabet == ALPHABET and text.isascii() else text, cfg.alphabet, cfg.text_file)
-    else:
-        x = encode(load_text8(cfg.data_dir), cfg.alphabet, "text8")
-    a, b = len(x) * 90 // 100, len(x) * 95 // 100
+    """{train, val, test}: (N,) symbols on the device, the text's first 90%, next 5%, last 5%."""
+    text = read_text(cfg.text_file) if cfg.text_file else load_text8(cfg.data_dir)
+    x = encode(text, cfg.alphabet, cfg.text_file or "text8")  # also: every character is in the alphabet
+    a = len(text) * 90 // 100
+    b = len(text) * 95 // 100
     data = {"train": x[:a], "val": x[a:b], "test": x[b:]}
     if cfg.vocab:
-        data = {split: tokenize(decode(part, cfg.alphabet), cfg) for split, part in data.items()}
+        data = {"train": text[:a], "val": text[a:b], "test": text[b:]}
+        data = {split: tokenize(part, cfg.alphabet, cfg.merges) for split, part in data.items()}
     if len(data["test"]) < cfg.seq_len:
-        raise SystemExit(f"{SCRIPT}: error: the text is too short ({len(x):,} characters) for its last 5% to hold a "
-                         f"window of --seq-len {cfg.seq_len}")
-    need, free = 12 * cfg.batch_size * cfg.seq_len * len(symbols(cfg)) * 4, math.inf  # (B, L, K) float32 tensors: 10
-    # in a training step (measured at K = 4096, RESULTS), 2 to spare
-    with contextlib.suppress(ValueError, OSError, RuntimeError):
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * \
-            os.sysconf("SC_PAGE_SIZE")
-    if need > free:
-        raise SystemExit(f"{SCRIPT}: error: K = {len(symbols(cfg))} symbols need about {need / 2 ** 30:.1f} GiB at "
-                         f"--batch-size {cfg.batch_size} and --seq-len {cfg.seq_len}, and {device} has "
-                         f"{free / 2 ** 30:.1f} GiB free: lower --batch-size (and raise --grad-accum), --seq-len or "
-                         "--vocab")
+        short = f"the text is too short ({len(text):,} characters) for its last 5 percent to hold a window"
+        raise error(f"{short} of --seq-len {cfg.seq_len}")
     return {split: part.to(device) for split, part in data.items()}
 
 
@@ -250,18 +254,17 @@ def get_batch(data, cfg):
     return data["train"][start + torch.arange(cfg.seq_len, device=start.device)].long(), None
 
 
-def evaluation_set(data, cfg):
-    """The split cut into non-overlapping windows (N, L); --eval-examples of them drawn with a fixed seed (all if 0)."""
-    windows = data[: len(data) // cfg.seq_len * cfg.seq_len].view(-1, cfg.seq_len)
+def test_windows(cfg, data):
+    """The test split cut into windows (N, L); --eval-examples of them drawn with a fixed seed (all if 0)."""
+    windows = data["test"][: len(data["test"]) // cfg.seq_len * cfg.seq_len].view(-1, cfg.seq_len)
     if cfg.eval_examples and cfg.eval_examples < len(windows):
-        keep = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))[:cfg.eval_examples]
+        keep = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))[: cfg.eval_examples]
         windows = windows[keep.sort().values.to(windows.device)]
     return windows
 
 
-def to_unit(nats, cfg):
-    """Nats per window -> the paper's unit, bits/char: nats / (L ln 2), with --vocab over the training split's mean
-    characters per token (the test bound divides each window by its own characters)."""
+def in_paper_unit(nats, cfg):
+    """Nats per window -> bits per character (with --vocab over the training split's characters per token)."""
     return nats / (cfg.seq_len * cfg.chars * math.log(2))
 
 
@@ -274,38 +277,41 @@ def decode(x, symbols):
 # Subword tokens (--vocab, beyond the paper): byte-pair encoding (Sennrich et al., 2016) of the characters. Token k is
 # the string symbols(cfg)[k]: the characters first, then each merge's pair joined, so decoding is exact.
 
+
 def words(text):
     """text -> its words, each with the space before it ("a  cat" -> "a", " ", " cat"); tokens never cross them."""
     parts = text.split(" ")
-    return [parts[0]] + [" " + w for w in parts[1:]]
+    return [parts[0]] + [" " + word for word in parts[1:]]
 
 
 def merge(tokens, pair, new):
     """Every non-overlapping occurrence of pair (a, b) in the list tokens, left to right, replaced by new."""
-    out, i = [], 0
-    while i < len(tokens):
-        hit = i + 1 < len(tokens) and (tokens[i], tokens[i + 1]) == pair
-        out.append(new if hit else tokens[i])
-        i += 1 + hit
+    out = []
+    for token in tokens:
+        if out and (out[-1], token) == pair:  # out[-1] is never a new token here: new is not a
+            out[-1] = new
+        else:
+            out.append(token)
     return out
 
 
 def learn_merges(text, alphabet, n):
-    """n merges learnt on text: each time, the most frequent pair of adjacent tokens within a word (ties: the first
-    seen) becomes the next token. -> ((a, b), ...): token len(alphabet) + i is merges[i]."""
+    """n byte-pair merges of text: each time the most frequent pair of adjacent tokens within a word becomes the next
+    token, len(alphabet) + i for merges[i]."""
     counts = collections.Counter(words(text))
-    seqs, freq = [[alphabet.index(c) for c in w] for w in counts], list(counts.values())
-    pairs, where = collections.Counter(), collections.defaultdict(set)  # pair -> its count; the words that hold it
+    seqs = [[alphabet.index(c) for c in word] for word in counts]
+    freq = list(counts.values())
+    pairs = collections.Counter()  # pair -> its count
+    where = collections.defaultdict(set)  # pair -> the words that hold it
     for w, seq in enumerate(seqs):
         for pair in zip(seq, seq[1:]):
             pairs[pair] += freq[w]
             where[pair].add(w)
     merges = []
     for new in range(len(alphabet), len(alphabet) + n):
-        best, count = max(pairs.items(), key=lambda item: item[1], default=(None, 0))
-        if count < 1:
-            raise SystemExit(f"{SCRIPT}: error: the training text has nothing left to merge at {new} tokens: "
-                             f"--vocab at most {new}")
+        best = max(pairs, key=pairs.get, default=None)
+        if best is None or pairs[best] < 1:
+            raise error(f"the training text has nothing left to merge at {new} tokens: --vocab at most {new}")
         merges.append(best)
         for w in where.pop(best):  # only the words that hold the pair change
             for pair in zip(seqs[w], seqs[w][1:]):
@@ -319,54 +325,36 @@ def learn_merges(text, alphabet, n):
 
 
 def learn_tokens(cfg):
-    """--vocab K: {merges: K - len(alphabet) of them learnt on the training split (the first 90% of the characters;
-    never validation or test), chars: its characters per token}, cached beside the text as bpe-CRC-K.json."""
-    text = read_text(cfg.text_file) if cfg.text_file else load_text8(cfg.data_dir).decode()
-    train = text[:len(text) * 90 // 100]
-    crc = zlib.crc32((cfg.alphabet + "\0" + train).encode())
-    folder = os.path.dirname(cfg.text_file) if cfg.text_file else cfg.data_dir
-    path = os.path.join(folder, f"bpe-{crc:08x}-{cfg.vocab}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        return {"merges": tuple(map(tuple, saved["merges"])), "chars": saved["chars"]}
+    """--vocab K: (K - len(alphabet) merges, characters per token) of the training split (the first 90%)."""
+    text = read_text(cfg.text_file) if cfg.text_file else load_text8(cfg.data_dir)
+    train = text[: len(text) * 90 // 100]
     merges = learn_merges(train, cfg.alphabet, cfg.vocab - len(cfg.alphabet))
-    saved = {"merges": merges, "chars": len(train) / len(tokenize(train, dataclasses.replace(cfg, merges=merges)))}
-    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-        json.dump(saved, f)
-    os.replace(f"{path}.{os.getpid()}.tmp", path)  # whole or not at all, also with torchrun's processes racing
-    return saved
-
-
-@functools.lru_cache(maxsize=4)
-def vocabulary(alphabet, merges):
-    strings = list(alphabet)
-    for a, b in merges:
-        strings.append(strings[a] + strings[b])
-    return tuple(strings)
+    return merges, len(train) / len(tokenize(train, cfg.alphabet, merges))
 
 
 def symbols(cfg):
-    """The K symbols as strings: the characters, then (--vocab) each merge's two tokens joined."""
-    return vocabulary(cfg.alphabet, cfg.merges)
+    """The K symbols of the run as strings: the characters, then each merge's two tokens joined."""
+    strings = list(cfg.alphabet)
+    for a, b in cfg.merges:
+        strings.append(strings[a] + strings[b])
+    return strings
 
 
-def tokenize(text, cfg):
-    """text -> (N,) symbols (int32): each word's characters, then the merges applied in the order learnt. A character
-    not in the alphabet stops with its position."""
-    rank, base, cache, out, at = {pair: i for i, pair in enumerate(cfg.merges)}, len(cfg.alphabet), {}, [], 0
+def tokenize(text, alphabet, merges):
+    """text -> (N,) symbols (int32): each word's characters, then the merges applied in the order learnt."""
+    rank = {pair: i for i, pair in enumerate(merges)}
+    cache = {}
+    out = []
     for word in words(text):
         if word not in cache:
-            if bad := [i for i, c in enumerate(word) if c not in cfg.alphabet]:
-                raise SystemExit(f"{SCRIPT}: error: the character {word[bad[0]]!r} at position {at + bad[0]:,} is not "
-                                 f"in the alphabet {cfg.alphabet!r}")
-            tokens = [cfg.alphabet.index(c) for c in word]
-            while len(tokens) > 1 and (pair := min(zip(tokens, tokens[1:]), key=lambda p: rank.get(p, math.inf))) \
-                    in rank:
-                tokens = merge(tokens, pair, base + rank[pair])
+            tokens = [alphabet.index(c) for c in word]
+            while len(tokens) > 1:
+                pair = min(zip(tokens, tokens[1:]), key=lambda p: rank.get(p, math.inf))  # the earliest merge
+                if pair not in rank:
+                    break
+                tokens = merge(tokens, pair, len(alphabet) + rank[pair])
             cache[word] = tokens
         out += cache[word]
-        at += len(word)
     return torch.tensor(out, dtype=torch.int32)
 
 
@@ -374,44 +362,46 @@ def tokenize(text, cfg):
 # Network: the authors' non-causal transformer for text8 (pre-LN, tanh-GELU), tensor for tensor: their parameter names
 # (inside `net.`, see from_authors), shapes and function; attention through scaled_dot_product_attention.
 
+
 def positions(seq_len, width):
-    """Fixed sinusoidal position features (the authors': base 1000): sin(l / 1000^(j / W)) at even j, cos at odd j.
-    -> (seq_len, width)."""
-    pos = torch.arange(seq_len, dtype=torch.float32)[:, None]  # (L, 1)
+    """Fixed sinusoidal features (the authors': base 1000), sin(l / 1000^(j / W)) at even j, cos at odd j. -> (L, W)."""
+    position = torch.arange(seq_len, dtype=torch.float32)[:, None]  # (L, 1)
     j = torch.arange(width, dtype=torch.float32)
-    args = pos / 1000 ** (j / width)  # (L, W)
+    args = position / 1000 ** (j / width)  # (L, W)
     return torch.where(j % 2 == 0, args.sin(), args.cos())
 
 
 class Block(nn.Module):
-    """A pre-LayerNorm transformer block: multi-head self-attention over all positions (non-causal), then a tanh-GELU
-    MLP, each added to the input."""
+    """Pre-LayerNorm: self-attention over all positions (non-causal), then a tanh-GELU MLP, each added to its input."""
 
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.ModuleDict(dict(c_attn=nn.Linear(width, 3 * width), c_proj=nn.Linear(width, width)))
-        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width), c_proj=nn.Linear(4 * width, width)))
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.attn = nn.ModuleDict({"c_attn": nn.Linear(width, 3 * width), "c_proj": nn.Linear(width, width)})
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(width, 4 * width), "c_proj": nn.Linear(4 * width, width)})
 
     def forward(self, x):  # (B, L, W) -> (B, L, W)
         qkv = rearrange(self.attn.c_attn(self.ln_1(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        h = F.scaled_dot_product_attention(*qkv.contiguous())  # (B, heads, L, W / heads); contiguous: fast on CPU
+        q, k, v = qkv.contiguous()  # contiguous: fast on CPU
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, W / heads)
         x = x + self.attn.c_proj(rearrange(h, "b h l d -> b l (h d)"))
         return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh"))
 
 
 class Transformer(nn.Module):
-    """Psi(theta, t): input 2 theta - 1 (B, L, K) and t (B,); output K logits per position (B, L, K).
-    The input embedding is a linear map of 2 theta - 1, plus fixed positions, plus a linear map of 2 t - 1; the output
-    layer reads the final LayerNorm's output and the input embedding side by side."""
+    """Psi(theta, t): 2 theta - 1 (B, L, K) and t (B,) -> K logits per position (B, L, K), read from the last
+    LayerNorm's output beside the input embedding (linear maps of 2 theta - 1 and 2 t - 1, plus fixed positions)."""
 
     def __init__(self, seq_len=256, layers=24, heads=12, width=768, K=27):
         super().__init__()
-        self.inp_embedding, self.t_embedding = nn.Linear(K, width), nn.Linear(1, width)
+        self.inp_embedding = nn.Linear(K, width)
+        self.t_embedding = nn.Linear(1, width)
         self.register_buffer("pos_embedding", positions(seq_len, width), persistent=False)
         self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
-        self.ln_f, self.lm_head = nn.LayerNorm(width), nn.Linear(2 * width, K)
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(2 * width, K)
         # initialisation (GPT-2's, as the authors'): linear weights N(0, 0.02), the residual projections N(0, 0.02 /
         # sqrt(2 layers)), zero biases
         for name, p in self.named_parameters():
@@ -420,7 +410,7 @@ class Transformer(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, x, t):  # (B, L, K), (B,) -> (B, L, K)
+    def forward(self, x, t, y=None):  # (B, L, K), (B,) -> (B, L, K); y: no labels here
         t = (2 * t - 1)[:, None, None]  # (B, 1, 1)
         x = self.inp_embedding(x) + self.pos_embedding[: x.shape[1]] + self.t_embedding(t)  # (B, L, W)
         h = x
@@ -429,260 +419,277 @@ class Transformer(nn.Module):
         return self.lm_head(torch.cat([self.ln_f(h), x], -1))
 
 
+def make_network(cfg):
+    """The transformer of the settings, for K = len(symbols(cfg)) symbols."""
+    return Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width, len(symbols(cfg)))
+
+
 def from_authors(state):
-    """A state_dict of the authors' BFN module (`net.` + their names) -> this network's. Their fixed positions are
-    recomputed here rather than loaded."""
-    state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-    state.pop("input_adapter.pos_embedding", None)
-    renames = [("input_adapter.", ""), ("transformer.h.", "blocks."), ("transformer.ln_f.", "ln_f.")]
-    for old, new in renames:
-        state = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
-    return state
+    """A state_dict of the authors' BFN module (`net.` + their names) -> this network's (positions recomputed)."""
+    ours = {}
+    for name, tensor in state.items():
+        name = name.removeprefix("net.").removeprefix("input_adapter.").removeprefix("transformer.")
+        if name.startswith("h."):  # their blocks h.N are our blocks.N
+            name = "blocks." + name.removeprefix("h.")
+        if name != "pos_embedding":
+            ours[name] = tensor
+    return ours
+
 
 # ----------------------------------------------------------------------------------------------------------------------
-# BFN: the network as the output distribution of discrete data (§6.4), the loss, the test bound and the draw.
+# BFN: the network as the output distribution of discrete data (§6.4), the loss, the test bound and the samplers.
 
-def output_log_probs(net, theta, t, ctx):
+
+def default_beta_1(K, vocab):
+    """beta(1) for K symbols without --beta-1, beyond the paper for K other than 27. L^inf weighs the squared error by
+    K beta(1) t (§6.7), and at t = 1 the true symbol leads the others in y by K beta(1) with noise sqrt(K beta(1))
+    (§6.3). Characters: text8's 0.5625 for K >= 27, and below 27 text8's K beta(1) = 15.19 (K = 2: 7.6, near the
+    paper's 9 for MNIST). Subword tokens: K beta(1) = 20.4, ChemBFN's (N. A. Tao et al., arXiv:2407.20294)."""
+    if vocab:
+        return 20.4054 / K
+    return max(0.5625, 0.5625 * 27 / K)
+
+
+def output_log_probs(net, theta, t, runtime):
     """ln p_O(k | theta, t), a log-softmax over the K logits in float32: theta (B, L, K), t (B,) -> (B, L, K)."""
-    with ctx.autocast:
+    with runtime.autocast:
         logits = net(2 * theta - 1, t)  # (B, L, K)
     return torch.log_softmax(logits.float(), -1)
 
 
-def train_loss(net, batch, cfg, ctx):
+def train_loss(net, batch, cfg, runtime):
     """L^inf (§6.7, Algorithm 8) of a batch (x (B, L), None): t ~ U(0, 1), theta ~ p_F(. | x; t). (B,) nats/window."""
     x, _ = batch
-    t = stratified_times(len(x), device=x.device) if cfg.t_draw == "stratified" else torch.rand(len(x),
-                                                                                               device=x.device)
-    theta = discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet) + len(cfg.merges))  # K (no hashing of merges per step)
-    return discrete_loss_inf(x, output_log_probs(net, theta, t, ctx).exp(), t, cfg.beta_1)
+    t = common.training_times(len(x), cfg.t_draw == "stratified", device=x.device)
+    theta = common.discrete_flow(x, t, cfg.beta_1, len(cfg.alphabet) + len(cfg.merges))  # K, not hashing symbols()
+    return common.discrete_loss_inf(x, output_log_probs(net, theta, t, runtime).exp(), t, cfg.beta_1)
+
+
+def make_optimizer(model, lr):
+    """The paper's AdamW: weight decay 0.01 on the weights of linear and convolutional layers, none on biases, norms."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    weights = [p for p in model.parameters() if id(p) in decayed]
+    others = [p for p in model.parameters() if id(p) not in decayed]
+    groups = [{"params": weights, "weight_decay": 0.01}, {"params": others, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr, ADAMW_BETAS)
+
+
+def optimizer_step(cfg, model, ema, optimizer, step, progress=None):
+    """The rest of the recipe: the learning rate (warm-up; cosine decay to 0.1 --lr as progress goes 0 to 1), the
+    gradient norm clipped at 5, AdamW, and the EMA with TensorFlow's warm-up (1 + n) / (10 + n) to 0.9999."""
+    if progress is None:
+        progress = min(1.0, max(0, step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
+    decay = 1.0
+    if cfg.lr_decay == "cosine":
+        decay = 0.1 + 0.9 * (1 + math.cos(math.pi * progress)) / 2
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.lr_warmup)) * decay
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for ema_weight, weight in zip(ema.parameters(), model.parameters()):
+            ema_weight.lerp_(weight, 1 - min(0.9999, (2 + step) / (11 + step)))  # n = step + 1
+    return grad_norm
 
 
 @torch.no_grad()
-def evaluate(net, cfg, ctx, data, step):
-    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n in --eval-n (inf: L^inf, §6.7) on --eval-examples
-    test windows, over --eval-repeats passes with fresh noise, the steps i of L^n stratified over the windows: the mean
-    in bits/char (each window's bits over its characters) and its standard error over windows, in eval.json and the
-    log."""
-    windows, K = evaluation_set(data["test"], cfg), len(symbols(cfg))
-    g = torch.Generator(ctx.device).manual_seed(hash((cfg.seed, -1, step)) % 2 ** 62)
-    log_p = lambda x, t: output_log_probs(net, discrete_flow(x, t, cfg.beta_1, K, g), t, ctx)  # noqa: E731
-    losses, recon = {n: [] for n in cfg.eval_n}, []
+def evaluate(net, cfg, runtime, data, step):
+    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n of --eval-n (inf: L^inf, §6.7) on --eval-examples
+    test windows, over --eval-repeats passes with fresh noise, the steps i of L^n stratified over the windows: in
+    bits/char, the bits of all windows over their characters, in eval.json and the log."""
+    generator = torch.Generator(runtime.device).manual_seed(cfg.seed)
+    windows = test_windows(cfg, data)
+    K = len(symbols(cfg))
+
+    def log_probs(x, t):  # ln p_O at theta ~ p_F(. | x; t)
+        theta = common.discrete_flow(x, t, cfg.beta_1, K, generator)
+        return output_log_probs(net, theta, t, runtime)
+
+    losses = {n: [] for n in cfg.eval_n}
+    recon = []
     for _ in range(cfg.eval_repeats):
-        steps = {n: stratified_steps(int(n), len(windows), g, windows.device) for n in cfg.eval_n if n != "inf"}
         for start in range(0, len(windows), cfg.batch_size):
-            x = windows[start:start + cfg.batch_size].long()
-            recon.append(discrete_recon_loss(x, log_p(x, torch.ones(len(x), device=x.device))))
+            x = windows[start : start + cfg.batch_size].long()
+            recon.append(common.discrete_recon_loss(x, log_probs(x, torch.ones(len(x), device=x.device))))
             for n in cfg.eval_n:
                 if n == "inf":
-                    t = torch.rand(len(x), generator=g, device=x.device)
-                    losses[n].append(discrete_loss_inf(x, log_p(x, t).exp(), t, cfg.beta_1))
+                    t = torch.rand(len(x), generator=generator, device=x.device)
+                    losses[n].append(common.discrete_loss_inf(x, log_probs(x, t).exp(), t, cfg.beta_1))
                 else:
-                    i = steps[n][start:start + len(x)]
-                    losses[n].append(discrete_loss_n(x, log_p(x, (i - 1) / int(n)), i, int(n), cfg.beta_1, g))
-    chars = torch.tensor([len(c) for c in symbols(cfg)], device=windows.device)[windows.long()].sum(1)
-    report(losses, recon, cfg, ctx, step, chars.double())
+                    i = common.stratified_steps(int(n), len(x), generator, x.device)  # every step as often
+                    t = (i - 1) / int(n)
+                    losses[n].append(common.discrete_loss_n(x, log_probs(x, t), i, int(n), cfg.beta_1, generator))
+    lengths = torch.tensor([len(s) for s in symbols(cfg)], device=windows.device)
+    chars = lengths[windows.long()].sum(1).double()  # (N,) characters of each window
+    return write_eval(losses, recon, chars, cfg, runtime, step)
 
 
-def report(losses, recon, cfg, ctx, step, chars):
+def write_eval(losses, recon, chars, cfg, runtime, step):
     """Per-window losses in nats, pass after pass ({n: [(B,), ...]}, [(B,), ...]), and each window's characters (N,)
-    -> the bound in bits/char: its mean and standard error over windows (each window's passes averaged first), in
-    eval.json (with --vocab also in bits/token) and the log."""
-    bits = lambda v: torch.cat(v).double().view(cfg.eval_repeats, -1).mean(0) / math.log(2)  # noqa: E731  per window
-    recon, result = bits(recon), {}
+    -> the bound in bits/char: the bits of all windows over their characters, with the standard error of that ratio
+    over windows (each window's passes averaged first); with --vocab also in bits/token. In eval.json and the log."""
+    recon = torch.cat(recon).double().view(cfg.eval_repeats, -1).mean(0) / math.log(2)  # (N,) bits
+    result = {}
     for n, parts in losses.items():
-        total = bits(parts) + recon
-        result[n] = {"loss": ((total - recon) / chars).mean().item(), "recon": (recon / chars).mean().item(),
-                     "total": (total / chars).mean().item(), "stderr": (total / chars).std().item() / math.sqrt(
-                         len(total)) if len(total) > 1 else float("nan")}
+        total = torch.cat(parts).double().view(cfg.eval_repeats, -1).mean(0) / math.log(2) + recon  # (N,) bits
+        ratio = total.sum().item() / chars.sum().item()
+        spread = (total - ratio * chars).std() / chars.mean()  # of each window's bits about the ratio, per character
+        stderr = spread.item() / math.sqrt(len(total))
+        loss = (total - recon).sum().item() / chars.sum().item()
+        result[n] = {"loss": loss, "recon": recon.sum().item() / chars.sum().item(), "total": ratio, "stderr": stderr}
         if cfg.vocab:
-            result[n]["bits_per_token"] = {"total": total.mean().item() / cfg.seq_len, "recon": recon.mean().item() /
-                                           cfg.seq_len}
+            per_window = {"total": total.mean().item(), "recon": recon.mean().item()}
+            result[n]["bits_per_token"] = {part: bits / cfg.seq_len for part, bits in per_window.items()}
+    report = {"step": step, "split": "test", "unit": UNIT, "examples": len(recon), "repeats": cfg.eval_repeats}
+    report["n"] = result
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump({"step": step, "split": "test", "unit": UNIT, "examples": len(total), "repeats": cfg.eval_repeats,
-                   "n": result}, f, indent=1)
-    bounds = " | ".join(f"L^{n}+L^r {r['total']:.4g} ± {r['stderr']:.2g} (L^r {r['recon']:.3g})" for n, r in
-                        result.items())
-    ctx.log(f"test bound at step {step}: {bounds} {UNIT} | eval.json")
+        json.dump(report, f, indent=1)
+    bounds = [f"L^{n}+L^r {r['total']:.4g} ± {r['stderr']:.2g} (L^r {r['recon']:.3g})" for n, r in result.items()]
+    runtime.log(f"test bound at step {step}: {' | '.join(bounds)} {UNIT} | eval.json")
+    return report
 
 
-SAMPLERS = {"paper": discrete_sample, "ode": discrete_sample_ode, "sde": discrete_sample_sde}
+SAMPLERS = {"paper": common.discrete_sample, "ode": common.discrete_sample_ode, "sde": common.discrete_sample_sde}
 
 
-@torch.no_grad()
-def draw(net, n, cfg, ctx, generator, trajectory=None, known=None):
-    """n samples (n, L) of the --sampler (Algorithm 9, or the ODE or SDE solver) at --sample-steps, in batches of
-    --batch-size. trajectory: a list that records each network call for the first 8 (theta and p_O); known (n, L):
-    symbols to condition on, -1 where unknown, by replacement or with --particles by sequential Monte Carlo (common.py,
-    Conditioning). With --guide-word, gradient guidance towards it."""
-    P, K, word = cfg.particles if known is not None else 1, len(symbols(cfg)), tokenize(cfg.guide_word, cfg).tolist()
-    fn, out = lambda theta, t: guided_probs(net, theta, t, cfg, ctx, word), []  # noqa: E731
-    for idx in torch.arange(n).split(max(1, cfg.batch_size // P)):
-        if P > 1:
-            out.append(discrete_sample_smc(fn, known[idx], cfg.sample_steps, cfg.beta_1, K, P, cfg.sampler == "sde",
-                                           generator))
-            continue
-        one = fn if known is None else replace_known_probs(fn, known[idx])
-        one = one if trajectory is None or idx[0] > 0 else recorded(one, trajectory, rows=8)
-        out.append(SAMPLERS[cfg.sampler](one, (len(idx), cfg.seq_len), cfg.sample_steps, cfg.beta_1, K,
-                                         generator=generator, device=ctx.device))
-    return torch.cat(out)
+def prediction(net, cfg, runtime, labels=None):
+    """The network as the samplers take it, (theta, t) -> p_O(. | theta, t); labels: none here."""
 
+    def probs(theta, t):
+        return output_log_probs(net, theta, t, runtime).exp()
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Beyond the paper: gradient guidance towards a word, prompts and infilling.
-
-def guided_probs(net, theta, t, cfg, ctx, word=()):
-    """p_O(. | theta, t) for sampling; with a --guide-word (word: its symbols) and w = --grad-guidance, gradient
-    guidance p_O + w grad_y ln c(theta, t) (common.py, Guidance), c the probability under p_O, its positions taken as
-    independent, that a window spells the word, summed over where it starts (log-sum-exp over positions). The
-    gradient goes back through the network to theta: one backward pass per step."""
-    if not word or not cfg.grad_guidance:
-        return output_log_probs(net, theta, t, ctx).exp()
-    with torch.enable_grad():
-        th = theta.detach().requires_grad_()
-        log_p = output_log_probs(net, th, t, ctx)  # (B, L, K)
-        spelled = sum(log_p[:, j:log_p.shape[1] - len(word) + 1 + j, k] for j, k in enumerate(word))  # (B, L - m + 1)
-        grad, = torch.autograd.grad(torch.logsumexp(spelled, -1).sum(), th)
-    return discrete_guided_probs(log_p.detach().exp(), theta, grad, cfg.grad_guidance)
+    return probs
 
 
 @torch.no_grad()
-def complete(net, cfg, ctx, data):
-    """--prompt or --infill: --num-samples windows that start with the given text (its underscores, for --infill, left
-    to the network, as is everything after it), given it by replacement or, with --particles, sequential Monte Carlo;
-    in prompt.txt or infill.txt, and prompt-*.pt or infill-*.pt for benchmarks/score_samples.py."""
-    text, kind = cfg.prompt or cfg.infill, "prompt" if cfg.prompt else "infill"
-    if not text:
-        return
-    known, start = torch.full((cfg.seq_len,), -1, dtype=torch.long), time.time()  # with --vocab: _ is one token
-    given = sum(([-1] * (j > 0) + tokenize(part, cfg).tolist() for j, part in enumerate(text.split("_"))), []) \
-        if cfg.infill else tokenize(text, cfg).tolist()
-    known[:len(given)] = torch.tensor(given, dtype=torch.long)
-    g, n = torch.Generator(ctx.device).manual_seed(cfg.seed + 2), cfg.num_samples
-    x = draw(net, n, cfg, ctx, g, known=known.to(ctx.device).expand(n, -1))
-    samples, name = [decode(row, symbols(cfg)) for row in x], f"{kind}{tag(cfg)}-p{cfg.particles}.pt"
-    with open(os.path.join(cfg.out_dir, f"{kind}.txt"), "w") as f:
-        f.write(f"{kind} |{text}| ({cfg.sampler} sampler, {cfg.sample_steps} steps, {cfg.particles} particles)\n" +
-                "".join(f"--- {b}\n{s}\n" for b, s in enumerate(samples)))
-    save_samples(x, samples, cfg, name)
-    ctx.log(f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps, {cfg.particles} particles, {time.time() - start:.0f} "
-            f"s): {n} completions | {kind}.txt, {name}")
+def generate(predict, n, cfg, runtime, generator):
+    """n windows (n, L) from the --sampler at --sample-steps; predict(theta, t) -> p_O, as from prediction()."""
+    sampler = SAMPLERS[cfg.sampler]
+    shape = (n, cfg.seq_len)
+    K = len(symbols(cfg))
+    return sampler(predict, shape, cfg.sample_steps, cfg.beta_1, K, generator=generator, device=runtime.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Figures: samples as text and as an animation, and the samples themselves for benchmarks/score_samples.py.
 
-def tag(cfg):
-    """Sampling settings for a file name: -SAMPLER-STEPS, then -ggW for --grad-guidance W."""
-    return f"-{cfg.sampler}-{cfg.sample_steps}" + f"-gg{cfg.grad_guidance:g}" * (cfg.grad_guidance != 0)
+
+def recording(predict, trajectory, rows=3):
+    """predict, appending at each call t and the likeliest symbols under theta and p_O (first `rows`) to trajectory."""
+
+    def call(theta, t):
+        probs = predict(theta, t)
+        trajectory.append({"t": t[0].item(), "input": theta[:rows].argmax(-1), "output": probs[:rows].argmax(-1)})
+        return probs
+
+    return call
 
 
 def save_samples(x, texts, cfg, name):
     """Samples (N, L) and their text, with the run's settings, for benchmarks/score_samples.py."""
-    torch.save({"samples": x.cpu(), "texts": texts, "script": SCRIPT, "config": dataclasses.asdict(cfg)},
-               os.path.join(cfg.out_dir, name))
+    saved = {"samples": x.cpu(), "texts": texts, "script": SCRIPT, "config": dataclasses.asdict(cfg)}
+    torch.save(saved, os.path.join(cfg.out_dir, name))
 
 
 def save_text_gif(frames, path, max_frames=100):
-    """An animated GIF of text, at most max_frames frames evenly spaced (the last one kept, and held): frames, a list
-    of lists of lines, drawn black on white in Pillow's default font, one character per fixed-width cell."""
+    """An animated GIF of frames (each a list of lines), at most max_frames evenly spaced, the last held."""
     from PIL import Image, ImageDraw
-    keep = sorted({round(k * (len(frames) - 1) / (max_frames - 1)) for k in range(max_frames)}) \
-        if len(frames) > max_frames else list(range(len(frames)))
-    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    pitch = max(measure.textlength(c) for c in set("".join(frames[keep[-1]]) + "w"))  # a fixed advance per character
-    width, height = 8 + round(pitch * max(len(line) for k in keep for line in frames[k])), 8 + 12 * max(
-        len(frames[k]) for k in keep)
+
+    if len(frames) > max_frames:
+        frames = [frames[round(k * (len(frames) - 1) / (max_frames - 1))] for k in range(max_frames)]
+    texts = ["\n".join(lines) for lines in frames]
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).multiline_textbbox((0, 0), max(texts, key=len))
     images = []
-    for k in keep:
-        images.append(Image.new("L", (width, height), 255))
-        for j, line in enumerate(frames[k]):
-            for i, c in enumerate(line):
-                ImageDraw.Draw(images[-1]).text((4 + round(i * pitch), 4 + 12 * j), c, fill=0)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=[80] * (len(images) - 1) + [2000], loop=0)
+    for text in texts:
+        image = Image.new("L", (right + 8, bottom + 8), 255)
+        ImageDraw.Draw(image).multiline_text((4, 4), text, fill=0)
+        images.append(image)
+    durations = [80] * (len(images) - 1) + [2000]  # milliseconds per frame; the samples held at the end
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
 @torch.no_grad()
-def sample(net, cfg, ctx, data):
-    """samples.txt and samples-SAMPLER-STEPS.pt (tag()), evolution.txt (the most likely characters of theta and of p_O
-    at t = 0, 0.1, ..., 1) and evolution.gif (the same at every network call, for 3 samples)."""
-    if cfg.prompt or cfg.infill:  # --prompt, --infill: the completions instead
-        return complete(net, cfg, ctx, data)
-    trajectory, g = [], torch.Generator(ctx.device).manual_seed(cfg.seed)
-    x = draw(net, cfg.num_samples, cfg, ctx, g, trajectory)
-    line = lambda x: decode(x, symbols(cfg)).replace("\n", "¶")  # noqa: E731  one line, also for new lines
+def write_samples(net, cfg, runtime):
+    """samples.txt and samples-SAMPLER-STEPS.pt; evolution.txt and .gif: the likeliest symbols under theta and p_O."""
+    generator = torch.Generator(runtime.device).manual_seed(cfg.seed)
+    trajectory = []
+    batches = []
+    for index in torch.arange(cfg.num_samples).split(cfg.batch_size):
+        predict = prediction(net, cfg, runtime)
+        if index[0] == 0:
+            predict = recording(predict, trajectory)
+        batches.append(generate(predict, len(index), cfg, runtime, generator))
+    x = torch.cat(batches)
     texts = [decode(row, symbols(cfg)) for row in x]
+    name = f"samples-{cfg.sampler}-{cfg.sample_steps}.pt"
+    save_samples(x, texts, cfg, name)
     with open(os.path.join(cfg.out_dir, "samples.txt"), "w") as f:
-        f.write("".join(f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler} sampler)\n{s}\n"
-                        for b, s in enumerate(texts)))
-    save_samples(x, texts, cfg, f"samples{tag(cfg)}.pt")
-    with open(os.path.join(cfg.out_dir, "evolution.txt"), "w") as f:
-        f.write(f"sample 0 over {cfg.sample_steps} steps: the most likely character under the input theta and under "
-                f"the output p_O\n")
-        for s in [min(trajectory, key=lambda s: abs(s["t"] - k / 10)) for k in range(11)]:
-            f.write(f"t={s['t']:.2f} input  |{line(s['input'][0].argmax(-1))}|\n       output |"
-                    f"{line(s['output'][0].argmax(-1))}|\n")
-        f.write(f"final sample |{line(x[0])}|\n")
-    frames, one_hot = [], F.one_hot(x, len(symbols(cfg)))  # evolution.gif: a frame per network call, 3 samples
-    for s in trajectory + [{"t": 1.0, "input": one_hot, "output": one_hot, "label": ", the samples"}]:
-        lines = [f"t = {s['t']:.3f}{s.get('label', '')}"]
-        for b in range(min(3, cfg.num_samples)):
-            for name in ("input", "output"):
-                text = line(s[name][b].argmax(-1))
-                lines += [f"{name:6} |{text[k:k + 64]}|" for k in range(0, len(text), 64)]
-            lines.append("")
-        frames.append(lines)
+        f.writelines(
+            f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler})\n{text}\n" for b, text in enumerate(texts)
+        )
+
+    def line(row):  # symbols -> one line of text, new lines shown as ¶
+        return decode(row, symbols(cfg)).replace("\n", "¶")
+
+    frames = []  # a frame per network call, then the samples: the likeliest symbols of 3 samples under theta and p_O
+    calls = trajectory + [{"t": 1.0, "input": x, "output": x}]
+    for call in calls:
+        frames.append([f"t = {call['t']:.3f}"])
+        for b in range(min(3, len(x))):
+            frames[-1] += [f"input  |{line(call['input'][b])}|", f"output |{line(call['output'][b])}|", ""]
     save_text_gif(frames, os.path.join(cfg.out_dir, "evolution.gif"))
-    ctx.log(f"samples ({cfg.sampler}, {cfg.sample_steps} steps): samples.txt, samples{tag(cfg)}.pt, evolution.txt, "
-            "evolution.gif")
+    tenths = [min(range(len(calls)), key=lambda k: abs(calls[k]["t"] - j / 10)) for j in range(11)]
+    with open(os.path.join(cfg.out_dir, "evolution.txt"), "w") as f:  # the frames at t = 0, 0.1, ..., 1
+        f.writelines("\n".join(frames[k]) + "\n" for k in tenths)
+    runtime.log(f"samples ({cfg.sampler}, {cfg.sample_steps} steps): samples.txt, {name}, evolution.txt, evolution.gif")
 
 
 # ======================================================================================================================
-# Run machinery: the same in every script but for the model line in build(); safe to skip on a first reading. It uses
-# from the experiment: SCRIPT, UNIT, BETAS, Config, PRESETS, check, load_data, get_batch, to_unit, from_authors,
-# train_loss, evaluate and sample.
+# Run machinery: the same in every script, calling the experiment above; safe to skip on a first reading.
 # ======================================================================================================================
 
 PREEMPTED = 75  # the exit code after a stop signal: the checkpoint is written; continue with --resume (EX_TEMPFAIL)
-MODES = ("preset", "resume", "eval_only", "sample_only", "init_from", "out_dir", "device", "compile")
+RUN_MODES = ("preset", "resume", "eval_only", "sample_only", "init_from", "out_dir", "device", "compile")  # not kept
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)]
 
 
-def parse_args(argv=None, saved=None, strict=True):
-    """Command line -> Config: the paper's defaults, then the --preset's, then the checkpoint's (saved), then the flags
-    given. A model or data flag other than the checkpoint's: one line; strict: then check() (a bad combination: one
-    line)."""
-    argv, fields, saved = list(sys.argv[1:] if argv is None else argv), dataclasses.fields(Config), saved or {}
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--preset", default="paper")
-    defaults = {f.name: f.default for f in fields} | PRESETS.get(first.parse_known_args(argv)[0].preset, {}) | {
-        k: v for k, v in saved.items() if k not in MODES}
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    for f, d in ((f, defaults[f.name]) for f in fields if f.metadata["help"]):
-        kind = dict(action="store_true") if f.type is bool else dict(nargs="+", type=type(f.default[0])) \
-            if f.type is tuple else dict(type=f.type)
-        shown = f" (default: {' '.join(map(str, d)) if f.type is tuple else d})" if d else ""
-        p.add_argument("--" + f.name.replace("_", "-"), default=d, help=f.metadata["help"] + shown, **kind,
-                       **{k: v for k, v in f.metadata.items() if k not in ("help", "fixed")})  # choices
-    cfg = Config(**defaults | {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()})
-    if differ := [f"--{k.replace('_', '-')} {v} in the checkpoint, {getattr(cfg, k)} now" for k, v in saved.items()
-                  if Config.__dataclass_fields__[k].metadata["fixed"] and getattr(cfg, k) != v]:
-        raise SystemExit(f"{SCRIPT}: error: the checkpoint was made with other model or data settings: "
-                         f"{'; '.join(differ)}. Leave those flags out to use the checkpoint's")
-    cfg, problem = check(cfg) if strict else (cfg, None)  # not strict: enough to find the checkpoint and the device
-    return p.error(problem) if problem else cfg
+def prepare(argv=None):
+    """The flags -> (cfg, runtime, ckpt): the settings (over a checkpoint's), the device and log, the checkpoint."""
+    given = parse_flags(argv)
+    preset = PRESETS[given.get("preset", "paper")]
+    defaults = {field.name: field.default for field in dataclasses.fields(Config)} | preset
+    modes = {name: value for name, value in given.items() if name in RUN_MODES}
+    cfg = Config(**(defaults | modes))  # enough to find the device and a checkpoint
+    runtime = setup(cfg)
+    ckpt = None
+    saved = {}
+    if cfg.init_from or cfg.resume or cfg.eval_only or cfg.sample_only:
+        ckpt = read_checkpoint(cfg, runtime)
+        fixed = [field.name for field in dataclasses.fields(Config) if field.metadata["fixed"]]
+        kept = fixed if cfg.init_from else [name for name in defaults if name not in RUN_MODES]
+        saved = {name: value for name, value in ckpt.get("config", {}).items() if name in kept}
+        for name in fixed:
+            if name in saved and name in given and given[name] != saved[name]:
+                change = f"--{name.replace('_', '-')} {saved[name]} in the checkpoint, {given[name]} now"
+                raise error(f"the checkpoint's model or data differ: {change}; leave it out")
+    cfg = Config(**(defaults | saved | given))
+    problem = check(cfg)
+    if problem:
+        raise error(problem)
+    return cfg, runtime, ckpt
 
 
 def setup(cfg):
-    """Device (one not here: one line), autocast, rank of `world` (torchrun); log(line): rank 0 prints it to log.txt."""
-    with contextlib.suppress(OSError):  # glibc keeps freed memory: quick MNIST steps about 7% faster (RESULTS)
-        [ctypes.CDLL("libc.so.6").mallopt(k, v) for k, v in ((-3, 32 << 20), (-1, 1 << 30), (-2, 256 << 20))]
-    world, gpus = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.device_count()
-    here = ["cpu", *[f"cuda:{k}" for k in range(gpus)], *(["mps"] if torch.backends.mps.is_available() else [])]
-    mine = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(1, gpus)}"  # this process's GPU
-    name = {"auto": mine if gpus else here[-1], "cuda": mine}.get(cfg.device, cfg.device)
+    """This process's device, rank of `world` (torchrun), network autocast, and log(line): rank 0 prints and logs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count()
+    here = ["cpu"] + [f"cuda:{k}" for k in range(gpus)] + (["mps"] if torch.backends.mps.is_available() else [])
+    name = here[-1] if cfg.device == "auto" else cfg.device  # auto: the last of cpu, cuda:N, mps
+    if name in ("cuda", "cuda:0") and gpus:  # under torchrun, this process's own GPU
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % gpus}"
     if name not in here:
-        raise SystemExit(f"{SCRIPT}: error: --device {cfg.device} is not available here; available: {', '.join(here)}")
+        raise error(f"--device {cfg.device} is not available here; available: {', '.join(here)}")
     if world > 1:  # the others wait while rank 0 evaluates: a long timeout
         dist.init_process_group("nccl" if "cuda" in name else "gloo", timeout=datetime.timedelta(hours=1))
     rank = dist.get_rank() if world > 1 else 0
@@ -690,149 +697,149 @@ def setup(cfg):
     def log(line):
         if rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
+            line = time.strftime("%H:%M:%S ") + line
+            print(line, flush=True)
             with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
-                [print(time.strftime("%H:%M:%S ") + line, file=out, flush=True) for out in (sys.stdout, f)]
-    return types.SimpleNamespace(device=torch.device(name), rank=rank, world=world, log=log, autocast=torch.autocast(
-        name.split(":")[0], torch.bfloat16, enabled="cuda" in name))  # the network in bfloat16 on GPUs
+                print(line, file=f)
+
+    device = torch.device(name)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    return types.SimpleNamespace(device=device, rank=rank, world=world, autocast=autocast, log=log)
 
 
-def read_checkpoint(cfg, ctx):
+def read_checkpoint(cfg, runtime):
     """--init-from's checkpoint, or <out-dir>/ckpt.pt (ckpt-prev.pt if that is unreadable); weights_only: no code."""
     paths = [cfg.init_from] if cfg.init_from else [os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "ckpt-prev.pt")]
     for path in filter(os.path.exists, paths):
         try:
-            ckpt = torch.load(path, map_location=ctx.device, weights_only=True)
-        except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-            ctx.log(f"warning: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            ckpt = torch.load(path, map_location=runtime.device, weights_only=True)
+        except Exception as failure:  # a truncated or foreign file fails in many ways inside torch.load
+            runtime.log(f"warning: {path} is unreadable ({type(failure).__name__}); trying the next")
             continue
-        if ckpt.get("script", SCRIPT) == SCRIPT:
-            return ckpt
-        raise SystemExit(f"{SCRIPT}: error: {path} is a checkpoint of {ckpt['script']}; use that script")
-    raise SystemExit(f"{SCRIPT}: error: no readable checkpoint: {' or '.join(paths)}")
+        if ckpt.get("script", SCRIPT) != SCRIPT:
+            raise error(f"{path} is a checkpoint of {ckpt['script']}; use that script")
+        return ckpt
+    raise error(f"no readable checkpoint: {' or '.join(paths)}")
 
 
-def build(cfg, ctx, ckpt):
-    """The network, its EMA copy (evaluation, sampling) and AdamW (weight decay on weights only), with the checkpoint's
-    weights (ours, or the authors'), for --resume also its optimiser; and the first step."""
-    torch.manual_seed(cfg.seed)  # the initial weights
-    model = Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width, len(symbols(cfg)))
-    size = sum(p.numel() for p in model.parameters())
-    ctx.log(f"{size / 1e6:.2f}M parameters" + ("" if size < 1e7 or ctx.device.type == "cuda" else ": the size of the "
-            "paper's model, meant for GPUs; --preset quick trains a small one in minutes"))
-    model, ema = model.to(ctx.device).train(), copy.deepcopy(model).to(ctx.device).eval().requires_grad_(False)
-    decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}  # not biases, norms
-    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if (id(p) in decay) == on],
-                                    "weight_decay": 0.01 * on} for on in (1, 0)], cfg.lr, BETAS)
+def build(cfg, runtime, ckpt):
+    """The network, its EMA copy and optimiser, with the checkpoint's weights and state; and the step to start from."""
+    with torch.random.fork_rng(devices=[]):  # the initial weights from --seed; the global generator untouched
+        torch.manual_seed(cfg.seed)
+        model = make_network(cfg)
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    note = ": the paper's size, meant for GPUs; --preset quick trains a small one" if size > 10 else ""
+    runtime.log(f"{size:.2f}M parameters{note if runtime.device.type != 'cuda' else ''}")
+    model = model.to(runtime.device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = make_optimizer(model, cfg.lr)
+    if ckpt is None:
+        return model, ema, optimizer, 0
+    state = ckpt["model"] if "model" in ckpt else from_authors(ckpt)
     try:
-        if ckpt:
-            model.load_state_dict(state := ckpt["model"] if "model" in ckpt else from_authors(ckpt))
-            ema.load_state_dict(ckpt.get("ema", state))
-    except RuntimeError as e:  # tensors missing, unexpected or of other shapes
-        sizes = " ".join(f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Config) if f.metadata["fixed"])
-        raise SystemExit(f"{SCRIPT}: error: {cfg.init_from or cfg.out_dir} does not fit this network ("
-                         f"{(str(e).splitlines()[1:] or [''])[0].strip()[:300]}). Give the flags of its run: {sizes}")
-    if ckpt and not cfg.init_from:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    return model, ema, optimizer, ckpt["step"] if ckpt and not cfg.init_from else 0
+        model.load_state_dict(state)
+        ema.load_state_dict(ckpt.get("ema", state))
+    except RuntimeError as failure:  # tensors missing, unexpected or of other shapes
+        first = (str(failure).splitlines()[1:] or [""])[0].strip()[:300]
+        flags = " ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(Config) if f.metadata["fixed"])
+        where = cfg.init_from or cfg.out_dir
+        raise error(f"{where} does not fit this network ({first}); give its {flags}") from None
+    if cfg.init_from:
+        return model, ema, optimizer, 0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return model, ema, optimizer, ckpt["step"]
 
 
 def save_checkpoint(cfg, model, ema, optimizer, step):
     """<out-dir>/ckpt.pt through a temporary file, renamed; the previous one kept as ckpt-prev.pt."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "config": dataclasses.asdict(cfg), "script": SCRIPT}, path + ".tmp")
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    torch.save(state | {"config": dataclasses.asdict(cfg), "script": SCRIPT}, path + ".tmp")
     if os.path.exists(path):
         os.replace(path, os.path.join(cfg.out_dir, "ckpt-prev.pt"))
     os.replace(path + ".tmp", path)
 
 
-def learning_rate(step, cfg):
-    """Of step `step` (from 0): a linear warm-up over lr_warmup steps, then --lr, or a cosine to 0.1 --lr at --steps."""
-    decay = min(1.0, max(0, step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
-    return cfg.lr * min(1, (step + 1) / max(1, cfg.lr_warmup)) * (
-        0.55 + 0.45 * math.cos(math.pi * decay) if cfg.lr_decay == "cosine" else 1)
+def train(cfg, runtime, data, model, ema, optimizer, step):
+    """Steps to --steps, a log line every --log-every, a checkpoint every 10 minutes, at the end and on a signal."""
+    net = DDP(model, [runtime.device.index] if runtime.device.type == "cuda" else None) if runtime.world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    received = None  # a first SIGTERM, SIGINT or SIGUSR1 (those the platform has): stop after the step in progress
 
+    def stop(signum, frame):  # then the default action again: a second signal ends the process at once
+        nonlocal received
+        received = signal.Signals(signum).name
+        print(f"{received}: stopping after step {step + 1}; a second signal stops at once", flush=True)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
 
-@contextlib.contextmanager
-def stop_signals(done):
-    """Within: a first SIGTERM, SIGINT or SIGUSR1 says the run stops after this step; a second ends the process."""
-    received, stops = [], (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def stop(signum, frame):
-        received.append(signal.Signals(signum).name)
-        print(f"{received[0]}: stopping after step {done[0] + 1}; a second signal stops at once", flush=True)
-        [signal.signal(s, signal.SIG_DFL) for s in stops]
-    previous = {s: signal.signal(s, stop) for s in stops}
+    previous_handlers = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    first = step
+    logged = step
+    logged_at = time.time()
+    saved_at = time.time()
+    losses = 0.0
     try:
-        yield received
-    finally:
-        [signal.signal(s, handler) for s, handler in previous.items()]
-
-
-def train(cfg, ctx, data, model, ema, optimizer, step):
-    """Steps to --steps, a checkpoint every 10 minutes, at the end and on a stop signal; draws from seed and step."""
-    net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world > 1 else model
-    net, done, first, last, loss_sum = torch.compile(net) if cfg.compile else net, [step], step, step, 0.0
-    clock = saved_at = time.time()
-    with stop_signals(done) as received:
         while step < cfg.steps:
-            torch.manual_seed(hash((cfg.seed, ctx.rank, step)) % 2 ** 62)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, cfg)
-            for k in range(cfg.grad_accum):
-                with net.no_sync() if ctx.world > 1 and k < cfg.grad_accum - 1 else contextlib.nullcontext():
-                    loss = train_loss(net, get_batch(data, cfg), cfg, ctx).mean() / cfg.grad_accum
+            torch.manual_seed(hash((cfg.seed, runtime.rank, step)) % 2**62)  # data and noise from the seed and step
+            for micro in range(cfg.grad_accum):
+                sync = runtime.world == 1 or micro == cfg.grad_accum - 1  # all-reduce the gradients once, at the last
+                with contextlib.nullcontext() if sync else net.no_sync():
+                    loss = train_loss(net, get_batch(data, cfg), cfg, runtime).mean() / cfg.grad_accum
                     loss.backward()
-                loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # EMA with warm-up: the effective decay grows towards 0.9999
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - min(0.9999, (2 + step) / (11 + step)))
-            step = done[0] = step + 1
-            if not math.isfinite(loss_sum + grad_norm):
-                raise SystemExit(f"{SCRIPT}: error: non-finite loss at step {step}; the last checkpoint is untouched")
-            flags = torch.tensor([len(received), loss_sum], dtype=torch.float64, device=ctx.device)
-            dist.all_reduce(flags) if ctx.world > 1 else None  # a signal to any process; the loss of all
+                losses += loss.item()
+            grad_norm = optimizer_step(cfg, model, ema, optimizer, step)
+            step += 1
+            if not math.isfinite(losses + grad_norm):
+                raise error(f"non-finite loss at step {step}; the last checkpoint is untouched")
+            stopping = torch.tensor(float(received is not None), device=runtime.device)
+            if runtime.world > 1:
+                dist.all_reduce(stopping)  # a signal to any process stops them all
             if step % cfg.log_every == 0 or step in (first + 1, cfg.steps):
-                seconds, steps = time.time() - clock, step - last
-                ctx.log(f"step {step} | loss {to_unit(flags[1].item() / ctx.world / steps, cfg):.4g} {UNIT} | "
-                        f"{steps * cfg.batch_size * cfg.grad_accum * ctx.world / seconds:.1f} examples/s | ETA "
-                        f"{(cfg.steps - step) * seconds / steps / 60:.1f} min")
-                last, clock, loss_sum = step, time.time(), 0.0
-            if ctx.rank == 0 and (flags[0] or step == cfg.steps or time.time() - saved_at > 600):
+                seconds = time.time() - logged_at
+                loss = in_paper_unit(losses / (step - logged), cfg)  # this process's mean since the last line
+                speed = (step - logged) * cfg.batch_size * cfg.grad_accum * runtime.world / seconds
+                memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak resident size (Linux: KiB)
+                if runtime.device.type == "cuda":
+                    memory = torch.cuda.max_memory_allocated(runtime.device) / 2**30
+                eta = (cfg.steps - step) * seconds / (step - logged) / 60
+                done = f"step {step} | loss {loss:.4g} {UNIT} | grad norm {grad_norm:.3g}"
+                runtime.log(f"{done} | {speed:.1f} examples/s | {memory:.2f} GiB | ETA {eta:.1f} min")
+                logged = step
+                logged_at = time.time()
+                losses = 0.0
+            if runtime.rank == 0 and (stopping or step == cfg.steps or time.time() - saved_at > 600):
                 save_checkpoint(cfg, model, ema, optimizer, step)
                 saved_at = time.time()
-            if flags[0]:
-                ctx.log(f"stopped by {received[0] if received else 'a signal to another process'} after step {step}: "
-                        f"the checkpoint is written; continue with the same command and --resume")
+            if stopping:
+                by = received or "a signal to another process"
+                runtime.log(f"stopped by {by} after step {step}: checkpoint written; continue with --resume")
                 raise SystemExit(PREEMPTED)
+    finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     return step
 
 
 def main(argv=None):
-    """Parse the flags, then train (or only evaluate, or only sample) in the run directory."""
-    cfg = parse_args(argv, strict=False)
-    ctx = setup(cfg)
-    ckpt = read_checkpoint(cfg, ctx) if cfg.init_from or cfg.resume or cfg.eval_only or cfg.sample_only else None
-    kept = [f.name for f in dataclasses.fields(Config) if f.metadata["fixed"] or not cfg.init_from]
-    cfg = parse_args(argv, {k: v for k, v in ckpt["config"].items() if k in kept} if ckpt and "config" in ckpt else
-                     None)
-    data, command = load_data(cfg, ctx.device), ["python", SCRIPT, *(sys.argv[1:] if argv is None else argv)]
-    ctx.log(f"==== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} | {shlex.join(command)} | {ctx.device} x {ctx.world}")
-    model, ema, optimizer, step = build(cfg, ctx, ckpt)
+    """Train (or only evaluate, or only sample) in the run directory, as the flags say."""
+    cfg, runtime, ckpt = prepare(argv)
+    command = shlex.join(["python", SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+    runtime.log(f"==== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} | {command} | {runtime.device} x {runtime.world}")
+    model, ema, optimizer, step = build(cfg, runtime, ckpt)
+    data = load_data(cfg, runtime.device)
     try:
-        step = step if cfg.eval_only or cfg.sample_only else train(cfg, ctx, data, model, ema, optimizer, step)
-        if ctx.rank == 0 and not cfg.sample_only:
-            evaluate(ema, cfg, ctx, data, step)
-        if ctx.rank == 0 and not cfg.eval_only:
-            sample(ema, cfg, ctx, data)
+        if not (cfg.eval_only or cfg.sample_only):
+            step = train(cfg, runtime, data, model, ema, optimizer, step)
+        if runtime.rank == 0 and not cfg.sample_only:
+            evaluate(ema, cfg, runtime, data, step)
+        if runtime.rank == 0 and not cfg.eval_only:
+            write_samples(ema, cfg, runtime)
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit(f"{SCRIPT}: error: out of memory on {ctx.device}: lower --batch-size {cfg.batch_size} (and "
-                         f"raise --grad-accum {cfg.grad_accum} to keep the global batch)")
-    ctx.log(f"done: {cfg.out_dir}")
-    if ctx.world > 1:
+        advice = f"lower --batch-size {cfg.batch_size} and raise --grad-accum {cfg.grad_accum} to keep the global batch"
+        raise error(f"out of memory on {runtime.device}: {advice}") from None
+    runtime.log(f"done: {cfg.out_dir}")
+    if runtime.world > 1:
         dist.barrier()  # the other processes wait for rank 0's evaluation and samples
         dist.destroy_process_group()
 

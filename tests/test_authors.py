@@ -3,6 +3,7 @@ their network's outputs and their L^inf and L^r on fixed inputs, with weights gi
 
     python -m pytest -q tests/test_authors.py
 """
+
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import torch
 import bfn_cifar
 import bfn_mnist
 import bfn_text8
+import common
 from conftest import ROOT, cpu_context
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -60,24 +62,43 @@ def test_mnist_network_and_losses_are_the_authors(tmp_path):
     with torch.no_grad():
         close(net(2 * fx["theta0"] - 1, t), fx["logits"])
         log_p = bfn_mnist.output_log_probs(net, theta, t, off)
-        close(bfn_mnist.discrete_loss_inf(x, log_p.exp(), t, 9.0), fx["loss_inf"])
+        close(common.discrete_loss_inf(x, log_p.exp(), t, 9.0), fx["loss_inf"])
         log_p = bfn_mnist.output_log_probs(net, theta, torch.ones_like(t), off)
-        close(bfn_mnist.discrete_recon_loss(x, log_p), fx["loss_r"])
+        close(common.discrete_recon_loss(x, log_p), fx["loss_r"])
 
 
 def test_mnist_authors_checkpoint_through_init_from(mnist_dir, tmp_path):
     fx = fixture("authors_mnist.pt")
     path, out = authors_checkpoint(fx, tmp_path / "mnist_ema.pt"), str(tmp_path / "run")
-    common = ["--data-dir", mnist_dir, "--out-dir", out, "--init-from", path, "--eval-examples", "8",
-              "--batch-size", "8", "--eval-n", "inf", "4", "--sample-steps", "2", "--num-samples", "4"]
-    bfn_mnist.main([*common, *fx["flags"], "--eval-only"])
+    flags = [
+        "--data-dir",
+        mnist_dir,
+        "--out-dir",
+        out,
+        "--init-from",
+        path,
+        "--eval-examples",
+        "8",
+        "--batch-size",
+        "8",
+        "--eval-n",
+        "inf",
+        "4",
+        "--sample-steps",
+        "2",
+        "--num-samples",
+        "4",
+    ]
+    bfn_mnist.main([*flags, *fx["flags"], "--eval-only"])
     ev = json.load(open(os.path.join(out, "eval.json")))
     assert all(math.isfinite(ev["n"][n]["total"]) for n in ["inf", "4"])
-    bfn_mnist.main([*common, *fx["flags"], "--sample-only"])
+    bfn_mnist.main([*flags, *fx["flags"], "--sample-only"])
     assert os.path.exists(os.path.join(out, "samples.png"))
-    with pytest.raises(SystemExit, match=r"mnist_ema.pt does not fit this network \(size mismatch"
-                                         r".*Give the flags of its run:.*--channels"):
-        bfn_mnist.main([*common, "--channels", "64", "--res-blocks", "1", "--eval-only"])
+    with pytest.raises(
+        SystemExit,
+        match=r"mnist_ema.pt does not fit this network \(size mismatch.*\); give its --digits.*--channels",
+    ):
+        bfn_mnist.main([*flags, "--channels", "64", "--res-blocks", "1", "--eval-only"])
 
 
 def test_text8_network_and_losses_are_the_authors(tmp_path):
@@ -89,31 +110,50 @@ def test_text8_network_and_losses_are_the_authors(tmp_path):
     with torch.no_grad():
         close(net(2 * theta - 1, t), fx["logits"])
         log_p = bfn_text8.output_log_probs(net, theta, t, off)
-        close(bfn_text8.discrete_loss_inf(x, log_p.exp(), t, 0.75 ** 2), fx["loss_inf"])
+        close(common.discrete_loss_inf(x, log_p.exp(), t, 0.75**2), fx["loss_inf"])
         log_p = bfn_text8.output_log_probs(net, theta, torch.ones_like(t), off)
-        close(bfn_text8.discrete_recon_loss(x, log_p), fx["loss_r"])
+        close(common.discrete_recon_loss(x, log_p), fx["loss_r"])
 
 
 def test_text8_authors_checkpoint_through_init_from(tmp_path):
     fx = fixture("authors_text8.pt")
     path, out, text = authors_checkpoint(fx, tmp_path / "text8_ema.pt"), str(tmp_path / "run"), tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 200)
-    common = ["--text-file", str(text), "--out-dir", out, "--init-from", path, "--eval-examples", "4",
-              "--batch-size", "4", "--eval-n", "inf", "4", "--sample-steps", "2", "--num-samples", "2"]
-    bfn_text8.main([*common, *fx["flags"], "--eval-only"])
+    flags = [
+        "--text-file",
+        str(text),
+        "--out-dir",
+        out,
+        "--init-from",
+        path,
+        "--eval-examples",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-n",
+        "inf",
+        "4",
+        "--sample-steps",
+        "2",
+        "--num-samples",
+        "2",
+    ]
+    bfn_text8.main([*flags, *fx["flags"], "--eval-only"])
     ev = json.load(open(os.path.join(out, "eval.json")))
     assert all(math.isfinite(ev["n"][n]["total"]) for n in ["inf", "4"])
-    bfn_text8.main([*common, *fx["flags"], "--sample-only"])
+    bfn_text8.main([*flags, *fx["flags"], "--sample-only"])
     assert os.path.getsize(os.path.join(out, "samples.txt")) > 0
-    with pytest.raises(SystemExit, match=r"text8_ema.pt does not fit this network \(size mismatch"
-                                         r".*Give the flags of its run:.*--width"):
-        bfn_text8.main([*common, "--layers", "2", "--heads", "2", "--width", "64", "--seq-len", "16", "--eval-only"])
+    with pytest.raises(
+        SystemExit,
+        match=r"text8_ema.pt does not fit this network \(size mismatch.*\); give its .*--width",
+    ):
+        bfn_text8.main([*flags, "--layers", "2", "--heads", "2", "--width", "64", "--seq-len", "16", "--eval-only"])
 
 
 @pytest.mark.parametrize("output", ["discretised", "continuous"])
 def test_cifar_network_and_losses_are_the_authors(output, tmp_path):
     fx = fixture(f"authors_cifar_{output}.pt")
-    cfg = bfn_cifar.parse_args(fx["flags"])
+    cfg = bfn_cifar.prepare(fx["flags"])[0]
     net = bfn_cifar.UNet(64, 2, n_out=2 if output == "discretised" else 1).eval()
     state = torch.load(authors_checkpoint(fx, tmp_path / "a.pt"), weights_only=True)
     net.load_state_dict(bfn_cifar.from_authors(state))
@@ -129,13 +169,32 @@ def test_cifar_network_and_losses_are_the_authors(output, tmp_path):
 def test_cifar_authors_checkpoint_through_init_from(cifar_dir, tmp_path):
     fx = fixture("authors_cifar_discretised.pt")
     path, out = authors_checkpoint(fx, tmp_path / "cifar10_256d_ema.pt"), str(tmp_path / "run")
-    common = ["--data-dir", cifar_dir, "--out-dir", out, "--init-from", path, "--eval-examples", "4",
-              "--batch-size", "4", "--eval-n", "inf", "4", "--sample-steps", "2", "--num-samples", "4"]
-    bfn_cifar.main([*common, *fx["flags"], "--eval-only"])
+    flags = [
+        "--data-dir",
+        cifar_dir,
+        "--out-dir",
+        out,
+        "--init-from",
+        path,
+        "--eval-examples",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-n",
+        "inf",
+        "4",
+        "--sample-steps",
+        "2",
+        "--num-samples",
+        "4",
+    ]
+    bfn_cifar.main([*flags, *fx["flags"], "--eval-only"])
     ev = json.load(open(os.path.join(out, "eval.json")))
     assert all(math.isfinite(ev["n"][n]["total"]) for n in ["inf", "4"])
-    bfn_cifar.main([*common, *fx["flags"], "--sample-only"])
+    bfn_cifar.main([*flags, *fx["flags"], "--sample-only"])
     assert os.path.exists(os.path.join(out, "samples.png"))
-    with pytest.raises(SystemExit, match=r"cifar10_256d_ema.pt does not fit this network \(size mismatch"
-                                         r".*Give the flags of its run:.*--output"):
-        bfn_cifar.main([*common, "--output", "continuous", "--channels", "64", "--res-blocks", "2", "--eval-only"])
+    with pytest.raises(
+        SystemExit,
+        match=r"cifar10_256d_ema.pt does not fit this network \(size mismatch.*\); give its .*--output",
+    ):
+        bfn_cifar.main([*flags, "--output", "continuous", "--channels", "64", "--res-blocks", "2", "--eval-only"])
