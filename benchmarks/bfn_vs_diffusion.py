@@ -22,6 +22,7 @@ a process of its own, so that its peak memory is its own, and writes
 
 Shapes: B batch, D data dimensions (positions or pixels), K classes (+ 1: the mask symbol, index K).
 """
+
 import argparse
 import copy
 import dataclasses
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import stratified_times  # noqa: E402
+import common
 
 SCRIPTS = {"mnist": "bfn_mnist", "text8": "bfn_text8", "cifar": "bfn_cifar"}
 
@@ -52,6 +53,7 @@ SCRIPTS = {"mnist": "bfn_mnist", "text8": "bfn_text8", "cifar": "bfn_cifar"}
 # (MD4, arXiv:2406.04329), with the linear schedule alpha(t) = 1 - t, the probability that a token is still unmasked.
 # Cited by the name of each expression in the papers (the forward process, the continuous-time NELBO, the reverse
 # step with carry-over unmasking): their equation numbers differ between versions.
+
 
 def mask(x, t, K, generator=None):
     """z_t ~ q(z_t | x), MDLM's and MD4's forward process with alpha(t) = 1 - t: each position replaced by the mask
@@ -105,17 +107,21 @@ def vdm_nelbo(eps_fn, x, t, generator=None, bins=256):
     (p(x_i | z_0) proportional to N(z_0,i / alpha_0; x_i, sigma_0^2 / alpha_0^2)); the continuous-time diffusion loss
     in its eps form, 1/2 gamma'(t) ||eps - eps_hat(z_t, t)||^2.
     eps_fn(z (B, ...), t (B,)) -> eps_hat; x (B, ...) bin centres; t (B,) -> {prior, recon, diffusion}: (B,) nats."""
-    view = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, ...)
-    noise = lambda: torch.randn(x.shape, generator=generator, device=x.device)  # noqa: E731
-    g1, g0 = torch.tensor(GAMMA[1], device=x.device), torch.tensor(GAMMA[0], device=x.device)
+
+    def noise():
+        return torch.randn(x.shape, generator=generator, device=x.device)
+
+    g1 = torch.tensor(GAMMA[1], device=x.device)
+    g0 = torch.tensor(GAMMA[0], device=x.device)
     var_1 = torch.sigmoid(g1)  # sigma_1^2; KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) per dimension:
-    prior = 0.5 * (var_1 + torch.sigmoid(-g1) * x ** 2 - 1 - torch.log(var_1))
+    prior = 0.5 * (var_1 + torch.sigmoid(-g1) * x**2 - 1 - torch.log(var_1))
     z_0 = torch.sigmoid(-g0).sqrt() * x + torch.sigmoid(g0).sqrt() * noise()
     centres = (2 * torch.arange(bins, device=x.device) + 1) / bins - 1  # (bins,)
     logits = -0.5 * torch.exp(-g0) * (z_0[..., None] / torch.sigmoid(-g0).sqrt() - centres) ** 2  # (B, ..., bins)
     x_bin = ((x + 1) * bins / 2).floor().long().clamp(0, bins - 1)
     recon = -logits.log_softmax(-1).gather(-1, x_bin[..., None])[..., 0]
-    eps, g_t = noise(), view(gamma(t))
+    eps = noise()
+    g_t = gamma(t).view(-1, *[1] * (x.dim() - 1))  # (B, 1, ...)
     eps_hat = eps_fn(torch.sigmoid(-g_t).sqrt() * x + torch.sigmoid(g_t).sqrt() * eps, t)
     diffusion = 0.5 * (GAMMA[1] - GAMMA[0]) * (eps - eps_hat) ** 2
     return {k: v.flatten(1).sum(1) for k, v in (("prior", prior), ("recon", recon), ("diffusion", diffusion))}
@@ -127,14 +133,20 @@ def vdm_sample(eps_fn, shape, n, generator=None, device=None, bins=256):
     from z_1 ~ N(0, I): z_s = alpha_s / alpha_t (z_t - c sigma_t eps_hat) + sqrt(c) sigma_s eps with
     c = 1 - e^(gamma(s) - gamma(t)); at s = 0 the bin whose centre is nearest z_0 / alpha_0 (the decoder's most
     probable). n network calls; -> (B, ...) bin centres."""
-    z, ones = torch.randn(shape, generator=generator, device=device), torch.ones(shape[0], device=device)
-    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    z = torch.randn(shape, generator=generator, device=device)
+    ones = torch.ones(shape[0], device=device)
+
+    def sigmoid(v):
+        return 1 / (1 + math.exp(-v))
+
     for i in range(n, 0, -1):
-        g_t, g_s = gamma(i / n), gamma((i - 1) / n)
+        g_t = gamma(i / n)
+        g_s = gamma((i - 1) / n)
         c = -math.expm1(g_s - g_t)
         eps_hat = eps_fn(z, i / n * ones)
-        z = math.sqrt(sigmoid(-g_s) / sigmoid(-g_t)) * (z - c * math.sqrt(sigmoid(g_t)) * eps_hat) + \
-            math.sqrt(c * sigmoid(g_s)) * torch.randn(shape, generator=generator, device=device)
+        z = math.sqrt(sigmoid(-g_s) / sigmoid(-g_t)) * (z - c * math.sqrt(sigmoid(g_t)) * eps_hat) + math.sqrt(
+            c * sigmoid(g_s)
+        ) * torch.randn(shape, generator=generator, device=device)
     k = ((z / math.sqrt(sigmoid(-GAMMA[0])) + 1) * bins / 2).floor().clamp(0, bins - 1)
     return (2 * k + 1) / bins - 1
 
@@ -142,6 +154,7 @@ def vdm_sample(eps_fn, shape, n, generator=None, device=None, bins=256):
 # ----------------------------------------------------------------------------------------------------------------------
 # The diffusion side of each data type: the script's network with its input (text8, MNIST) or output (CIFAR) layer
 # changed, its loss, its test bound per example and its samples, in the script's format.
+
 
 class PixelTokens(nn.Module):
     """MNIST's input layer for masked diffusion, in place of the U-Net's Linear(2, C) of [2 theta_0 - 1, 2 t - 1]:
@@ -154,24 +167,24 @@ class PixelTokens(nn.Module):
 
     def forward(self, f):
         x = f[..., 0]
-        return self.proj(torch.stack([(x > 0.5).to(f.dtype), (x < -0.5).to(f.dtype), (x.abs() <= 0.5).to(f.dtype),
-                                      f[..., 1]], -1))
+        return self.proj(
+            torch.stack([(x > 0.5).to(f.dtype), (x < -0.5).to(f.dtype), (x.abs() <= 0.5).to(f.dtype), f[..., 1]], -1)
+        )
 
 
 def diffusion_network(kind, cfg, script):
     """The BFN network of the script with the diffusion model's input layer (masked diffusion) or single output."""
     torch.manual_seed(cfg.seed)
+    if kind == "cifar":  # the continuous output's network: one output per sub-pixel, the noise
+        return script.make_network(dataclasses.replace(cfg, output="continuous"))
+    net = script.make_network(cfg)
     if kind == "mnist":
-        net = script.UNet(cfg.channels, (1, 2, 2), cfg.res_blocks, cfg.dropout)
         net.input_projection = PixelTokens(cfg.channels)
-    elif kind == "text8":
+    else:
         K = len(script.symbols(cfg))
-        net = script.Transformer(cfg.seq_len, cfg.layers, cfg.heads, cfg.width, K)
         net.inp_embedding = nn.Linear(K + 1, cfg.width)
         nn.init.normal_(net.inp_embedding.weight, std=0.02)
         nn.init.zeros_(net.inp_embedding.bias)
-    else:
-        net = script.UNet(cfg.channels, cfg.res_blocks, cfg.dropout, n_out=1)
     return net
 
 
@@ -199,10 +212,9 @@ def diffusion_eps(net, z, t, ctx):
 
 def diffusion_loss(net, x, kind, K, ctx, generator=None, terms=False, stratified=True):
     """(B,) nats per example of one draw: the masked NELBO, or VDM's (its diffusion term alone unless terms: the
-    others do not depend on the network); the times t stratified over the batch (common.stratified_times, the low-
-    discrepancy sampler VDM and MDLM train with), or each drawn alone."""
-    t = stratified_times(len(x), generator, x.device) if stratified else torch.rand(len(x), generator=generator,
-                                                                                   device=x.device)
+    others do not depend on the network); the times t as the BFN draws them (common.training_times: stratified over
+    the batch, the low-discrepancy sampler VDM and MDLM train with, or each alone)."""
+    t = common.training_times(len(x), stratified, generator, x.device)
     if kind == "cifar":
         parts = vdm_nelbo(lambda z, t: diffusion_eps(net, z, t, ctx), x, t, generator)
         return sum(parts.values()) if terms else parts["diffusion"]
@@ -212,9 +224,9 @@ def diffusion_loss(net, x, kind, K, ctx, generator=None, terms=False, stratified
 
 def held_out(kind, cfg, script, data, generator):
     """The test examples the script's evaluate() scores, as the model sees them: (N, ...)."""
-    x = script.evaluation_set(data["test"], cfg)
-    return script.binarise(x, generator) if kind == "mnist" else x.long() if kind == "text8" else \
-        script.quantise(x, cfg.bins)
+    if kind == "text8":
+        return script.test_windows(cfg, data).long()
+    return script.as_data(data["test"][: cfg.eval_examples or None], cfg, generator)
 
 
 def diffusion_samples(net, kind, cfg, script, ctx, calls, n, generator):
@@ -223,39 +235,56 @@ def diffusion_samples(net, kind, cfg, script, ctx, calls, n, generator):
     shape = {"mnist": (28, 28), "text8": (getattr(cfg, "seq_len", 0),), "cifar": (3, 32, 32)}[kind]
     for idx in torch.arange(n).split(cfg.batch_size):
         if kind == "cifar":
-            out.append(vdm_sample(lambda z, t: diffusion_eps(net, z, t, ctx), (len(idx), *shape), calls, generator,
-                                  ctx.device))
+            out.append(
+                vdm_sample(lambda z, t: diffusion_eps(net, z, t, ctx), (len(idx), *shape), calls, generator, ctx.device)
+            )
         else:
-            out.append(masked_sample(lambda z, t: diffusion_log_p(net, z, t, kind, K, ctx), (len(idx), *shape), calls,
-                                     K, generator, ctx.device))
+            out.append(
+                masked_sample(
+                    lambda z, t: diffusion_log_p(net, z, t, kind, K, ctx),
+                    (len(idx), *shape),
+                    calls,
+                    K,
+                    generator,
+                    ctx.device,
+                )
+            )
     return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # One method at one learning rate: train for the minutes, the bound at each mark, samples at the end.
 
+
 def config(args, script, lr, out_dir):
-    """The script's quick preset with this run's data, learning rate and run directory; CIFAR at 256 bins."""
+    """The script's quick preset with this run's data, learning rate and run directory; CIFAR at 256 bins. Returns
+    (cfg, runtime) of the script's prepare()."""
     data = ["--text-file", args.text_file] if args.text_file else ["--data-dir", args.data_dir]
-    extra = (["--bins", "256"] if args.data == "cifar" else []) + (
-        ["--eval-examples", str(args.eval_examples)] if args.eval_examples else [])
-    return script.parse_args(["--preset", "quick", *data, *extra, "--lr", str(lr), "--out-dir", out_dir, "--device",
-                              args.device, "--seed", str(args.seed), "--eval-n", "inf", "--t-draw", args.t_draw])
+    extra = ["--bins", "256"] if args.data == "cifar" else []
+    if args.eval_examples:
+        extra += ["--eval-examples", str(args.eval_examples)]
+    if args.t_draw:
+        extra += ["--t-draw", args.t_draw]
+    flags = ["--preset", "quick", *data, *extra, "--lr", str(lr), "--out-dir", out_dir, "--device", args.device]
+    cfg, runtime, _ = script.prepare([*flags, "--seed", str(args.seed), "--eval-n", "inf"])
+    return cfg, runtime
 
 
 @torch.no_grad()
 def bound(method, net, cfg, script, ctx, data, kind, step):
     """The test bound with the EMA weights: {total, stderr} in the script's unit on cfg's test examples."""
-    if method == "bfn":  # the script's own evaluation, through its eval.json
-        script.evaluate(net, cfg, ctx, data, step)
-        with open(os.path.join(cfg.out_dir, "eval.json")) as f:
-            result = json.load(f)["n"]["inf"]
+    if method == "bfn":  # the script's own evaluation
+        result = script.evaluate(net, cfg, ctx, data, step)["n"]["inf"]
         return {"total": result["total"], "stderr": result["stderr"]}
     g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     x, K = held_out(kind, cfg, script, data, g), classes(kind, cfg, script)
-    nats = torch.cat([diffusion_loss(net, x[k:k + cfg.batch_size], kind, K, ctx, g, terms=True).double()
-                      for k in range(0, len(x), cfg.batch_size)])  # t stratified within each batch
-    per = script.to_unit(nats, cfg)
+    nats = torch.cat(
+        [
+            diffusion_loss(net, x[k : k + cfg.batch_size], kind, K, ctx, g, terms=True).double()
+            for k in range(0, len(x), cfg.batch_size)
+        ]
+    )  # t stratified within each batch
+    per = script.in_paper_unit(nats, cfg)
     return {"total": per.mean().item(), "stderr": per.std().item() / math.sqrt(len(per))}
 
 
@@ -263,55 +292,67 @@ def run_one(args, method, lr):
     """Train one method at one learning rate for --minutes; its curve, speed, memory and samples -> a json file."""
     script = importlib.import_module(SCRIPTS[args.data])
     name = f"{args.data}-{method}-lr{lr:g}"
-    cfg = config(args, script, lr, os.path.join(args.out_dir, name))
-    ctx = script.setup(cfg)
+    cfg, ctx = config(args, script, lr, os.path.join(args.out_dir, name))
     data, kind = script.load_data(cfg, ctx.device), args.data
     K = classes(kind, cfg, script)
     model = script.build(cfg, ctx, None)[0] if method == "bfn" else diffusion_network(kind, cfg, script).to(ctx.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # evaluation and sampling, as in the scripts
-    decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if (id(p) in decay) == on],
-                                    "weight_decay": 0.01 * on} for on in (1, 0)], lr, script.BETAS)
+    optimizer = script.make_optimizer(model, lr)  # the script's recipe: AdamW, clipping, EMA and the schedule
     params = sum(p.numel() for p in model.parameters())
-    ctx.log(f"{name}: {params / 1e6:.3f}M parameters, {args.minutes} minutes of training")
+    ctx.log(f"{name}: {params / 1e6:.3f}M parameters, {args.minutes} minutes of training, t {cfg.t_draw}")
     marks = sorted({m for m in args.eval_at if m < args.minutes} | {args.minutes})
     curve, spent, step, loss_sum, logged = [], 0.0, 0, 0.0, 0
     torch.manual_seed(args.seed)
     while marks:
         tic = time.perf_counter()
-        for group in optimizer.param_groups:  # the preset's warm-up, and its cosine (if any) over the minutes
-            group["lr"] = lr * min(1, (step + 1) / max(1, cfg.lr_warmup)) * (0.55 + 0.45 * math.cos(
-                math.pi * min(1.0, spent / (60 * args.minutes))) if cfg.lr_decay == "cosine" else 1)
         x = script.get_batch(data, cfg)[0]
-        loss = (script.train_loss(model, (x, None), cfg, ctx) if method == "bfn" else
-                diffusion_loss(model, x, kind, K, ctx, stratified=cfg.t_draw == "stratified")).mean()
+        if method == "bfn":
+            loss = script.train_loss(model, (x, None), cfg, ctx).mean()
+        else:
+            loss = diffusion_loss(model, x, kind, K, ctx, stratified=cfg.t_draw == "stratified").mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # the scripts' EMA: decay growing towards 0.9999
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - min(0.9999, (2 + step) / (11 + step)))
+        script.optimizer_step(cfg, model, ema, optimizer, step, progress=min(1.0, spent / (60 * args.minutes)))
         loss_sum += loss.item()
         spent, step = spent + time.perf_counter() - tic, step + 1
         if not math.isfinite(loss_sum):
             raise SystemExit(f"bfn_vs_diffusion.py: error: {name}: non-finite loss at step {step}")
         if step % cfg.log_every == 0:
-            mean = script.to_unit(loss_sum / (step - logged), cfg)
-            ctx.log(f"{name} step {step} | {spent / 60:.2f} min | loss {mean:.4g} {script.UNIT} | "
-                    f"{step * cfg.batch_size / spent:.1f} examples/s")
+            mean = script.in_paper_unit(loss_sum / (step - logged), cfg)
+            ctx.log(
+                f"{name} step {step} | {spent / 60:.2f} min | loss {mean:.4g} {script.UNIT} | "
+                f"{step * cfg.batch_size / spent:.1f} examples/s"
+            )
             loss_sum, logged = 0.0, step
         if spent >= 60 * marks[0]:
-            curve.append({"minutes": marks.pop(0), "step": step, **bound(method, ema, cfg, script, ctx, data, kind,
-                                                                          step)})
-            ctx.log(f"{name} at {curve[-1]['minutes']} min (step {step}): {curve[-1]['total']:.4f} ± "
-                    f"{curve[-1]['stderr']:.2g} {script.UNIT}")
-    result = {"data": args.data, "method": method, "lr": lr, "parameters": params, "minutes": args.minutes,
-              "steps": step, "examples_per_s": step * cfg.batch_size / spent, "batch_size": cfg.batch_size,
-              "device": str(ctx.device), "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "curve": curve,
-              "unit": script.UNIT, "command": " ".join(sys.argv)}
-    result["peak_memory_mib"] = torch.cuda.max_memory_allocated(ctx.device) / 2 ** 20 if ctx.device.type == "cuda" \
+            curve.append(
+                {"minutes": marks.pop(0), "step": step, **bound(method, ema, cfg, script, ctx, data, kind, step)}
+            )
+            ctx.log(
+                f"{name} at {curve[-1]['minutes']} min (step {step}): {curve[-1]['total']:.4f} ± "
+                f"{curve[-1]['stderr']:.2g} {script.UNIT}"
+            )
+    result = {
+        "data": args.data,
+        "method": method,
+        "lr": lr,
+        "parameters": params,
+        "minutes": args.minutes,
+        "steps": step,
+        "examples_per_s": step * cfg.batch_size / spent,
+        "batch_size": cfg.batch_size,
+        "device": str(ctx.device),
+        "cpu": cpu_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "curve": curve,
+        "unit": script.UNIT,
+        "command": " ".join(sys.argv),
+        "t_draw": cfg.t_draw,
+    }
+    result["peak_memory_mib"] = (
+        torch.cuda.max_memory_allocated(ctx.device) / 2**20
+        if ctx.device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     result["test"] = bound(method, ema, dataclasses.replace(cfg, eval_examples=0), script, ctx, data, kind, step)
     ctx.log(f"{name}: whole test split {result['test']['total']:.4f} ± {result['test']['stderr']:.2g} {script.UNIT}")
     result["samples"] = {str(c): samples(method, ema, cfg, script, ctx, kind, c, args.num_samples) for c in args.calls}
@@ -323,10 +364,15 @@ def run_one(args, method, lr):
 def samples(method, net, cfg, script, ctx, kind, calls, n):
     """n samples at `calls` network calls, written as the script writes them and scored by score_samples.py."""
     import score_samples
+
     g = torch.Generator(ctx.device).manual_seed(cfg.seed)
     if method == "bfn":  # the SDE solver: steps + 1 network calls
         cfg = dataclasses.replace(cfg, sampler="sde", sample_steps=calls - 1)
-        x = script.draw(net, n, cfg, ctx, g)
+        batches = [
+            script.generate(script.prediction(net, cfg, ctx), len(index), cfg, ctx, g)
+            for index in torch.arange(n).split(cfg.batch_size)
+        ]
+        x = torch.cat(batches)
     else:
         x = diffusion_samples(net, kind, cfg, script, ctx, calls, n, g)
         cfg = dataclasses.replace(cfg, sampler="ancestral", sample_steps=calls)  # one network call per step
@@ -346,26 +392,37 @@ def cpu_name():
 # ----------------------------------------------------------------------------------------------------------------------
 # The comparison: every run of the data type in its out-dir, as a table and a figure.
 
+
 def summary(out_dir, kind):
     """A markdown table of every <kind>-*.json in out_dir, and <kind>.svg: the bound against minutes, both methods."""
-    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out_dir, f"{kind}-*.json")))]
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out_dir, f"{kind}-*.json"))):
+        with open(path) as f:
+            runs.append(json.load(f))
     if not runs:
         return ""
     unit, calls = runs[0]["unit"], sorted({int(c) for r in runs for c in r["samples"]})
     marks = sorted({c["minutes"] for r in runs for c in r["curve"]})  # runs of different lengths: blanks
     quality = "spelling_accuracy" if kind == "text8" else "frechet_a"
-    lines = ["| method | lr | minutes | params | steps | examples/s | peak MiB | " + " | ".join(
-        f"{m:g} min" for m in marks) + f" | whole test ({unit}) | " + " | ".join(
-        f"{quality} @{c}" for c in calls) + " |"]
+    lines = [
+        "| method | lr | minutes | params | steps | examples/s | peak MiB | "
+        + " | ".join(f"{m:g} min" for m in marks)
+        + f" | whole test ({unit}) | "
+        + " | ".join(f"{quality} @{c}" for c in calls)
+        + " |"
+    ]
     lines.append("|" + "---|" * (lines[0].count("|") - 1))
     for r in runs:
         at = {c["minutes"]: f"{c['total']:.4g} ± {c['stderr']:.2g}" for c in r["curve"]}
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['minutes']:g} | {r['parameters'] / 1e6:.3f}M | "
-                     f"{r['steps']:,} | {r['examples_per_s']:.1f} | {r['peak_memory_mib']:.0f} | " + " | ".join(
-                         at.get(m, "") for m in marks) + f" | {r['test']['total']:.4g}"
-                     f" ± {r['test']['stderr']:.2g} | " + " | ".join(
-                         f"{r['samples'][str(c)][quality]:.3g}" if str(c) in r["samples"] else "" for c in calls)
-                     + " |")
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['minutes']:g} | {r['parameters'] / 1e6:.3f}M | "
+            f"{r['steps']:,} | {r['examples_per_s']:.1f} | {r['peak_memory_mib']:.0f} | "
+            + " | ".join(at.get(m, "") for m in marks)
+            + f" | {r['test']['total']:.4g}"
+            f" ± {r['test']['stderr']:.2g} | "
+            + " | ".join(f"{r['samples'][str(c)][quality]:.3g}" if str(c) in r["samples"] else "" for c in calls)
+            + " |"
+        )
     with open(os.path.join(out_dir, f"{kind}.svg"), "w") as f:
         f.write(figure(runs, f"{kind}: test bound ({unit}) against minutes of training"))
     return "\n".join(lines)
@@ -377,12 +434,19 @@ def figure(runs, title, w=640, h=400, m=60):
     points = [(c["minutes"], c["total"] + e * c["stderr"]) for r in runs for c in r["curve"] for e in (-1, 1)]
     (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
     x0, x1, y1 = math.log2(x0), max(math.log2(x1), math.log2(x0) + 1), y1 + (y1 == y0)
-    X = lambda v: m + (math.log2(v) - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
-    Y = lambda v: h - m - (v - y0) / (y1 - y0) * (h - 2 * m)  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="24" text-anchor="middle" font-size="14">{title}</text>',
-           f'<path d="M{m},{m} V{h - m} H{w - m}" stroke="black" fill="none"/>']
+
+    def X(v):  # minutes -> the x pixel, on a log2 axis
+        return m + (math.log2(v) - x0) / (x1 - x0) * (w - 2 * m)
+
+    def Y(v):  # a bound -> the y pixel
+        return h - m - (v - y0) / (y1 - y0) * (h - 2 * m)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+        f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{w / 2}" y="24" text-anchor="middle" font-size="14">{title}</text>',
+        f'<path d="M{m},{m} V{h - m} H{w - m}" stroke="black" fill="none"/>',
+    ]
     for v in sorted({c["minutes"] for r in runs for c in r["curve"]}):
         out.append(f'<text x="{X(v):.1f}" y="{h - m + 18}" text-anchor="middle">{v:g}</text>')
     for k in range(5):
@@ -392,28 +456,44 @@ def figure(runs, title, w=640, h=400, m=60):
     for k, r in enumerate(runs):
         colour = "#1f77b4" if r["method"] == "bfn" else "#ff7f0e"
         label = f"{'BFN' if r['method'] == 'bfn' else 'diffusion'} lr {r['lr']:g}"
-        path = " ".join(f"{'M' if j == 0 else 'L'}{X(c['minutes']):.1f},{Y(c['total']):.1f}"
-                        for j, c in enumerate(r["curve"]))
+        path = " ".join(
+            f"{'M' if j == 0 else 'L'}{X(c['minutes']):.1f},{Y(c['total']):.1f}" for j, c in enumerate(r["curve"])
+        )
         dash = "" if r["lr"] == runs[0]["lr"] else "6,3"  # the first learning rate solid, others dashed
         out.append(f'<path d="{path}" stroke="{colour}" stroke-width="2" fill="none" stroke-dasharray="{dash}"/>')
-        out += [f'<path d="M{X(c["minutes"]):.1f},{Y(c["total"] - c["stderr"]):.1f} '
-                f'V{Y(c["total"] + c["stderr"]):.1f}" stroke="{colour}"/><circle cx="{X(c["minutes"]):.1f}" '
-                f'cy="{Y(c["total"]):.1f}" r="3" fill="{colour}"/>' for c in r["curve"]]  # each mark and its error
+        out += [
+            f'<path d="M{X(c["minutes"]):.1f},{Y(c["total"] - c["stderr"]):.1f} '
+            f'V{Y(c["total"] + c["stderr"]):.1f}" stroke="{colour}"/><circle cx="{X(c["minutes"]):.1f}" '
+            f'cy="{Y(c["total"]):.1f}" r="3" fill="{colour}"/>'
+            for c in r["curve"]
+        ]  # each mark and its error
         out.append(f'<text x="{w - m - 4}" y="{m + 16 * k + 12}" text-anchor="end" fill="{colour}">{label}</text>')
     return "\n".join(out + ["</svg>\n"])
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:3]),
-                                formatter_class=type("Formatter", (argparse.RawDescriptionHelpFormatter,
-                                                                   argparse.ArgumentDefaultsHelpFormatter), {}))
+    p = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        formatter_class=type(
+            "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}
+        ),
+    )
     p.add_argument("data", choices=SCRIPTS, help="the data type: mnist, text8 or cifar")
-    p.add_argument("--method", choices=("both", "bfn", "diffusion"), default="both",
-                   help="both: BFN then diffusion at each --lr, each in its own process")
+    p.add_argument(
+        "--method",
+        choices=("both", "bfn", "diffusion"),
+        default="both",
+        help="both: BFN then diffusion at each --lr, each in its own process",
+    )
     p.add_argument("--minutes", type=float, default=8.0, help="training minutes of each run, evaluation excluded")
-    p.add_argument("--eval-at", type=float, nargs="+", default=[2, 4, 8, 16, 32],
-                   help="minutes at which the bound is taken (those below --minutes; and at --minutes)")
+    p.add_argument(
+        "--eval-at",
+        type=float,
+        nargs="+",
+        default=[2, 4, 8, 16, 32],
+        help="minutes at which the bound is taken (those below --minutes; and at --minutes)",
+    )
     p.add_argument("--lr", type=float, nargs="+", help="peak learning rates, each method at each (none: the preset's)")
     p.add_argument("--calls", type=int, nargs="+", default=[10, 25, 100], help="network calls per sample")
     p.add_argument("--num-samples", type=int, default=500, help="samples scored at each --calls")
@@ -423,8 +503,11 @@ def main(argv=None):
     p.add_argument("--out-dir", default="runs/vs_diffusion", help="where runs, results and the figure go")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--t-draw", choices=("uniform", "stratified"), default="stratified",
-                   help="how both methods draw the times t of a training batch")
+    p.add_argument(
+        "--t-draw",
+        choices=("uniform", "stratified"),
+        help="how both methods draw the times t of a training batch (default: the script's)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one run for a parent that prints
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.num_samples < 1 or min(args.calls) < 2 or min(args.eval_at) <= 0:
@@ -435,17 +518,39 @@ def main(argv=None):
     if args.method != "both" and len(args.lr) == 1:
         run_one(args, args.method, args.lr[0])
     else:  # each run in a process of its own, one after the other
-        same = [args.data, "--minutes", str(args.minutes), "--eval-at", *map(str, args.eval_at), "--calls",
-                *map(str, args.calls), "--num-samples", str(args.num_samples), "--eval-examples",
-                str(args.eval_examples), "--data-dir", args.data_dir, "--text-file", args.text_file, "--out-dir",
-                args.out_dir, "--device", args.device, "--seed", str(args.seed), "--t-draw", args.t_draw]
+        same = [
+            args.data,
+            "--minutes",
+            str(args.minutes),
+            "--eval-at",
+            *map(str, args.eval_at),
+            "--calls",
+            *map(str, args.calls),
+            "--num-samples",
+            str(args.num_samples),
+            "--eval-examples",
+            str(args.eval_examples),
+            "--data-dir",
+            args.data_dir,
+            "--text-file",
+            args.text_file,
+            "--out-dir",
+            args.out_dir,
+            "--device",
+            args.device,
+            "--seed",
+            str(args.seed),
+        ] + (["--t-draw", args.t_draw] if args.t_draw else [])
         for lr in args.lr:
             for method in ("bfn", "diffusion") if args.method == "both" else (args.method,):
-                run = subprocess.run([sys.executable, os.path.abspath(__file__), *same, "--method", method, "--lr",
-                                      str(lr), "--child"])
+                run = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), *same, "--method", method, "--lr", str(lr), "--child"]
+                )
                 if run.returncode:
-                    raise SystemExit(f"bfn_vs_diffusion.py: error: the {method} run at --lr {lr:g} stopped (exit "
-                                     f"{run.returncode}; its message is above); earlier runs are in {args.out_dir}")
+                    raise SystemExit(
+                        f"bfn_vs_diffusion.py: error: the {method} run at --lr {lr:g} stopped (exit "
+                        f"{run.returncode}; its message is above); earlier runs are in {args.out_dir}"
+                    )
     if not args.child:
         print(summary(args.out_dir, args.data))
 

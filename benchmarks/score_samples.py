@@ -1,6 +1,6 @@
-"""Sample quality of what the experiment scripts write, against real test data: samples-*.pt and inpaint-*.pt of
-bfn_mnist.py and bfn_cifar.py, samples-*.pt, prompt-*.pt and infill-*.pt of bfn_text8.py. No downloads: the data are
-the run's own (its --data-dir or --text-file, as saved with the samples, or as given here).
+"""Sample quality of what the experiment scripts and beyond/ write, against real test data: samples-*.pt of the
+scripts, and inpaint-*.pt, prompt-*.pt, infill-*.pt, guided-*.pt and cf-guided-*.pt of beyond/. No downloads: the data
+are the run's own (its --data-dir or --text-file, as saved with the samples, or as given here).
 
     python bfn_mnist.py --sample-only --sampler ode --sample-steps 10 --num-samples 500
     python benchmarks/score_samples.py runs/bfn_mnist/samples-ode-10.pt [more.pt ...] [--data-dir DIR]
@@ -21,7 +21,10 @@ Text: the fraction of whole words of the samples found in the training text, the
 of the samples under a character 5-gram model of the training text (Witten-Bell); the same for N test windows. With
 --guide-word, the fraction of samples that contain it; for infilling, the filled-in words found in the training text.
 """
+
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -45,10 +48,17 @@ class Classifier(nn.Module):
     def __init__(self, c_in, classes, kernel=3, widths=(32, 64), pool=7):
         super().__init__()
         a, b = widths
-        self.features = nn.Sequential(nn.Conv2d(c_in, a, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(a, b, kernel, padding=kernel // 2), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(pool * pool * b, 128),
-                                      nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(c_in, a, kernel, padding=kernel // 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(a, b, kernel, padding=kernel // 2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(pool),
+            nn.Flatten(),
+            nn.Linear(pool * pool * b, 128),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(128, classes)
 
     def forward(self, x):
@@ -58,21 +68,25 @@ class Classifier(nn.Module):
 def script_of(saved):
     """The experiment script (module) that wrote a samples file."""
     import importlib
+
     return importlib.import_module(saved["script"][:-3])
 
 
 def run_config(module, saved, data_dir=None, text_file=None):
     """The run's Config, from the settings saved with the samples; --data-dir and --text-file may point elsewhere."""
     config = {k: v for k, v in saved["config"].items() if k in module.Config.__dataclass_fields__}
-    config |= {k: v for k, v in (("data_dir", data_dir), ("text_file", text_file)) if v}
-    return module.parse_args([], config, strict=False)
+    if data_dir:
+        config["data_dir"] = data_dir
+    if text_file:
+        config["text_file"] = text_file
+    return module.Config(**config)
 
 
 def as_input(module, cfg, images, generator=None):
     """Classifier input of real images: MNIST binarised (B, 1, 28, 28), CIFAR quantised to the run's bins."""
     if module.SCRIPT == "bfn_mnist.py":
-        return module.binarise(images, generator)[:, None].float()
-    return module.quantise(images, cfg.bins)
+        return module.as_data(images, cfg, generator)[:, None].float()
+    return module.as_data(images, cfg)
 
 
 def classifier(module, cfg, kind, device):
@@ -92,7 +106,8 @@ def classifier(module, cfg, kind, device):
     print(f"training classifier {kind} on {len(labels):,} images (once; cached as {path})", flush=True)
     clf, g = clf.to(device), torch.Generator(device).manual_seed(seed)
     images, labels, optimizer = images.to(device), labels.long().to(device), torch.optim.Adam(clf.parameters())
-    for idx in torch.cat([torch.randperm(len(images), generator=g, device=device) for _ in "12"]).split(128):
+    epochs = [torch.randperm(len(images), generator=g, device=device) for _ in range(2)]  # 2 epochs
+    for idx in torch.cat(epochs).split(128):
         x = as_input(module, cfg, images[idx], g)
         if not mnist:  # random horizontal flips
             x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g, device=device) < 0.5, x.flip(-1), x)
@@ -100,10 +115,8 @@ def classifier(module, cfg, kind, device):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    try:
+    with contextlib.suppress(OSError):  # a read-only data folder: trained again next time
         torch.save(clf.state_dict(), path)
-    except OSError:  # a read-only data folder: trained again next time
-        pass
     return clf.eval()
 
 
@@ -117,7 +130,7 @@ def digit_crops(x):
         cols = (ink.sum(1) * torch.arange(32, device=x.device)).sum(1) / ink.sum((1, 2))
         padded = F.pad(half, (14, 14, 14, 14))  # (B, 92, 60): every crop fits
         top, left = rows.round().long().clamp(0, 63), cols.round().long().clamp(0, 31)
-        crops.append(torch.stack([padded[b, top[b]:top[b] + 28, left[b]:left[b] + 28] for b in range(len(x))]))
+        crops.append(torch.stack([padded[b, top[b] : top[b] + 28, left[b] : left[b] + 28] for b in range(len(x))]))
     return torch.stack(crops)
 
 
@@ -143,8 +156,24 @@ def image_figures(clf, x):
     confident = torch.stack([lg.softmax(-1).amax(-1) > 0.9 for lg in logits]).all(0)
     labels = sum(lg.argmax(-1) * 10 ** (len(logits) - 1 - k) for k, lg in enumerate(logits))
     p = torch.bincount(labels, minlength=10 ** len(logits)).double() / len(labels)
-    return feats, labels, {"confident": confident.float().mean().item(),
-                           "label_entropy_bits": 0.0 - (p[p > 0] * p[p > 0].log2()).sum().item()}
+    return (
+        feats,
+        labels,
+        {
+            "confident": confident.float().mean().item(),
+            "label_entropy_bits": 0.0 - (p[p > 0] * p[p > 0].log2()).sum().item(),
+        },
+    )
+
+
+def total_variance(features):
+    """The total variance of features (M, D): the trace of their covariance."""
+    return torch.cov(features.double().T).trace()
+
+
+def show(figures):
+    """The float figures of a dict, for a line: "name value, ..."."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in figures.items() if isinstance(v, float))
 
 
 def score_images(module, cfg, saved, device):
@@ -158,30 +187,39 @@ def score_images(module, cfg, saved, device):
         mine = torch.arange(len(x)) if c is None else (labels == c).nonzero()[:, 0]
         idx = torch.arange(len(data["test"])) if c is None else (data["test_labels"].cpu() == c).nonzero()[:, 0]
         if 2 * len(mine) > len(idx):
-            raise SystemExit(f"score_samples.py: error: {len(x)} samples need {2 * len(mine)} test images"
-                             f"{'' if c is None else f' of class {c}'}; the test split has {len(idx)}")
-        reference[mine], other[mine] = idx[:len(mine)], idx[len(mine):2 * len(mine)]  # and another: the floor
+            raise SystemExit(
+                f"score_samples.py: error: {len(x)} samples need {2 * len(mine)} test images"
+                f"{'' if c is None else f' of class {c}'}; the test split has {len(idx)}"
+            )
+        reference[mine], other[mine] = idx[: len(mine)], idx[len(mine) : 2 * len(mine)]  # and another: the floor
     test = as_input(module, cfg, data["test"][torch.cat([reference, other]).to(device)], g)
     labels = None if labels is None else labels.to(device)
     figures = {"samples": {}, "test": {}}
     for kind in "ab":
         clf, resample = classifier(module, cfg, kind, device), torch.Generator().manual_seed(cfg.seed)
-        (f_s, l_s, s), (f_t, l_t, t) = image_figures(clf, x), image_figures(clf, test[:len(x)])
-        f_o = image_figures(clf, test[len(x):])[0]
+        (f_s, l_s, s), (f_t, l_t, t) = image_figures(clf, x), image_figures(clf, test[: len(x)])
+        f_o = image_figures(clf, test[len(x) :])[0]
         s["frechet"], t["frechet"] = frechet_distance(f_s, f_t), frechet_distance(f_o, f_t)
-        s["frechet_spread"] = torch.tensor([frechet_distance(f_s[torch.randint(len(f_s), (len(f_s),),
-                                                                                generator=resample)], f_t)
-                                            for _ in range(20)]).std().item()
+        s["frechet_spread"] = (
+            torch.tensor(
+                [
+                    frechet_distance(f_s[torch.randint(len(f_s), (len(f_s),), generator=resample)], f_t)
+                    for _ in range(20)
+                ]
+            )
+            .std()
+            .item()
+        )
         classes = [] if labels is None else [c for c in labels.unique().tolist() if (labels == c).sum() > 1]
-        spread = lambda f: torch.cov(f.double().T).trace()  # noqa: E731  the total variance of features (M, D)
         for part, found, f in ((s, l_s, f_s), (t, l_t, f_o)) if labels is not None else ():
             part["accuracy"] = (found == labels).float().mean().item()
             if x.shape[-1] == 64:  # each digit on its own: the tens (left) and the units (right)
                 part["accuracy_tens"] = (found // 10 == labels // 10).float().mean().item()
                 part["accuracy_units"] = (found % 10 == labels % 10).float().mean().item()
             part["frechet_by_class"] = {str(c): frechet_distance(f[labels == c], f_t[labels == c]) for c in classes}
-            part["diversity"] = float(sum(spread(f[labels == c]) / spread(f_t[labels == c]) for c in classes)) / max(
-                1, len(classes))
+            part["diversity"] = float(
+                sum(total_variance(f[labels == c]) / total_variance(f_t[labels == c]) for c in classes)
+            ) / max(1, len(classes))
         for name, part in (("samples", s), ("test", t)):
             figures[name].update({f"{key}_{kind}": value for key, value in part.items()})
     return figures
@@ -190,14 +228,14 @@ def score_images(module, cfg, saved, device):
 def whole_words(text):
     """The words of a window that are whole: split at white space, without the first and last (cut by the edges)."""
     words = text.split()
-    return words[1 if text[:1].strip() else 0:len(words) - (1 if text[-1:].strip() else 0)]
+    return words[1 if text[:1].strip() else 0 : len(words) - (1 if text[-1:].strip() else 0)]
 
 
 def filled_words(pattern, text):
     """The words of text that overlap the underscores of pattern (text has the pattern's known characters)."""
     words, start = [], 0
     for word in text.split(" "):
-        if word and "_" in pattern[start:start + len(word)]:
+        if word and "_" in pattern[start : start + len(word)]:
             words.append(word)
         start += len(word) + 1
     return words
@@ -220,7 +258,7 @@ class NGram:
         x = x.long().cpu()
         self.order, self.tables, self.K = order, [], K
         for k in range(1, order + 1):  # the k-grams as integers in base K, their contexts as the code // K
-            codes = sum(x[j:len(x) - k + 1 + j] * K ** (k - 1 - j) for j in range(k))
+            codes = sum(x[j : len(x) - k + 1 + j] * K ** (k - 1 - j) for j in range(k))
             grams, counts = torch.unique(codes, return_counts=True)  # sorted
             contexts, which = torch.unique(grams // K, return_inverse=True)
             context_counts = torch.zeros(len(contexts), dtype=torch.long).index_add_(0, which, counts)
@@ -240,9 +278,15 @@ class NGram:
         p = torch.full((len(w), w.shape[1] - self.order + 1), 1 / K, dtype=torch.float64)
         for k, (grams, counts, contexts, context_counts, followers) in enumerate(self.tables, start=1):
             start = self.order - k  # the k-gram ending at each scored position
-            codes = sum(w[:, start + j:w.shape[1] - k + 1 + j] * K ** (k - 1 - j) for j in range(k))
-            c_hc, c_h, t_h = (self.lookup(keys, values, q).double() for keys, values, q in (
-                (grams, counts, codes), (contexts, context_counts, codes // K), (contexts, followers, codes // K)))
+            codes = sum(w[:, start + j : w.shape[1] - k + 1 + j] * K ** (k - 1 - j) for j in range(k))
+            c_hc, c_h, t_h = (
+                self.lookup(keys, values, q).double()
+                for keys, values, q in (
+                    (grams, counts, codes),
+                    (contexts, context_counts, codes // K),
+                    (contexts, followers, codes // K),
+                )
+            )
             p = torch.where(c_h > 0, (c_hc + t_h * p) / (c_h + t_h).clamp_min(1), p)
         return -p.log2().mean().item()
 
@@ -251,26 +295,34 @@ def score_text(module, cfg, saved):
     """{samples: figures, test: figures} of text samples (see the module docstring)."""
     texts, data = saved["texts"], module.load_data(cfg, torch.device("cpu"))
     train = module.decode(data["train"], module.symbols(cfg))
-    windows = data["test"][:len(data["test"]) // cfg.seq_len * cfg.seq_len].view(-1, cfg.seq_len)
+    windows = module.test_windows(dataclasses.replace(cfg, eval_examples=0), data)
     if len(windows) < len(texts):
-        raise SystemExit(f"score_samples.py: error: {len(texts)} samples need as many test windows; the test split has "
-                         f"{len(windows)} of --seq-len {cfg.seq_len}")
+        raise SystemExit(
+            f"score_samples.py: error: {len(texts)} samples need as many test windows; the test split has "
+            f"{len(windows)} of --seq-len {cfg.seq_len}"
+        )
     chars = "".join(sorted(set(train)))
     ngram, vocabulary = NGram(char_codes(train, chars), len(chars) + 1), set(train.split())
     figures = {}
-    real = [module.decode(w, module.symbols(cfg)) for w in windows[:len(texts)]]
+    real = [module.decode(w, module.symbols(cfg)) for w in windows[: len(texts)]]
     for name, part in (("samples", texts), ("test", real)):
         words = [w for text in part for w in whole_words(text)]
         length = min(map(len, part))
-        figures[name] = {"spelling_accuracy": sum(w in vocabulary for w in words) / len(words) if words else math.nan,
-                         "words": len(words), "ngram_bits_per_char": ngram.bits_per_char(torch.stack(
-                             [char_codes(text[:length], chars) for text in part]))}
-        if cfg.guide_word:
-            figures[name]["has_word"] = sum(cfg.guide_word in text for text in part) / len(part)
-    if cfg.infill:
-        filled = [w for text in texts for w in filled_words(cfg.infill, text)]
-        figures["samples"]["filled_words"], figures["samples"]["filled_words_real"] = len(filled), sum(
-            w in vocabulary for w in filled)
+        figures[name] = {
+            "spelling_accuracy": sum(w in vocabulary for w in words) / len(words) if words else math.nan,
+            "words": len(words),
+            "ngram_bits_per_char": ngram.bits_per_char(
+                torch.stack([char_codes(text[:length], chars) for text in part])
+            ),
+        }
+        if saved.get("guide_word"):
+            figures[name]["has_word"] = sum(saved["guide_word"] in text for text in part) / len(part)
+    if saved.get("infill"):
+        filled = [w for text in texts for w in filled_words(saved["infill"], text)]
+        figures["samples"]["filled_words"], figures["samples"]["filled_words_real"] = (
+            len(filled),
+            sum(w in vocabulary for w in filled),
+        )
     return figures
 
 
@@ -287,21 +339,32 @@ def main(argv=None):
             saved = torch.load(path, map_location="cpu", weights_only=True)
             module = script_of(saved)
             assert "samples" in saved or "texts" in saved, "it holds no samples"
-        except Exception as e:
-            raise SystemExit(f"score_samples.py: error: {path} is not a samples file of the scripts ({e})")
+        except Exception as failure:
+            raise SystemExit(
+                f"score_samples.py: error: {path} is not a samples file of the scripts ({failure})"
+            ) from None
         cfg = run_config(module, saved, args.data_dir, args.text_file)
         text = "texts" in saved
-        figures = score_text(module, cfg, saved) if text else score_images(module, cfg, saved, torch.device(
-            args.device))
+        figures = (
+            score_text(module, cfg, saved) if text else score_images(module, cfg, saved, torch.device(args.device))
+        )
         # the BFN's samplers end with one more call at t = 1; "ancestral" (bfn_vs_diffusion.py) makes one per step
         calls = cfg.sample_steps + (cfg.sampler != "ancestral")
-        figures = {"file": path, "examples": len(saved["texts" if text else "samples"]), "sampler": cfg.sampler,
-                   "steps": cfg.sample_steps, "network_calls": calls, **figures}
+        figures = {
+            "file": path,
+            "examples": len(saved["texts" if text else "samples"]),
+            "sampler": cfg.sampler,
+            "steps": cfg.sample_steps,
+            "network_calls": calls,
+            **figures,
+        }
         with open(os.path.splitext(path)[0] + ".score.json", "w") as f:
             json.dump(figures, f, indent=1)
-        show = lambda d: ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, float))  # noqa: E731
-        print(f"{path} ({figures['examples']}, {cfg.sampler}, {cfg.sample_steps} steps) | samples: "
-              f"{show(figures['samples'])} | test data: {show(figures['test'])}", flush=True)
+        print(
+            f"{path} ({figures['examples']}, {cfg.sampler}, {cfg.sample_steps} steps) | samples: "
+            f"{show(figures['samples'])} | test data: {show(figures['test'])}",
+            flush=True,
+        )
         results[path] = figures
     return results
 

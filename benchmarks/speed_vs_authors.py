@@ -8,10 +8,10 @@ For each configuration, their module and ours train in turns, each in a fresh pr
 process's own): 10 warm-up steps, then --steps timed steps of AdamW, gradient clipping at 5 and an EMA update, as in
 both training loops. Prints a Markdown table of ms/step and peak resident memory per round.
 """
+
 import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import os
 import resource
@@ -36,33 +36,66 @@ def theirs(kind, c, batch):
     import networks
     import probability
     from networks import adapters
+
     if kind == "mnist":
-        ia = adapters.FourierImageInputAdapter(input_channels=1, input_shape=[28, 28], output_height=2,
-                                               add_pos_feats=False)
+        ia = adapters.FourierImageInputAdapter(
+            input_channels=1, input_shape=[28, 28], output_height=2, add_pos_feats=False
+        )
         oa = adapters.OutputAdapter(input_height=2 * c["channels"], output_channels=1, output_height=1)
-        net = networks.UNetModel({"input_adapter": ia, "output_adapter": oa}, image_size=28, in_channels=2,
-                                 model_channels=c["channels"], out_channels=c["channels"], num_res_blocks=c["blocks"],
-                                 attention_resolutions=[8, 16], dropout=c["dropout"], channel_mult=[1, 2, 2],
-                                 conv_resample=True, dims=2, num_heads=4, project_input=True, skip=True)
+        net = networks.UNetModel(
+            {"input_adapter": ia, "output_adapter": oa},
+            image_size=28,
+            in_channels=2,
+            model_channels=c["channels"],
+            out_channels=c["channels"],
+            num_res_blocks=c["blocks"],
+            attention_resolutions=[8, 16],
+            dropout=c["dropout"],
+            channel_mult=[1, 2, 2],
+            conv_resample=True,
+            dims=2,
+            num_heads=4,
+            project_input=True,
+            skip=True,
+        )
         flow = model.DiscreteBayesianFlow(n_classes=2, max_sqrt_beta=3)
         bfn = model.BFN(net, flow, model.DiscreteBayesianFlowLoss(flow, probability.BernoulliFactory()))
         data = lambda: (torch.rand(batch, 28, 28, 1) < 0.3).float()  # noqa: E731
     elif kind == "cifar":
-        ia = adapters.FourierImageInputAdapter(input_channels=3, input_shape=[32, 32], output_height=3,
-                                               add_pos_feats=False, add_mask=False)
+        ia = adapters.FourierImageInputAdapter(
+            input_channels=3, input_shape=[32, 32], output_height=3, add_pos_feats=False, add_mask=False
+        )
         oa = adapters.OutputAdapter(input_height=c["channels"] + 3, output_channels=3, output_height=2)
-        net = networks.UNetVDM({"input_adapter": ia, "output_adapter": oa}, embedding_dim=c["channels"],
-                               n_blocks=c["blocks"], n_attention_heads=1, dropout_prob=0.0, norm_groups=32,
-                               input_channels=3, use_fourier_features=True, attention_everywhere=False, image_size=32)
+        net = networks.UNetVDM(
+            {"input_adapter": ia, "output_adapter": oa},
+            embedding_dim=c["channels"],
+            n_blocks=c["blocks"],
+            n_attention_heads=1,
+            dropout_prob=0.0,
+            norm_groups=32,
+            input_channels=3,
+            use_fourier_features=True,
+            attention_everywhere=False,
+            image_size=32,
+        )
         flow = model.CtsBayesianFlow(min_variance=1e-3)
         factory = probability.DiscretizedNormalFactory(num_bins=c["bins"], clip=True)
         bfn = model.BFN(net, flow, model.CtsBayesianFlowLoss(flow, factory, noise_pred=True))
         data = lambda: (torch.randint(0, c["bins"], (batch, 32, 32, 3)).float() * 2 + 1) / c["bins"] - 1  # noqa: E731
     else:
-        ia = adapters.TextInputAdapter(vocab_size=27, seq_len=c["seq_len"], output_size=c["width"],
-                                       learn_pos_embedding=False)
-        net = networks.GPT({"input_adapter": ia, "output_adapter": None}, vocab_size=27, n_layer=c["layers"],
-                           n_head=c["heads"], n_embd=c["width"], dropout=0.0, skip=True, bias=True)
+        ia = adapters.TextInputAdapter(
+            vocab_size=27, seq_len=c["seq_len"], output_size=c["width"], learn_pos_embedding=False
+        )
+        net = networks.GPT(
+            {"input_adapter": ia, "output_adapter": None},
+            vocab_size=27,
+            n_layer=c["layers"],
+            n_head=c["heads"],
+            n_embd=c["width"],
+            dropout=0.0,
+            skip=True,
+            bias=True,
+        )
         flow = model.DiscreteBayesianFlow(n_classes=27, max_sqrt_beta=0.75)
         bfn = model.BFN(net, flow, model.DiscreteBayesianFlowLoss(flow, probability.CategoricalFactory()))
         data = lambda: torch.randint(0, 27, (batch, c["seq_len"]))  # noqa: E731
@@ -75,23 +108,22 @@ def ours_model(kind, c, batch):
     ctx = type("Context", (), {"autocast": contextlib.nullcontext(), "device": torch.device("cpu")})()
     if kind == "mnist":
         import bfn_mnist as m
-        cfg = dataclasses.replace(m.parse_args(["--channels", str(c["channels"]), "--res-blocks", str(c["blocks"]),
-                                                "--batch-size", str(batch)]), dropout=c["dropout"])
+
+        cfg = m.Config(channels=c["channels"], res_blocks=c["blocks"], batch_size=batch, dropout=c["dropout"])
         net = m.UNet(c["channels"], (1, 2, 2), c["blocks"], c["dropout"])
         batch_fn = lambda: ((torch.rand(batch, 28, 28) < 0.3).long(), None)  # noqa: E731
     elif kind == "cifar":
         import bfn_cifar as m
-        cfg = dataclasses.replace(m.parse_args(["--channels", str(c["channels"]), "--res-blocks", str(c["blocks"]),
-                                                "--bins", str(c["bins"]), "--batch-size", str(batch)]), dropout=0.0)
+
+        cfg = m.Config(channels=c["channels"], res_blocks=c["blocks"], bins=c["bins"], batch_size=batch, dropout=0.0)
         net = m.UNet(c["channels"], c["blocks"], 0.0, n_out=2)
-        batch_fn = lambda: (m.bin_centres(c["bins"])[torch.randint(0, c["bins"], (batch, 3, 32, 32))], None)  # noqa
+        batch_fn = lambda: (m.common.bin_centres(c["bins"])[torch.randint(0, c["bins"], (batch, 3, 32, 32))], None)  # noqa
     else:
         import bfn_text8 as m
-        cfg = m.parse_args(["--layers", str(c["layers"]), "--heads", str(c["heads"]), "--width", str(c["width"]),
-                            "--seq-len", str(c["seq_len"]), "--batch-size", str(batch)])
+
+        cfg = m.Config(layers=c["layers"], heads=c["heads"], width=c["width"], seq_len=c["seq_len"], batch_size=batch)
         net = m.Transformer(c["seq_len"], c["layers"], c["heads"], c["width"], 27)
         batch_fn = lambda: (torch.randint(0, 27, (batch, c["seq_len"])), None)  # noqa: E731
-    m.setup(cfg)  # the scripts' allocator settings
     return net, lambda: m.train_loss(net, batch_fn(), cfg, ctx).mean()
 
 
@@ -102,10 +134,6 @@ def measure(which, name, steps, authors):
     if which == "theirs":
         sys.path.insert(0, authors)
         os.chdir(authors)
-        if os.path.exists(os.path.join(ROOT, "bfn_mnist.py")):  # the same allocator settings for both
-            sys.path.insert(1, ROOT)
-            import bfn_mnist
-            bfn_mnist.setup(bfn_mnist.parse_args([]))
         net, loss_fn = theirs(kind, c, batch)
     else:
         net, loss_fn = ours_model(kind, c, batch)
@@ -128,8 +156,15 @@ def measure(which, name, steps, authors):
     for _ in range(steps):
         step()
     ms = 1000 * (time.perf_counter() - start) / steps
-    print(json.dumps({"ms": ms, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "params": sum(p.numel() for p in net.parameters())}))
+    print(
+        json.dumps(
+            {
+                "ms": ms,
+                "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "params": sum(p.numel() for p in net.parameters()),
+            }
+        )
+    )
 
 
 def main():
@@ -142,18 +177,27 @@ def main():
     args = p.parse_args()
     if args.measure:
         return measure(*args.measure, args.steps, os.path.abspath(args.authors))
-    print("| configuration | parameters (theirs / ours) | round | theirs ms/step | ours ms/step | theirs peak MB | "
-          "ours peak MB |\n|---|---|---|---|---|---|---|")
+    print(
+        "| configuration | parameters (theirs / ours) | round | theirs ms/step | ours ms/step | theirs peak MB | "
+        "ours peak MB |\n|---|---|---|---|---|---|---|"
+    )
     for name in (n for n in CONFIGS if args.only in n):
         for r in range(args.rounds):
             row = {}
             for which in ("theirs", "ours"):
-                out = subprocess.run([sys.executable, __file__, args.authors, "--steps", str(args.steps), "--measure",
-                                      which, name], capture_output=True, text=True, check=True).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, args.authors, "--steps", str(args.steps), "--measure", which, name],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
                 row[which] = json.loads(out.strip().splitlines()[-1])
-            print(f"| {name} | {row['theirs']['params']:,} / {row['ours']['params']:,} | {r + 1} | "
-                  f"{row['theirs']['ms']:.0f} | {row['ours']['ms']:.0f} | {row['theirs']['peak_mb']:.0f} | "
-                  f"{row['ours']['peak_mb']:.0f} |", flush=True)
+            print(
+                f"| {name} | {row['theirs']['params']:,} / {row['ours']['params']:,} | {r + 1} | "
+                f"{row['theirs']['ms']:.0f} | {row['ours']['ms']:.0f} | {row['theirs']['peak_mb']:.0f} | "
+                f"{row['ours']['peak_mb']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ writes (tiny data in the real formats).
 
     python -m pytest -q tests/test_scoring.py
 """
+
 import json
 import math
 import os
@@ -18,19 +19,41 @@ from conftest import ROOT, write_cifar, write_mnist
 from test_training import write_words
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import score_samples as S  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "beyond"))
+import classifier_free_guidance
+import conditioning
+import gradient_guidance
+import score_samples as S
 
-IMAGES = ["--channels", "8", "--res-blocks", "1", "--batch-size", "4", "--eval-examples", "4", "--eval-n", "inf",
-          "--sample-steps", "3", "--log-every", "1", "--steps", "1"]
+IMAGES = [
+    "--channels",
+    "8",
+    "--res-blocks",
+    "1",
+    "--batch-size",
+    "4",
+    "--eval-examples",
+    "4",
+    "--eval-n",
+    "inf",
+    "--sample-steps",
+    "3",
+    "--log-every",
+    "1",
+    "--steps",
+    "1",
+]
 
 
 def test_frechet_distance_of_gaussians_is_the_closed_form():
     """Feature sets whose sample mean is m and sample covariance diag(s^2) exactly: the distance between them is
     |m_a - m_b|^2 + sum (s_a - s_b)^2, and a rotation of both sets leaves it unchanged."""
+
     def points(m, s):  # 2D points m +- c s_i e_i, c^2 = (2D - 1) / 2: unbiased covariance exactly diag(s^2)
         d = len(m)
         offsets = math.sqrt((2 * d - 1) / 2) * torch.diag(torch.tensor(s, dtype=torch.float64))
         return torch.tensor(m, dtype=torch.float64) + torch.cat([offsets, -offsets])
+
     a, b = points([0.0, 1.0, 2.0], [1.0, 2.0, 0.5]), points([1.0, 1.0, 0.0], [3.0, 0.5, 0.5])
     expected = (1 + 0 + 4) + (4 + 2.25 + 0)
     assert S.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
@@ -83,18 +106,20 @@ def test_image_samples_end_to_end(tmp_path):
             assert q[part][f"frechet_{k}"] >= 0
     assert q["samples"]["frechet_spread_a"] >= 0 and q["samples"]["frechet_a"] != q["samples"]["frechet_b"]
     assert sorted(f for f in os.listdir(os.path.join(data, "MNIST")) if f.startswith("classifier-")) == [
-        "classifier-a-" + f.split("-")[2] for f in os.listdir(os.path.join(data, "MNIST")) if "classifier-a" in f] + [
-        "classifier-b-" + f.split("-")[2] for f in os.listdir(os.path.join(data, "MNIST")) if "classifier-b" in f]
+        "classifier-a-" + f.split("-")[2] for f in os.listdir(os.path.join(data, "MNIST")) if "classifier-a" in f
+    ] + ["classifier-b-" + f.split("-")[2] for f in os.listdir(os.path.join(data, "MNIST")) if "classifier-b" in f]
     counts = torch.bincount(bfn_mnist.load_mnist(data)["test"][1].long(), minlength=10)
     c = (counts >= 4).nonzero()[0, 0].item()  # a class with 2 + 2 test images
     cond = str(tmp_path / "cond")
-    bfn_mnist.main(["--data-dir", data, "--out-dir", cond, *IMAGES, "--conditional", "--channels", "32",
-                    "--sample-class", str(c), "--num-samples", "2"])
-    path = os.path.join(cond, "samples-paper-3.pt")
+    bfn_mnist.main(["--data-dir", data, "--out-dir", cond, *IMAGES, "--conditional", "--channels", "32"])
+    classifier_free_guidance.main([cond, "--weight", "1", "--class", str(c), "--num-samples", "2"])
+    path = os.path.join(cond, "cf-guided-paper-3-w1.pt")
     q = S.main([path])[path]
     assert 0 <= q["samples"]["accuracy_a"] <= 1 and list(q["samples"]["frechet_by_class_b"]) == [str(c)]
     assert q["test"]["accuracy_a"] >= 0 and "diversity_a" in q["samples"]
-    bfn_mnist.main(["--out-dir", cond, "--sample-only", "--num-samples", str(2 * (counts.max().item() + 1))])
+    classifier_free_guidance.main(
+        [cond, "--weight", "1", "--class", str(c), "--num-samples", str(2 * counts[c].item() + 2)]
+    )
     with pytest.raises(SystemExit, match=r"score_samples.py: error: \d+ samples need \d+ test images of class"):
         S.main([path])
 
@@ -102,9 +127,12 @@ def test_image_samples_end_to_end(tmp_path):
 def test_cifar_and_inpainting_samples_end_to_end(tmp_path):
     data, out = write_cifar(str(tmp_path / "data"), n_per_batch=60), str(tmp_path / "run")
     bfn_cifar.main(["--data-dir", data, "--out-dir", out, *IMAGES, "--bins", "16", "--num-samples", "4"])
-    bfn_cifar.main(["--out-dir", out, "--sample-only", "--inpaint", "left"])  # completions instead of samples
-    assert sorted(n for n in os.listdir(out) if n.endswith(".pt")) == ["ckpt.pt", "inpaint-left-paper-3-p1.pt",
-                                                                        "samples-paper-3.pt"]
+    conditioning.main([out, "--region", "left"])  # completions of test images
+    assert sorted(n for n in os.listdir(out) if n.endswith(".pt")) == [
+        "ckpt.pt",
+        "inpaint-left-paper-3-p1.pt",
+        "samples-paper-3.pt",
+    ]
     paths = [os.path.join(out, name) for name in ("samples-paper-3.pt", "inpaint-left-paper-3-p1.pt")]
     results = S.main(paths)
     assert all(0 <= results[p]["samples"]["confident_b"] <= 1 for p in paths)
@@ -115,13 +143,32 @@ def test_text_samples_end_to_end(tmp_path):
     """Real words and the 5-gram model on an untrained model's letter soup and on real text; the guide word; the
     filled-in words of an infilling."""
     text, out = write_words(tmp_path / "words.txt"), str(tmp_path / "run")
-    flags = ["--layers", "2", "--heads", "2", "--width", "16", "--seq-len", "32", "--batch-size", "4",
-             "--eval-examples", "4", "--eval-n", "inf", "--sample-steps", "3", "--num-samples", "4"]
+    flags = [
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--width",
+        "16",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--eval-examples",
+        "4",
+        "--eval-n",
+        "inf",
+        "--sample-steps",
+        "3",
+        "--num-samples",
+        "4",
+    ]
     bfn_text8.main(["--text-file", text, "--out-dir", out, *flags, "--steps", "1"])
-    bfn_text8.main(["--out-dir", out, "--sample-only", "--guide-word", "flow", "--grad-guidance", "2"])
-    bfn_text8.main(["--out-dir", out, "--sample-only", "--infill", "the ____ of"])
-    plain, guided, infill = (os.path.join(out, n) for n in ("samples-paper-3.pt", "samples-paper-3-gg2.pt",
-                                                             "infill-paper-3-p1.pt"))
+    gradient_guidance.main([out, "--word", "flow", "--weight", "2"])
+    conditioning.main([out, "--infill", "the ____ of"])
+    plain, guided, infill = (
+        os.path.join(out, n) for n in ("samples-paper-3.pt", "guided-paper-3-w2.pt", "infill-paper-3-p1.pt")
+    )
     results = S.main([plain, guided, infill])
     q = results[plain]
     assert q["samples"]["words"] == 0 or 0 <= q["samples"]["spelling_accuracy"] <= 1  # no whole words: NaN

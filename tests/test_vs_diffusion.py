@@ -4,6 +4,7 @@ against the distributions they should reproduce, and each data type end to end o
 
     python -m pytest -q tests/test_vs_diffusion.py
 """
+
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from test_training import write_words
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bfn_vs_diffusion as V  # noqa: E402
+
 import common  # noqa: E402
 
 JOINT = torch.tensor([[0.30, 0.05, 0.02], [0.04, 0.20, 0.06], [0.01, 0.07, 0.25]], dtype=torch.float64)  # p(x0, x1)
@@ -44,8 +46,9 @@ def test_masked_nelbo_of_the_exact_conditionals_is_minus_ln_p():
             nelbo = 0
             for m0 in (0, 1):
                 for m1 in (0, 1):
-                    z = torch.stack([torch.full_like(t, MASK if m0 else x0), torch.full_like(t, MASK if m1 else x1)],
-                                    1).long()
+                    z = torch.stack(
+                        [torch.full_like(t, MASK if m0 else x0), torch.full_like(t, MASK if m1 else x1)], 1
+                    ).long()
                     prob = (t if m0 else 1 - t) * (t if m1 else 1 - t)
                     nelbo = nelbo + prob * V.masked_loss(exact_log_p(z, t), x, z, t)
             integral = (nelbo * torch.tensor(weights / 2)).sum().item()
@@ -57,7 +60,7 @@ def test_masked_nelbo_estimate_from_mask_and_stratified_t():
     g, n = torch.Generator().manual_seed(0), 200_000
     x = torch.multinomial(JOINT.flatten(), n, replacement=True, generator=g)
     x = torch.stack([x // 3, x % 3], 1)
-    t = common.stratified_times(n, g).double()
+    t = common.training_times(n, True, g).double()
     z = V.mask(x, t, MASK, g)
     nelbo = V.masked_loss(exact_log_p(z, t), x, z, t)
     entropy = -(JOINT * JOINT.log()).sum().item()
@@ -93,8 +96,9 @@ def three_points():
     def eps_fn(z, t):  # z (B, 1)
         g = V.gamma(t.double())[:, None]
         alpha, sigma = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
-        w = torch.log_softmax(p.log() - (z - alpha * c) ** 2 / (2 * sigma ** 2), -1)  # (B, 3) posterior of the point
+        w = torch.log_softmax(p.log() - (z - alpha * c) ** 2 / (2 * sigma**2), -1)  # (B, 3) posterior of the point
         return (z - alpha * (w.exp() * c).sum(-1, keepdim=True)) / sigma
+
     return c, p, eps_fn
 
 
@@ -106,7 +110,7 @@ def test_vdm_nelbo_of_the_exact_denoiser_averages_to_the_data_entropy():
     c, p, eps_fn = three_points()
     g, n = torch.Generator().manual_seed(1), 200_000
     x = c[torch.multinomial(p, n, replacement=True, generator=g)][:, None]  # (n, 1)
-    parts = V.vdm_nelbo(eps_fn, x, common.stratified_times(n, g).double(), g)
+    parts = V.vdm_nelbo(eps_fn, x, common.training_times(n, True, g).double(), g)
     nelbo = sum(parts.values())
     entropy = -(p * p.log()).sum().item()
     assert abs(nelbo.mean().item() - entropy) < 4 * nelbo.std().item() / math.sqrt(n) + 2e-3
@@ -123,13 +127,13 @@ def test_vdm_sampler_reproduces_a_gaussian_mixture():
     def eps_fn(z, t):
         g = V.gamma(t.double())[:, None, None]
         alpha, sigma = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
-        var = alpha ** 2 * s ** 2 + sigma ** 2  # z | component k
+        var = alpha**2 * s**2 + sigma**2  # z | component k
         log_w = torch.log_softmax(w.log() - (z[..., None] - alpha * m) ** 2 / (2 * var) - var.log() / 2, -1)
-        x_hat = (log_w.exp() * (m + alpha * s ** 2 / var * (z[..., None] - alpha * m))).sum(-1)
+        x_hat = (log_w.exp() * (m + alpha * s**2 / var * (z[..., None] - alpha * m))).sum(-1)
         return (z - alpha[..., 0] * x_hat) / sigma[..., 0]
 
     n, g = 20_000, torch.Generator().manual_seed(2)
-    mean, var = (w * m).sum().item(), (w * (s ** 2 + m ** 2)).sum().item() - (w * m).sum().item() ** 2
+    mean, var = (w * m).sum().item(), (w * (s**2 + m**2)).sum().item() - (w * m).sum().item() ** 2
     below = 0.3 + 0.7 * 0.5 * math.erfc(0.4 / 0.2 / math.sqrt(2))
     for steps in (100, 1000):
         x = V.vdm_sample(eps_fn, (n, 1), steps, g).double()[:, 0]
@@ -152,12 +156,18 @@ def test_each_data_type_end_to_end(tmp_path, capfd):
     text = str(tmp_path / "words.txt")
     write_words(tmp_path / "words.txt")
     V.main(["text8", "--text-file", text, "--out-dir", out, "--method", "diffusion", *FAST])
-    V.main(["cifar", "--data-dir", write_cifar(str(tmp_path / "cifar")), "--out-dir", out, "--method", "diffusion",
-            *FAST])
-    runs = {os.path.basename(p)[:-5]: json.load(open(os.path.join(out, p))) for p in os.listdir(out)
-            if p.endswith(".json")}
-    assert sorted(runs) == ["cifar-diffusion-lr0.001", "mnist-bfn-lr0.001", "mnist-diffusion-lr0.001",
-                            "text8-diffusion-lr0.001"]
+    V.main(
+        ["cifar", "--data-dir", write_cifar(str(tmp_path / "cifar")), "--out-dir", out, "--method", "diffusion", *FAST]
+    )
+    runs = {
+        os.path.basename(p)[:-5]: json.load(open(os.path.join(out, p))) for p in os.listdir(out) if p.endswith(".json")
+    }
+    assert sorted(runs) == [
+        "cifar-diffusion-lr0.001",
+        "mnist-bfn-lr0.001",
+        "mnist-diffusion-lr0.001",
+        "text8-diffusion-lr0.001",
+    ]
     for r in runs.values():
         assert r["steps"] >= 1 and math.isfinite(r["test"]["total"]) and r["curve"][0]["minutes"] == 0.005
         assert r["peak_memory_mib"] > 0 and set(r["samples"]) == {"3"}
