@@ -90,8 +90,9 @@ def make_classifier(script, cfg):
 
 def train_guide(script, cfg, runtime, path, epochs=2, batch=128):
     """Train the classifier on the flow of the run's training images at random t (Adam), and save it to path."""
-    torch.manual_seed(cfg.seed)
-    classifier = make_classifier(script, cfg).to(runtime.device)
+    with torch.random.fork_rng(devices=[]):  # its initial weights from the run's seed; the global generator untouched
+        torch.manual_seed(cfg.seed)
+        classifier = make_classifier(script, cfg).to(runtime.device)
     data = script.load_data(cfg, runtime.device)
     images = data["train"]
     labels = data["train_labels"].long()
