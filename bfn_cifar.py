@@ -403,7 +403,7 @@ def loss_inf(x, out, t, cfg):
     """L^inf (§4.12 or §5.5) of x (B, 3, 32, 32) given the output at t. (B,) nats/image."""
     if cfg.output == "continuous":
         return common.continuous_loss_inf(x, out, t, cfg.sigma_1)
-    return common.discretised_loss_inf(x, common.discretised_probs(*out, cfg.bins), t, cfg.sigma_1)
+    return common.discretised_loss_inf(x, common.discretised_k_hat(*out, cfg.bins), t, cfg.sigma_1)
 
 
 def loss_n(x, out, i, n, cfg, generator):

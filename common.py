@@ -109,11 +109,9 @@ def continuous_flow(x, t, sigma_1, generator=None):
 
 
 def continuous_x_hat(mu, t, eps_hat, sigma_1, t_min=1e-6):
-    """§4.6, v2 eq. (84), output: x_hat = mu / gamma - sqrt((1 - gamma) / gamma) eps_hat, clipped to [-1, 1];
-    x_hat = 0 for t < t_min (Algorithm 1's CTS_OUTPUT_PREDICTION).
-
-    The network predicts the noise eps_hat (B, ...). gamma is taken at max(t, t_min), so that the branch which
-    torch.where discards is finite and back-propagates zeros rather than NaNs."""
+    """§4.6, v2 eq. (84), output from the predicted noise eps_hat (B, ...): x_hat = mu / gamma - sqrt((1 - gamma) /
+    gamma) eps_hat, clipped to [-1, 1]; 0 for t < t_min (Algorithm 1). gamma at max(t, t_min): the branch torch.where
+    drops stays finite and back-propagates zeros, not NaNs."""
     mu = _full_precision(mu)
     eps_hat = _full_precision(eps_hat)
     t = _per_example(_full_precision(torch.as_tensor(t)), mu)
@@ -189,21 +187,15 @@ def _log_bin_prob(left, right, mu_x, sigma_x):
     return torch.where(first | last, edge, interior)
 
 
-def _clipped_cdf(z, mu_x, sigma_x):
-    """§5.2: the Normal(mu_x, sigma_x) CDF G clipped to 0 at z <= -1 and 1 at z >= 1."""
-    g = 0.5 * (1 + torch.erf((z - mu_x) / (sigma_x * math.sqrt(2))))
-    return torch.where(z <= -1, torch.zeros_like(g), torch.where(z >= 1, torch.ones_like(g), g))
-
-
 def discretised_probs(mu_x, sigma_x, K):
-    """§5.2, arXiv:2308.07037v2, eq. (108): p_O(k) = G(k_r) - G(k_l) with G the clipped Normal(mu_x, sigma_x) CDF,
-    so the first and last bins absorb the tails and the K probabilities sum to 1. A plain CDF difference: cheap, and
-    exact enough for expectations (L^inf's k_hat) and sampling; it underflows in the far tails, so scoring data
-    (L^n, L^r) uses discretised_log_probs. (B, ...) -> (B, ..., K)."""
+    """§5.2, arXiv:2308.07037v2, eq. (108): p_O(k) = G(k_r) - G(k_l), G the Normal(mu_x, sigma_x) CDF clipped to 0 at
+    -1 and 1 at 1, so the end bins absorb the tails. A plain CDF difference, for sampling: it underflows in the far
+    tails, so scoring data (L^n, L^r) uses discretised_log_probs. (B, ...) -> (B, ..., K)."""
     mu_x = _full_precision(mu_x)[..., None]
     sigma_x = _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
     edges = torch.linspace(-1, 1, K + 1, device=mu_x.device, dtype=mu_x.dtype)
-    cdf = _clipped_cdf(edges, mu_x, sigma_x)  # (B, ..., K + 1)
+    cdf = torch.special.ndtr((edges - mu_x) / sigma_x)  # (B, ..., K + 1)
+    cdf = torch.where(edges <= -1, 0.0, torch.where(edges >= 1, 1.0, cdf))  # clipped
     return (cdf[..., 1:] - cdf[..., :-1]).clamp_min(0)
 
 
@@ -252,10 +244,19 @@ def discretised_loss_n(x, log_probs, i, n, sigma_1, generator=None):
     return n * _sum_dims(log_sender - log_receiver)
 
 
-def discretised_loss_inf(x, probs, t, sigma_1):
+def discretised_k_hat(mu_x, sigma_x, K):
+    """§5.5: k_hat = sum_k p_O(k) k_c, the mean bin of §5.2's clipped discretised Normal(mu_x, sigma_x), summed by
+    parts: 1 - 1/K - (2/K) sum_j Phi((e_j - mu_x) / sigma_x) over the K - 1 inner edges e_j, so one CDF per edge and
+    no K probabilities to form (at K = 256 that halves a small network's training step). (B, ...) -> (B, ...)."""
+    mu_x = _full_precision(mu_x)[..., None]
+    sigma_x = _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))[..., None]
+    inner_edges = torch.linspace(-1, 1, K + 1, device=mu_x.device, dtype=mu_x.dtype)[1:-1]
+    return 1 - 1 / K - 2 / K * torch.special.ndtr((inner_edges - mu_x) / sigma_x).sum(-1)
+
+
+def discretised_loss_inf(x, k_hat, t, sigma_1):
     """§5.5, continuous-time loss (Algorithm 5): L^inf(x) = -ln(sigma_1) sigma_1^(-2t) ||x - k_hat(theta, t)||^2,
-    with k_hat = sum_k p_O(k | theta, t) k_c. Returns (B,)."""
-    k_hat = (_full_precision(probs) * bin_centres(probs.shape[-1], device=probs.device)).sum(-1)
+    with k_hat = sum_k p_O(k | theta, t) k_c (discretised_k_hat for §5.2's p_O): §4.12's, with k_hat. Returns (B,)."""
     return continuous_loss_inf(x, k_hat, t, sigma_1)
 
 
@@ -517,11 +518,9 @@ def discretised_sample_ode(probs_fn, shape, n_steps, sigma_1, K, order=2, genera
 
 @torch.no_grad()
 def discrete_sample_ode(probs_fn, shape, n_steps, beta_1, K, order=2, generator=None, device=None):
-    """Discrete data (§6), the probability-flow ODE solver. The flow's logits y_t = beta(t) (K e_x - 1) +
-    sqrt(beta(t) K) z follow dy/dt = y / t + beta(1) t (K e_hat - 1); in u = y / t this is du/dt = beta(1) (K e_hat -
-    1), started at u = sqrt(beta(1) K) z, so a step is u' = u + beta(1) (K e_hat - 1) (t' - t) with theta =
-    softmax(t u). Order 2 extrapolates e_hat linearly in t to the middle of the step (Adams-Bashforth). probs_fn as in
-    discrete_sample."""
+    """Discrete data (§6), the probability-flow ODE solver in u = y / t (see above): a step is u' = u + beta(1)
+    (K e_hat - 1) (t' - t), theta = softmax(t u); order 2 extrapolates e_hat linearly in t (Adams-Bashforth). probs_fn
+    as in discrete_sample."""
     t = [i / n_steps for i in range(n_steps + 1)]
     u = math.sqrt(beta_1 * K) * torch.randn((*shape, K), generator=generator, device=device)
     ones = torch.ones(shape[0], device=device)

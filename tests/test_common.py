@@ -299,7 +299,7 @@ def test_discretised_losses_exact_posterior_give_ln_K():
     recon = C.discretised_recon_loss(x, exact_bin_posterior(mu1, torch.ones(N), sigma_1, K).log())
     t = torch.rand(N, generator=g)
     mu = C.continuous_flow(x, t, sigma_1, g)
-    loss_inf = C.discretised_loss_inf(x, exact_bin_posterior(mu, t, sigma_1, K), t, sigma_1)
+    loss_inf = C.discretised_loss_inf(x, mean_bin(exact_bin_posterior(mu, t, sigma_1, K)), t, sigma_1)
     assert_mean(loss_inf + recon, D * math.log(K))
     for n in [1, 3, 30]:
         i = torch.randint(1, n + 1, (N,), generator=g)
@@ -324,6 +324,18 @@ def test_discretised_loss_n_matches_the_mixture_density():
     torch.testing.assert_close(loss, n * (log_s - log_r).sum(1), rtol=1e-4, atol=1e-3)
 
 
+def test_the_mean_bin_by_parts_is_the_mean_of_the_bin_probabilities():
+    """discretised_k_hat, summed by parts over the inner edges, is sum_k p_O(k) k_c of the clipped discretised Gaussian
+    (float64), with its tails in the end bins: means inside, near and far beyond [-1, 1], widths from tiny to wide."""
+    mu_x = torch.tensor([0.0, 0.3, -0.97, 0.999, 1.4, -3.0, 0.5, 0.12]).double()
+    sigma_x = torch.tensor([1e-3, 0.05, 0.2, 0.01, 0.3, 2.0, 10.0, 0.004]).double()
+    for K in (2, 16, 256):
+        expected = mean_bin(C.discretised_probs(mu_x, sigma_x, K))
+        torch.testing.assert_close(C.discretised_k_hat(mu_x, sigma_x, K), expected, rtol=0, atol=1e-9)
+        k_hat32 = C.discretised_k_hat(mu_x.float(), sigma_x.float(), K)
+        torch.testing.assert_close(k_hat32.double(), expected, rtol=0, atol=2e-6)  # float32, 255 terms
+
+
 def test_discretised_loss_inf_is_zero_for_a_sure_output_and_the_data_norm_for_a_uniform_one():
     """A one-hot p_O at x's bin has k_hat = x, so L^inf = 0; a uniform p_O has k_hat = 0 (the centres are symmetric),
     so L^inf = -ln(sigma_1) sigma_1^(-2t) ||x||^2."""
@@ -332,10 +344,12 @@ def test_discretised_loss_inf_is_zero_for_a_sure_output_and_the_data_norm_for_a_
     x = C.bin_centres(K)[torch.randint(0, K, (4, 3, 2, 2), generator=g)]
     t = torch.rand(4, generator=g)
     sure = torch.nn.functional.one_hot(C.bin_index(x, K), K).float()
-    torch.testing.assert_close(C.discretised_loss_inf(x, sure, t, sigma_1), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(C.discretised_loss_inf(x, mean_bin(sure), t, sigma_1), torch.zeros(4), atol=1e-6, rtol=0)
     uniform = torch.full((4, 3, 2, 2, K), 1 / K)
     expected = math.log(1 / sigma_1) * (1 / sigma_1) ** (2 * t.double()) * (x.double() ** 2).sum((1, 2, 3))
-    torch.testing.assert_close(C.discretised_loss_inf(x, uniform, t, sigma_1).double(), expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(
+        C.discretised_loss_inf(x, mean_bin(uniform), t, sigma_1).double(), expected, rtol=1e-5, atol=1e-3
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- discrete
@@ -408,6 +422,11 @@ def test_discrete_loss_n_is_the_joint_mixture_kl_not_the_factorised_one():
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
+
+
+def mean_bin(probs):
+    """k_hat = sum_k p_O(k) k_c of any probabilities over K bins (B, ..., K) -> (B, ...)."""
+    return (probs * C.bin_centres(probs.shape[-1]).to(probs.dtype)).sum(-1)
 
 
 def recorded(fn, trajectory):
@@ -524,7 +543,7 @@ def test_no_nan_or_inf_at_the_extremes():
             C.continuous_loss_inf(x, x_hat, t, sigma_1),
             C.continuous_loss_n(x, x_hat, torch.tensor([1, 1, 5, 10]), 10, sigma_1),
             C.continuous_recon_loss(x, x_hat, sigma_1, 256),
-            C.discretised_loss_inf(x, log_probs.exp(), t, sigma_1),
+            C.discretised_loss_inf(x, mean_bin(log_probs.exp()), t, sigma_1),
             C.discretised_loss_n(x, log_probs, torch.tensor([1, 2, 10, 10]), 10, sigma_1, g),
             C.discretised_recon_loss(x, log_probs),
         ]:
@@ -558,7 +577,7 @@ def test_losses_run_in_float32_under_autocast():
         losses = [
             x_hat,
             C.continuous_loss_inf(x, x_hat, t, 0.01),
-            C.discretised_loss_inf(x, bin_probs, t, 0.01),
+            C.discretised_loss_inf(x, mean_bin(bin_probs), t, 0.01),
             C.discrete_loss_inf(xs, probs, t, 3.0),
             C.discrete_loss_n(xs, probs.log(), torch.ones(4, dtype=torch.long), 2, 3.0),
             C.discrete_recon_loss(xs, probs.log()),
