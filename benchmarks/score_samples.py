@@ -327,8 +327,14 @@ def score_text(module, cfg, saved):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("files", nargs="+", help="samples-*.pt, inpaint-*.pt, prompt-*.pt or infill-*.pt of a run")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "files",
+        nargs="+",
+        help="samples-*.pt of a script, or inpaint-, prompt-, infill-, guided- and cf-guided-*.pt of beyond/",
+    )
     p.add_argument("--data-dir", help="the run's data folder, if not where the run had it")
     p.add_argument("--text-file", help="the run's --text-file, if not where the run had it")
     p.add_argument("--device", default="cpu")

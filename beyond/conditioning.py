@@ -117,7 +117,11 @@ def complete(script, cfg, runtime, net, known, particles, generator):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Other flags go to the run's script.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="The run's script takes the others: --sampler, --sample-steps, --num-samples, --batch-size, --seed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dir", help="a run directory of bfn_mnist.py, bfn_cifar.py or bfn_text8.py")
     parser.add_argument("--region", help="images: what to generate: top, bottom, left, right, centre or a mask image")
     parser.add_argument("--prompt", help="text: continue this text, given at the start of every window")

@@ -164,7 +164,11 @@ def guided_text(script, cfg, runtime, net, word, w):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Other flags go to the run's script.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="The run's script takes the others: --sampler, --sample-steps, --num-samples, --batch-size, --seed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dir", help="a run directory of bfn_mnist.py, bfn_cifar.py or bfn_text8.py")
     parser.add_argument("--weight", type=float, required=True, help="the guidance weight w (0: none)")
     parser.add_argument("--class", dest="classes", type=int, nargs="+", help="images: the classes (default: all)")

@@ -101,7 +101,7 @@ def shared_functions(module, names):
 
 
 def test_the_scripts_keep_their_budgets_and_share_their_machinery():
-    """STYLE.md, principle 17, on formatted code: each script <= 850 lines and <= 35 flags, its machinery <= 200 lines
+    """The budgets, on formatted code: each script <= 850 lines and <= 35 flags, its machinery <= 200 lines
     and the same in the three, as are the settings' helpers, the flags, the recipe and the shared writers; common.py
     <= 650 lines, its paper's samplers <= 15 lines each; each file of beyond/ <= 350 lines."""
     first = machinery(formatted(SCRIPTS[0]))
