@@ -401,7 +401,8 @@ def summary(out_dir, kind):
             runs.append(json.load(f))
     if not runs:
         return ""
-    unit, calls = runs[0]["unit"], sorted({int(c) for r in runs for c in r["samples"]})
+    unit = runs[0]["unit"]
+    calls = sorted({int(c) for r in runs for c in r.get("samples", {})})
     marks = sorted({c["minutes"] for r in runs for c in r["curve"]})  # runs of different lengths: blanks
     quality = "spelling_accuracy" if kind == "text8" else "frechet_a"
     lines = [
@@ -415,17 +416,23 @@ def summary(out_dir, kind):
     for r in runs:
         at = {c["minutes"]: f"{c['total']:.4g} ± {c['stderr']:.2g}" for c in r["curve"]}
         lines.append(
-            f"| {r['method']} | {r['lr']:g} | {r['minutes']:g} | {r['parameters'] / 1e6:.3f}M | "
+            f"| {r['method']} | {r.get('lr', 1e-3):g} | {r['minutes']:g} | {r['parameters'] / 1e6:.3f}M | "
             f"{r['steps']:,} | {r['examples_per_s']:.1f} | {r['peak_memory_mib']:.0f} | "
             + " | ".join(at.get(m, "") for m in marks)
             + f" | {r['test']['total']:.4g}"
             f" ± {r['test']['stderr']:.2g} | "
-            + " | ".join(f"{r['samples'][str(c)][quality]:.3g}" if str(c) in r["samples"] else "" for c in calls)
+            + " | ".join(
+                f"{r['samples'][str(c)][quality]:.3g}" if str(c) in r.get("samples", {}) else "" for c in calls
+            )
             + " |"
         )
     with open(os.path.join(out_dir, f"{kind}.svg"), "w") as f:
         f.write(figure(runs, f"{kind}: test bound ({unit}) against minutes of training"))
     return "\n".join(lines)
+
+
+METHOD_NAMES = {"bfn": "BFN", "diffusion": "diffusion", "transformer": "BFN, transformer"}  # another_network.py's
+METHOD_COLOURS = {"bfn": "#1f77b4", "diffusion": "#ff7f0e", "transformer": "#2ca02c"}
 
 
 def figure(runs, title, w=640, h=400, m=60):
@@ -454,12 +461,12 @@ def figure(runs, title, w=640, h=400, m=60):
         out.append(f'<text x="{m - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
     out.append(f'<text x="{w / 2}" y="{h - 16}" text-anchor="middle">minutes of training</text>')
     for k, r in enumerate(runs):
-        colour = "#1f77b4" if r["method"] == "bfn" else "#ff7f0e"
-        label = f"{'BFN' if r['method'] == 'bfn' else 'diffusion'} lr {r['lr']:g}"
+        colour = METHOD_COLOURS[r["method"]]
+        label = f"{METHOD_NAMES[r['method']]} lr {r.get('lr', 1e-3):g}"
         path = " ".join(
             f"{'M' if j == 0 else 'L'}{X(c['minutes']):.1f},{Y(c['total']):.1f}" for j, c in enumerate(r["curve"])
         )
-        dash = "" if r["lr"] == runs[0]["lr"] else "6,3"  # the first learning rate solid, others dashed
+        dash = "" if r.get("lr", 1e-3) == runs[0].get("lr", 1e-3) else "6,3"  # the first learning rate solid
         out.append(f'<path d="{path}" stroke="{colour}" stroke-width="2" fill="none" stroke-dasharray="{dash}"/>')
         out += [
             f'<path d="M{X(c["minutes"]):.1f},{Y(c["total"] - c["stderr"]):.1f} '
