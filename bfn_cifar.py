@@ -421,7 +421,7 @@ def recon_loss(x, out, cfg):
     if cfg.output == "continuous":
         std = cfg.sigma_1 if cfg.bins == 256 else 0.7 * cfg.sigma_1
         return common.continuous_recon_loss(x, out, std, cfg.bins)
-    return common.discretised_recon_loss(x, common.discretised_log_probs(*out, cfg.bins))
+    return common.discretised_recon_loss(x, *out, cfg.bins)
 
 
 def drop_labels(labels, p_null=0.1):

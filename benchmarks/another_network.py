@@ -154,10 +154,7 @@ def bound(net, kind, images, batch, seed=0):
         x = as_data(kind, images[start : start + batch], generator)
         ones = torch.ones(len(x))
         out = output(net, kind, flow(kind, x, ones, generator), ones)  # L^r (§6.9, §5.6): -ln p_O(x | theta, 1)
-        if kind == "mnist":
-            recon = common.discrete_recon_loss(x, out)
-        else:
-            recon = common.discretised_recon_loss(x, common.discretised_log_probs(*out, 256))
+        recon = common.discrete_recon_loss(x, out) if kind == "mnist" else common.discretised_recon_loss(x, *out, 256)
         totals.append(recon + loss_inf(net, kind, x, torch.rand(len(x), generator=generator), generator))
     total = torch.cat(totals).double() / (1 if kind == "mnist" else 3072 * math.log(2))
     return {"total": total.mean().item(), "stderr": total.std().item() / math.sqrt(len(total))}

@@ -296,7 +296,8 @@ def test_discretised_losses_exact_posterior_give_ln_K():
     g = gen(11)
     x = C.bin_centres(K)[torch.randint(0, K, (N, D), generator=g)]
     mu1 = C.continuous_flow(x, torch.ones(N), sigma_1, g)
-    recon = C.discretised_recon_loss(x, exact_bin_posterior(mu1, torch.ones(N), sigma_1, K).log())
+    posterior = exact_bin_posterior(mu1, torch.ones(N), sigma_1, K)
+    recon = -posterior.gather(-1, C.bin_index(x, K)[..., None]).log().sum((1, 2))
     t = torch.rand(N, generator=g)
     mu = C.continuous_flow(x, t, sigma_1, g)
     loss_inf = C.discretised_loss_inf(x, mean_bin(exact_bin_posterior(mu, t, sigma_1, K)), t, sigma_1)
@@ -535,7 +536,8 @@ def test_no_nan_or_inf_at_the_extremes():
         mu = C.continuous_flow(x, t, sigma_1, g)
         eps = torch.randn(4, 8, generator=g)
         x_hat = C.continuous_x_hat(mu, t, eps, sigma_1)
-        log_probs = C.discretised_log_probs(*C.discretised_output(mu, t, eps, eps, sigma_1), 256)
+        out = C.discretised_output(mu, t, eps, eps, sigma_1)
+        log_probs = C.discretised_log_probs(*out, 256)
         for v in [
             mu,
             x_hat,
@@ -545,7 +547,7 @@ def test_no_nan_or_inf_at_the_extremes():
             C.continuous_recon_loss(x, x_hat, sigma_1, 256),
             C.discretised_loss_inf(x, mean_bin(log_probs.exp()), t, sigma_1),
             C.discretised_loss_n(x, log_probs, torch.tensor([1, 2, 10, 10]), 10, sigma_1, g),
-            C.discretised_recon_loss(x, log_probs),
+            C.discretised_recon_loss(x, *out, 256),
         ]:
             assert torch.isfinite(v).all()
     for beta_1 in [1e-3, 9.0, 1e4]:
@@ -740,6 +742,28 @@ def test_bin_log_probabilities_are_exact_far_into_the_tails():
     assert recon.item() == pytest.approx(expected.item(), rel=0.01)
 
 
+def test_discretised_recon_loss_scores_the_bin_of_x():
+    """L^r from x's own bin equals -ln p_O(x) read off all K bins, with x in the clipped edge bins and far from mu_x,
+    and the float64 CDF difference where that is exact."""
+    g = gen(72)
+    for K in [16, 256]:
+        x = C.bin_centres(K)[torch.randint(0, K, (40, 3), generator=g)]
+        x[0] = torch.tensor([-1.0, 1.0, C.bin_centres(K)[0].item()])  # the edge bins, and -1 itself
+        mu_x = x + torch.randn(40, 3, generator=g) * torch.tensor([0.001, 0.1, 3.0])
+        sigma_x = torch.rand(40, 3, generator=g) * 0.2 + 0.005
+        log_p = C.discretised_log_probs(mu_x, sigma_x, K)
+        expected = -log_p.gather(-1, C.bin_index(x, K)[..., None]).sum((1, 2))
+        assert torch.equal(C.discretised_recon_loss(x, mu_x, sigma_x, K), expected)
+        edges = torch.linspace(-1, 1, K + 1, dtype=torch.float64)
+        k = C.bin_index(x, K)[1:]
+        p64 = normal_bin_prob64(edges[k], edges[k + 1], mu_x[1:].double(), sigma_x[1:].double())
+        p64 = torch.where(k == 0, 0.5 * torch.erfc(-(edges[k + 1] - mu_x[1:]) / sigma_x[1:] / math.sqrt(2)), p64)
+        p64 = torch.where(k == K - 1, 0.5 * torch.erfc((edges[k] - mu_x[1:]) / sigma_x[1:] / math.sqrt(2)), p64)
+        near = (p64 > 1e-200).all(-1)
+        recon = C.discretised_recon_loss(x[1:], mu_x[1:], sigma_x[1:], K)
+        torch.testing.assert_close(recon[near].double(), -p64.log().sum(-1)[near], rtol=1e-4, atol=1e-3)
+
+
 def test_no_finite_network_output_gives_a_nan_or_inf():
     """The discretised output clamps ln sigma_eps and sigma_x as the authors' release does: any finite (mu_eps,
     ln sigma_eps) gives finite log-probabilities that sum to 1, and finite gradients."""
@@ -747,14 +771,13 @@ def test_no_finite_network_output_gives_a_nan_or_inf():
     log_sigma_eps = torch.tensor([0.0, 0.0, 0.0, 1e6, -1e6, 80.0], requires_grad=True)
     mu, t = torch.full((6,), 0.2), torch.tensor([0.5, 0.5, 0.9, 1.0, 0.3, 1e-3])
     for K in [16, 256]:
-        log_p = C.discretised_log_probs(
-            *C.discretised_output(mu[:, None], t, mu_eps[:, None], log_sigma_eps[:, None], 0.001), K
-        )
+        out = C.discretised_output(mu[:, None], t, mu_eps[:, None], log_sigma_eps[:, None], 0.001)
+        log_p = C.discretised_log_probs(*out, K)
         assert torch.isfinite(log_p).all()
         torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(6, 1), rtol=1e-4, atol=1e-4)
         x = C.bin_centres(K)[torch.tensor([[3], [0], [K - 1], [5], [7], [2]])]
         (
-            C.discretised_recon_loss(x, log_p).sum()
+            C.discretised_recon_loss(x, *out, K).sum()
             + C.discretised_loss_n(x, log_p, torch.tensor([3] * 6), 5, 0.001, gen(71)).sum()
         ).backward()
         assert torch.isfinite(mu_eps.grad).all() and torch.isfinite(log_sigma_eps.grad).all()
