@@ -55,8 +55,7 @@ def error(message):
 
 
 def setting(default, help=None, choices=None, low=None, fixed=False):
-    """A field of Config: its default, --help (None: only presets set it), choices or bound (an int at least low, a
-    float more than low); fixed: it shapes the model or the data, so a checkpoint keeps it."""
+    """A Config field: default, --help (None: presets only), choices, bound (int >= low, float > low), fixed (kept)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "fixed": fixed})
 
 
@@ -114,27 +113,26 @@ GROUPS = 32  # GroupNorm groups at most (the authors')
 
 
 def check(cfg):
-    """The first problem with the settings, in one line, or None."""
+    """Stop with one line at the first problem with the settings."""
     for field in dataclasses.fields(Config):
         value = getattr(cfg, field.name)
         low = field.metadata["low"]
         if field.type is int and low is not None and value < low:
-            return f"--{field.name.replace('_', '-')} must be at least {low}, got {value}"
+            raise error(f"--{field.name.replace('_', '-')} must be at least {low}, got {value}")
         if field.type is float and low is not None and not value > low:
-            return f"--{field.name.replace('_', '-')} must be more than {low:g}, got {value}"
+            raise error(f"--{field.name.replace('_', '-')} must be more than {low:g}, got {value}")
     if any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n):
-        return f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}"
+        raise error(f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}")
     if cfg.eval_only and cfg.sample_only:
-        return "--eval-only and --sample-only exclude each other"
+        raise error("--eval-only and --sample-only exclude each other")
     if cfg.resume and cfg.init_from:
-        return "--resume and --init-from exclude each other"
+        raise error("--resume and --init-from exclude each other")
     if not cfg.sigma_1 < 1:
-        return f"--sigma-1 must be less than 1, got {cfg.sigma_1}"
+        raise error(f"--sigma-1 must be less than 1, got {cfg.sigma_1}")
     if cfg.channels % 8:
-        return f"--channels must be a multiple of 8, got {cfg.channels}"
+        raise error(f"--channels must be a multiple of 8, got {cfg.channels}")
     if cfg.conditional and GROUPS % cfg.channels == 0:
-        return f"--conditional needs more --channels than the {GROUPS} GroupNorm groups"
-    return None
+        raise error(f"--conditional needs more --channels than the {GROUPS} GroupNorm groups")
 
 
 def parse_flags(argv=None):
@@ -184,8 +182,7 @@ def read_cifar_batch(path):
 
 
 def load_cifar(data_dir):
-    """{train, test}: ((N, 3, 32, 32) uint8 images, (N,) labels). Missing files are downloaded by torchvision
-    (MD5-checked) into data_dir; a --data-dir that does not exist is refused, and a failed download leaves no folder."""
+    """{train, test}: ((N, 3, 32, 32) uint8, (N,) labels); missing files downloaded by torchvision (MD5-checked)."""
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     if not all(os.path.exists(os.path.join(folder, name)) for names in CIFAR_FILES.values() for name in names):
         if data_dir != Config.data_dir and not os.path.isdir(data_dir):
@@ -210,8 +207,7 @@ def load_cifar(data_dir):
 
 
 def load_data(cfg, device):
-    """{train, val, test}: (N, 3, 32, 32) uint8 pixels, and {train, val, test}_labels: (N,) classes 0..9, on the device;
-    train/val is a fixed 99% / 1% split of the training set."""
+    """{train, val, test}: (N, 3, 32, 32) uint8 and {...}_labels (N,) on the device; val: 1% of the training set."""
     cifar = load_cifar(cfg.data_dir)
     images, labels = cifar["train"]
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
@@ -227,8 +223,7 @@ def load_data(cfg, device):
 
 
 def as_data(images, cfg, generator=None):
-    """What the BFN models: 8-bit pixels v -> the centre of bin floor(v K / 256) on [-1, 1] (§5.1), K = --bins.
-    (B, 3, 32, 32) uint8 -> float32."""
+    """8-bit pixels v (B, 3, 32, 32) -> the centre of bin floor(v K / 256) on [-1, 1] (§5.1), K = --bins; float32."""
     return common.bin_centres(cfg.bins, device=images.device)[images.long() * cfg.bins // 256]
 
 
@@ -263,16 +258,14 @@ def zero(layer):
 
 
 def time_embedding(t, dim):
-    """VDM's sinusoidal features [sin, cos] of 1000 (t + 0.001), frequencies 10^(-4 k / (dim / 2 - 1)).
-    (B,) -> (B, dim)."""
+    """VDM's [sin, cos] of 1000 (t + 0.001) at frequencies 10^(-4 k / (dim / 2 - 1)). (B,) -> (B, dim)."""
     freqs = torch.logspace(0, -4, dim // 2, device=t.device)
     args = 1000 * (t.float() + 0.001)[:, None] * freqs  # (B, dim / 2)
     return torch.cat([args.sin(), args.cos()], -1)
 
 
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv; plus a projection of the time embedding (no bias, starts at zero); GroupNorm, SiLU,
-    dropout, conv; plus the (projected) input."""
+    """GroupNorm, SiLU, conv, plus t's embedding projected (from zero); GroupNorm, SiLU, dropout, conv; plus input."""
 
     def __init__(self, c_in, c_out, c_emb, dropout, groups):
         super().__init__()
@@ -306,18 +299,14 @@ class Attention(nn.Module):
 
 
 def fourier_features(x, exponents=(6, 7)):
-    """VDM's input features sin(2^n pi x), cos(2^n pi x): fine detail of the input mean.
-    (B, C, H, W) -> (B, 4C, H, W)."""
+    """VDM's input features sin(2^n pi x), cos(2^n pi x), fine detail of mu. (B, C, H, W) -> (B, 4C, H, W)."""
     f = torch.cat([2**n * math.pi * x for n in exponents], 1)  # (B, 2C, H, W)
     return torch.cat([f.sin(), f.cos()], 1)
 
 
 class UNet(nn.Module):
-    """Psi(mu, t): input mean mu (B, 3, 32, 32) and t (B,); output (B, n_out, 3, 32, 32): the noise eps_hat (n_out = 1,
-    continuous) or (mu_eps, ln sigma_eps) (n_out = 2, discretised).
-    The U-Net's output features are concatenated with mu, and a linear layer gives each pixel's n_out x 3 outputs.
-    With classes > 0, a label y (B,) in 0..classes (classes, or None: no label) adds a learned embedding to the time
-    embedding; with classes = 0 and groups = 32 it is the authors' network."""
+    """Psi(mu, t): mu (B, 3, 32, 32), t (B,) -> eps_hat (B, 1, 3, 32, 32) or (mu_eps, ln sigma_eps) (B, 2, ...), a
+    linear map of the U-Net's features and mu. classes > 0: a label y (B,) in 0..classes (classes: none) adds to t's."""
 
     def __init__(self, channels=128, res_blocks=32, dropout=0.1, n_out=1, classes=0, groups=32):
         super().__init__()
@@ -357,15 +346,13 @@ class UNet(nn.Module):
 
 
 def make_network(cfg):
-    """The U-Net of the settings: one output per sub-pixel for continuous data, two for discretised; a label
-    embedding for --conditional."""
+    """The U-Net of the settings: one output per sub-pixel (continuous), or two (discretised); --conditional."""
     outputs = 1 if cfg.output == "continuous" else 2
     return UNet(cfg.channels, cfg.res_blocks, cfg.dropout, outputs, 10 if cfg.conditional else 0)
 
 
 def from_authors(state):
-    """A state_dict of the authors' BFN module (`net.` + their names) -> this network's. Their input adapter holds
-    only fixed features (not used by this network)."""
+    """A state_dict of the authors' BFN module (`net.` + their names) -> this network's (their fixed features not)."""
     renames = [
         ("output_adapter.output_projection.", "output_projection."),
         (".resnet_block.", "."),
@@ -389,8 +376,7 @@ def from_authors(state):
 
 
 def output(net, mu, t, cfg, runtime, labels=None):
-    """The output distribution's parameters in float32: x_hat (B, 3, 32, 32) for continuous data, (mu_x, sigma_x) for
-    discretised, given labels (B,) of a conditional network (None: the null label)."""
+    """p_O's parameters in float32: x_hat (B, 3, 32, 32) (continuous) or (mu_x, sigma_x) (discretised); labels (B,)."""
     with runtime.autocast:
         out = net(mu, t, labels)
     out = out.float()  # (B, 1 or 2, 3, H, W)
@@ -415,9 +401,7 @@ def loss_n(x, out, i, n, cfg, generator):
 
 
 def recon_loss(x, out, cfg):
-    """L^r (§4.13 or §5.6) of x (B, 3, 32, 32) given the output at t = 1. (B,) nats/image. The continuous output is
-    scored under N(x_hat, s^2) discretised to the bins, s = sigma_1 for 256 bins and 0.7 sigma_1 for 16 (the
-    authors')."""
+    """L^r (§4.13, §5.6) of x (B, 3, 32, 32) at t = 1, (B,); x_hat under N(x_hat, s^2), s = sigma_1 (16 bins: 0.7x)."""
     if cfg.output == "continuous":
         std = cfg.sigma_1 if cfg.bins == 256 else 0.7 * cfg.sigma_1
         return common.continuous_recon_loss(x, out, std, cfg.bins)
@@ -425,9 +409,7 @@ def recon_loss(x, out, cfg):
 
 
 def drop_labels(labels, p_null=0.1):
-    """Training labels (B,) with a fraction p_null replaced by the null label 10, so that one network learns both
-    p(x | class) and p(x), as classifier-free guidance needs (Ho and Salimans, arXiv:2207.12598); None (an
-    unconditional network) stays None."""
+    """Labels (B,), p_null of them the null label 10: p(x | class) and p(x) in one network (Ho and Salimans, 2022)."""
     if labels is None:
         return None
     null = torch.rand(len(labels), device=labels.device) < p_null
@@ -435,8 +417,7 @@ def drop_labels(labels, p_null=0.1):
 
 
 def train_loss(net, batch, cfg, runtime):
-    """L^inf (Algorithms 2 and 5) of a batch (x (B, 3, 32, 32), labels (B,) or None): t ~ U(0, 1), mu ~ p_F(. | x; t).
-    (B,) nats/image."""
+    """L^inf (Algorithms 2, 5) of a batch (x (B, 3, 32, 32), labels or None): t ~ U(0, 1), mu ~ p_F. (B,) nats."""
     x, labels = batch
     t = common.training_times(len(x), cfg.t_draw == "stratified", device=x.device)
     mu = common.continuous_flow(x, t, cfg.sigma_1)
@@ -453,8 +434,7 @@ def make_optimizer(model, lr):
 
 
 def optimizer_step(cfg, model, ema, optimizer, step, progress=None):
-    """The rest of the recipe: the learning rate (warm-up; cosine decay to 0.1 --lr as progress goes 0 to 1), the
-    gradient norm clipped at 5, AdamW, and the EMA with TensorFlow's warm-up (1 + n) / (10 + n) to 0.9999."""
+    """The learning rate (warm-up, cosine to 0.1 --lr), clipping at norm 5, AdamW, and the EMA (warm-up to 0.9999)."""
     if progress is None:
         progress = min(1.0, max(0, step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
     decay = 1.0
@@ -467,15 +447,44 @@ def optimizer_step(cfg, model, ema, optimizer, step, progress=None):
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         for ema_weight, weight in zip(ema.parameters(), model.parameters()):
-            ema_weight.lerp_(weight, 1 - min(0.9999, (2 + step) / (11 + step)))  # n = step + 1
+            ema_weight.lerp_(weight, 1 - min(0.9999, (2 + step) / (11 + step)))  # TensorFlow's (1 + n) / (10 + n)
     return grad_norm
+
+
+MEMORY_ADVICE = "lower --batch-size and raise --grad-accum as much (the same global batch), or use --preset quick"
+CGROUP = "/sys/fs/cgroup/"  # where Linux keeps a container's memory limit and usage
+CGROUP_FILES = [("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")]
+
+
+def check_memory(cfg, runtime, model, data):
+    """Stop before the first step unless the batch's activations, gradients and AdamW moments fit in free memory."""
+    kept = {}  # the bytes of each storage kept, counted once
+
+    def keep(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        train_loss(model, get_batch(data, dataclasses.replace(cfg, batch_size=1)), cfg, runtime)
+    weights = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    per_example = sum(size for pointer, size in kept.items() if pointer not in weights)  # its peak: 1.1-1.3 times this
+    need = 1.6 * per_example * cfg.batch_size + 3 * sum(weights.values())  # with a margin; gradients, AdamW's moments
+    free = [torch.cuda.mem_get_info(runtime.device)[0] if runtime.device.type == "cuda" else math.inf]
+    if runtime.device.type == "cpu":  # as Linux counts it, and within a container's limit (cgroup v2 or v1)
+        with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        for limit, usage in CGROUP_FILES:  # no such files, or no limit ("max"): nothing to add
+            with contextlib.suppress(OSError, ValueError), open(CGROUP + limit) as a, open(CGROUP + usage) as b:
+                free.append(int(a.read()) - int(b.read()))
+    usage = f"a step of --batch-size {cfg.batch_size} needs about {need / 2**30:.1f} GiB"
+    if need > min(free):
+        raise error(f"{usage}, and {runtime.device} has {min(free) / 2**30:.1f} GiB free: {MEMORY_ADVICE}")
+    runtime.log(f"{usage}, {min(free) / 2**30:.1f} GiB free")
 
 
 @torch.no_grad()
 def evaluate(net, cfg, runtime, data, step):
-    """The test bound -ln p(x) <= L^n + L^r for each n of --eval-n (inf: L^inf) on the first --eval-examples test
-    images, over --eval-repeats passes with fresh noise, the steps i of L^n stratified over the images: its mean in
-    bits/dim and standard error over images, in eval.json and the log."""
+    """The test bound -ln p(x) <= L^n + L^r for each --eval-n (inf: L^inf), first --eval-examples, --eval-repeats."""
     generator = torch.Generator(runtime.device).manual_seed(cfg.seed)
     images = data["test"][: cfg.eval_examples or None]
 
@@ -500,8 +509,8 @@ def evaluate(net, cfg, runtime, data, step):
 
 
 def write_eval(losses, recon, cfg, runtime, step):
-    """Per-example losses in nats, pass after pass ({n: [(B,), ...]}, [(B,), ...]) -> the bound in the paper's unit:
-    its mean and standard error over examples (each example's passes averaged first), in eval.json and the log."""
+    """Losses in nats ({n: [(B,), ...]}, [(B,), ...], pass after pass) -> the bound's mean and standard error over
+    examples in the paper's unit (each example's passes averaged first), in eval.json and the log."""
     recon = in_paper_unit(torch.cat(recon).double().view(cfg.eval_repeats, -1).mean(0), cfg)
     result = {}
     for n, parts in losses.items():
@@ -533,8 +542,7 @@ SAMPLERS = {
 
 
 def prediction(net, cfg, runtime, labels=None):
-    """The network as the samplers take it: (mu, t) -> x_hat (continuous data), or p_O(. | mu, t) over the bins
-    (discretised), given labels (B,) of a conditional network (None: the null label)."""
+    """The network as the samplers take it: (mu, t) -> x_hat (continuous) or p_O over the bins; labels (B,) or None."""
 
     def predict(mu, t):
         out = output(net, mu, t, cfg, runtime, labels)
@@ -547,8 +555,7 @@ def prediction(net, cfg, runtime, labels=None):
 
 @torch.no_grad()
 def generate(predict, n, cfg, runtime, generator):
-    """n images (n, 3, 32, 32) in [-1, 1] from the --sampler at --sample-steps: Algorithm 3 or 6, or the ODE or SDE
-    solver. predict(mu, t) -> x_hat or p_O, as prediction() makes it."""
+    """n images (n, 3, 32, 32) in [-1, 1] by the --sampler (Algorithm 3 or 6, ODE, SDE) from predict (prediction())."""
     sampler = SAMPLERS[cfg.output][cfg.sampler]
     shape = (n, 3, 32, 32)
     if cfg.output == "continuous":
@@ -561,8 +568,7 @@ def generate(predict, n, cfg, runtime, generator):
 
 
 def recording(predict, trajectory, cfg, rows=8):
-    """predict, appending at each call its t and, for the first `rows` images, mu and the prediction (x_hat, or the
-    mean bin k_hat of p_O) to trajectory."""
+    """predict, appending each call's t, mu and prediction (x_hat, or p_O's mean bin) of `rows` images to trajectory."""
 
     def call(mu, t):
         out = predict(mu, t)
@@ -576,16 +582,14 @@ def recording(predict, trajectory, cfg, rows=8):
 
 
 def save_samples(x, labels, cfg, name):
-    """Samples (N, 3, 32, 32) in [-1, 1] and their classes (N,) or None, with the run's settings, for
-    benchmarks/score_samples.py."""
+    """Samples (N, 3, 32, 32) in [-1, 1], classes (N,) or None, and the settings, for benchmarks/score_samples.py."""
     labels = None if labels is None else labels.cpu()
     saved = {"samples": x.float().cpu(), "labels": labels, "script": SCRIPT, "config": dataclasses.asdict(cfg)}
     torch.save(saved, os.path.join(cfg.out_dir, name))
 
 
 def save_gif(frames, nrow, path, max_frames=100):
-    """An animated GIF of image grids, at most max_frames of them evenly spaced (the last one kept, and held):
-    frames: a list of (N, C, H, W) in [0, 1]."""
+    """An animated GIF of grids of frames [(N, C, H, W) in [0, 1]], at most max_frames evenly spaced, the last held."""
     from PIL import Image
     from torchvision.utils import make_grid
 
@@ -607,9 +611,8 @@ def as_image(x):
 
 @torch.no_grad()
 def write_samples(net, cfg, runtime):
-    """samples.png (a grid; for a conditional model a row per class), samples-SAMPLER-STEPS.pt, evolution.png (for 4
-    samples, two rows: mu, then the prediction x_hat or the mean bin k_hat, at t = 0, 0.1, ..., 1) and evolution.gif
-    (every network call, 8 samples)."""
+    """samples.png (conditional: a row per class), samples-SAMPLER-STEPS.pt, evolution.png (4 samples: mu, then x_hat
+    or k_hat, at t = 0, 0.1, ..., 1) and evolution.gif (every network call, 8 samples)."""
     from torchvision.utils import save_image
 
     generator = torch.Generator(runtime.device).manual_seed(cfg.seed)
@@ -672,9 +675,7 @@ def prepare(argv=None):
                 change = f"--{name.replace('_', '-')} {saved[name]} in the checkpoint, {given[name]} now"
                 raise error(f"the checkpoint's model or data differ: {change}; leave it out")
     cfg = Config(**(defaults | saved | given))
-    problem = check(cfg)
-    if problem:
-        raise error(problem)
+    check(cfg)
     return cfg, runtime, ckpt
 
 
@@ -771,6 +772,7 @@ def train(cfg, runtime, data, model, ema, optimizer, step):
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
 
+    check_memory(cfg, runtime, model, data)
     previous_handlers = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     first = step
     logged = step
@@ -834,8 +836,7 @@ def main(argv=None):
         if runtime.rank == 0 and not cfg.eval_only:
             write_samples(ema, cfg, runtime)
     except torch.cuda.OutOfMemoryError:
-        advice = f"lower --batch-size {cfg.batch_size} and raise --grad-accum {cfg.grad_accum} to keep the global batch"
-        raise error(f"out of memory on {runtime.device}: {advice}") from None
+        raise error(f"out of memory on {runtime.device} at --batch-size {cfg.batch_size}: {MEMORY_ADVICE}") from None
     runtime.log(f"done: {cfg.out_dir}")
     if runtime.world > 1:
         dist.barrier()  # the other processes wait for rank 0's evaluation and samples

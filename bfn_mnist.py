@@ -56,8 +56,7 @@ def error(message):
 
 
 def setting(default, help=None, choices=None, low=None, fixed=False):
-    """A field of Config: its default, --help (None: only presets set it), choices or bound (an int at least low, a
-    float more than low); fixed: it shapes the model or the data, so a checkpoint keeps it."""
+    """A Config field: default, --help (None: presets only), choices, bound (int >= low, float > low), fixed (kept)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "fixed": fixed})
 
 
@@ -106,25 +105,24 @@ GROUPS = 32  # GroupNorm groups at most (the authors')
 
 
 def check(cfg):
-    """The first problem with the settings, in one line, or None."""
+    """Stop with one line at the first problem with the settings."""
     for field in dataclasses.fields(Config):
         value = getattr(cfg, field.name)
         low = field.metadata["low"]
         if field.type is int and low is not None and value < low:
-            return f"--{field.name.replace('_', '-')} must be at least {low}, got {value}"
+            raise error(f"--{field.name.replace('_', '-')} must be at least {low}, got {value}")
         if field.type is float and low is not None and not value > low:
-            return f"--{field.name.replace('_', '-')} must be more than {low:g}, got {value}"
+            raise error(f"--{field.name.replace('_', '-')} must be more than {low:g}, got {value}")
     if any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n):
-        return f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}"
+        raise error(f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}")
     if cfg.eval_only and cfg.sample_only:
-        return "--eval-only and --sample-only exclude each other"
+        raise error("--eval-only and --sample-only exclude each other")
     if cfg.resume and cfg.init_from:
-        return "--resume and --init-from exclude each other"
+        raise error("--resume and --init-from exclude each other")
     if cfg.channels % 8:
-        return f"--channels must be a multiple of 8, got {cfg.channels}"
+        raise error(f"--channels must be a multiple of 8, got {cfg.channels}")
     if cfg.conditional and GROUPS % (2 * cfg.channels) == 0:
-        return f"--conditional needs more --channels: a level with more than {GROUPS} GroupNorm groups"
-    return None
+        raise error(f"--conditional needs more --channels: a level with more than {GROUPS} GroupNorm groups")
 
 
 def parse_flags(argv=None):
@@ -177,8 +175,7 @@ def read_idx(path):
 
 
 def load_mnist(data_dir):
-    """{train, test}: ((N, 28, 28) images, (N,) labels), uint8. Missing files are downloaded by torchvision
-    (MD5-checked) into data_dir; a --data-dir that does not exist is refused; a failed download leaves no folder."""
+    """{train, test}: ((N, 28, 28) uint8, (N,) labels); missing files downloaded by torchvision (MD5-checked)."""
     raw = os.path.join(data_dir, "MNIST", "raw")
     paths = {split: [os.path.join(raw, name) for name in names] for split, names in MNIST_FILES.items()}
     if not all(os.path.exists(path) for split in paths.values() for path in split):
@@ -202,9 +199,8 @@ def load_mnist(data_dir):
 
 
 def two_digit_images(digits, labels, n, seed):
-    """n 64x64 images of two random digits side by side, each at a random vertical offset (0..36) and a horizontal
-    jitter (0..4) within its half, and their labels, the numbers 10 left + right; deterministic given the seed.
-    (N, 28, 28), (N,) -> (n, 64, 64) uint8, (n,) uint8."""
+    """n 64x64 images of two random digits side by side (offsets 0..36 down, 0..4 across), labelled 10 left + right;
+    deterministic given the seed. (N, 28, 28), (N,) -> (n, 64, 64) uint8, (n,) uint8."""
     generator = torch.Generator().manual_seed(seed)
     canvas = torch.zeros(n, 64, 64, dtype=torch.uint8)
     number = torch.zeros(n, dtype=torch.uint8)
@@ -221,8 +217,7 @@ def two_digit_images(digits, labels, n, seed):
 
 
 def load_data(cfg, device):
-    """{train, val, test}: (N, H, W) uint8 grey levels, and {train, val, test}_labels: (N,) uint8 (the digit, or the
-    number 00-99), on the device; train/val is a fixed 99% / 1% split of the training set."""
+    """{train, val, test}: (N, H, W) uint8 and {...}_labels (N,) (digit, or 00-99) on the device; val: 1% of train."""
     mnist = load_mnist(cfg.data_dir)
     if cfg.digits == 2:
         mnist["train"] = two_digit_images(*mnist["train"], 60_000, cfg.seed)
@@ -241,8 +236,7 @@ def load_data(cfg, device):
 
 
 def as_data(images, cfg, generator=None):
-    """What the BFN models: dynamic binarisation, pixel = 1 (black) with probability grey / 255, drawn afresh at every
-    read. (B, H, W) uint8 -> (B, H, W) long."""
+    """Dynamic binarisation, drawn afresh at every read: pixel 1 (black) with probability grey / 255. -> (B, H, W)."""
     return torch.bernoulli(images.float() / 255, generator=generator).long()
 
 
@@ -300,8 +294,7 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H x W positions, with a residual connection; the qkv channels are laid out
-    per head (q, k, v of head 0, then of head 1, ...), as in the authors' network."""
+    """Self-attention over the H x W positions, plus its input; qkv channels per head (q, k, v of head 0, ...)."""
 
     def __init__(self, c, groups, heads=4):
         super().__init__()
@@ -328,11 +321,9 @@ class Layers(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    """Psi(theta, t): the input 2 theta_0 - 1 (theta_0: the probability of a white pixel, the authors' convention)
-    (B, H, W) and t (B,) -> the logit of a black pixel (B, H, W). Each pixel's [2 theta_0 - 1, 2 t - 1] is projected to
-    `channels` features, which a linear layer reads with the U-Net's output to give the logit. With classes > 0, a
-    label y (B,) in 0..classes (classes, or None: no label) adds an embedding to the time embedding (embed_label);
-    with classes = 0 and groups = 32 it is the authors' network."""
+    """Psi(theta, t): 2 theta_0 - 1 (B, H, W) (theta_0: P(white), the authors' convention), t (B,) -> the logit of a
+    black pixel (B, H, W), a linear map of the U-Net's output and each pixel's features of [2 theta_0 - 1, 2 t - 1].
+    classes > 0: a label y (B,) in 0..classes (classes: none) adds embed_label(y) to t's embedding."""
 
     def __init__(self, channels=128, mults=(1, 2, 2), res_blocks=2, dropout=0.5, classes=0, groups=32):
         super().__init__()
@@ -411,8 +402,7 @@ def make_network(cfg):
 
 
 def from_authors(state):
-    """A state_dict of the authors' BFN module (`net.` + their names) -> this network's: the output layer is theirs
-    `output_adapter.output_projection`; their input adapter holds only fixed features (not used by this network)."""
+    """A state_dict of the authors' BFN module (`net.` + their names) -> this network's (their fixed features not)."""
     ours = {}
     for name, tensor in state.items():
         name = name.removeprefix("net.").replace("output_adapter.output_projection.", "output_projection.")
@@ -435,9 +425,8 @@ def output_log_probs(net, theta, t, runtime, labels=None):
 
 
 def drop_labels(labels, cfg, p_null=0.1):
-    """Training labels (B,) with a fraction p_null replaced by the null label 10 ** --digits, so that one network
-    learns both p(x | class) and p(x), as classifier-free guidance needs (Ho and Salimans, arXiv:2207.12598); None
-    (an unconditional network) stays None."""
+    """Labels (B,), a fraction p_null made the null label 10 ** --digits: one network learns p(x | class) and p(x),
+    as classifier-free guidance needs (Ho and Salimans, arXiv:2207.12598); None (unconditional) stays None."""
     if labels is None:
         return None
     null = torch.rand(len(labels), device=labels.device) < p_null
@@ -445,8 +434,7 @@ def drop_labels(labels, cfg, p_null=0.1):
 
 
 def train_loss(net, batch, cfg, runtime):
-    """L^inf (§6.7, Algorithm 8) of a batch (x (B, H, W), labels (B,) or None): t ~ U(0, 1), theta ~ p_F(. | x; t).
-    (B,) nats/image."""
+    """L^inf (§6.7, Algorithm 8) of a batch (x (B, H, W), labels or None): t ~ U(0, 1), theta ~ p_F. (B,) nats."""
     x, labels = batch
     t = common.training_times(len(x), cfg.t_draw == "stratified", device=x.device)
     theta = common.discrete_flow(x, t, cfg.beta_1, K)
@@ -464,8 +452,7 @@ def make_optimizer(model, lr):
 
 
 def optimizer_step(cfg, model, ema, optimizer, step, progress=None):
-    """The rest of the recipe: the learning rate (warm-up; cosine decay to 0.1 --lr as progress goes 0 to 1), the
-    gradient norm clipped at 5, AdamW, and the EMA with TensorFlow's warm-up (1 + n) / (10 + n) to 0.9999."""
+    """The learning rate (warm-up, cosine to 0.1 --lr), clipping at norm 5, AdamW, and the EMA (warm-up to 0.9999)."""
     if progress is None:
         progress = min(1.0, max(0, step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
     decay = 1.0
@@ -478,15 +465,46 @@ def optimizer_step(cfg, model, ema, optimizer, step, progress=None):
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         for ema_weight, weight in zip(ema.parameters(), model.parameters()):
-            ema_weight.lerp_(weight, 1 - min(0.9999, (2 + step) / (11 + step)))  # n = step + 1
+            ema_weight.lerp_(weight, 1 - min(0.9999, (2 + step) / (11 + step)))  # TensorFlow's (1 + n) / (10 + n)
     return grad_norm
+
+
+MEMORY_ADVICE = "lower --batch-size and raise --grad-accum as much (the same global batch), or use --preset quick"
+CGROUP = "/sys/fs/cgroup/"  # where Linux keeps a container's memory limit and usage
+CGROUP_FILES = [("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")]
+
+
+def check_memory(cfg, runtime, model, data):
+    """Stop before the first step unless the batch's activations, gradients and AdamW moments fit in free memory."""
+    kept = {}  # the bytes of each storage kept, counted once
+
+    def keep(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        train_loss(model, get_batch(data, dataclasses.replace(cfg, batch_size=1)), cfg, runtime)
+    weights = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    per_example = sum(size for pointer, size in kept.items() if pointer not in weights)  # its peak: 1.1-1.3 times this
+    need = 1.6 * per_example * cfg.batch_size + 3 * sum(weights.values())  # with a margin; gradients, AdamW's moments
+    free = [torch.cuda.mem_get_info(runtime.device)[0] if runtime.device.type == "cuda" else math.inf]
+    if runtime.device.type == "cpu":  # as Linux counts it, and within a container's limit (cgroup v2 or v1)
+        with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        for limit, usage in CGROUP_FILES:  # no such files, or no limit ("max"): nothing to add
+            with contextlib.suppress(OSError, ValueError), open(CGROUP + limit) as a, open(CGROUP + usage) as b:
+                free.append(int(a.read()) - int(b.read()))
+    usage = f"a step of --batch-size {cfg.batch_size} needs about {need / 2**30:.1f} GiB"
+    if need > min(free):
+        raise error(f"{usage}, and {runtime.device} has {min(free) / 2**30:.1f} GiB free: {MEMORY_ADVICE}")
+    runtime.log(f"{usage}, {min(free) / 2**30:.1f} GiB free")
 
 
 @torch.no_grad()
 def evaluate(net, cfg, runtime, data, step):
-    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n of --eval-n (inf: L^inf, §6.7) on the first
-    --eval-examples test images, over --eval-repeats passes with fresh binarisations and noise, the steps i of L^n
-    stratified over the images: its mean in nats/image and standard error over images, in eval.json and the log."""
+    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9; inf: L^inf, §6.7) for each --eval-n on the first
+    --eval-examples test images, --eval-repeats passes with fresh binarisations and noise, the steps i of L^n
+    stratified."""
     generator = torch.Generator(runtime.device).manual_seed(cfg.seed)
     images = data["test"][: cfg.eval_examples or None]
 
@@ -512,8 +530,8 @@ def evaluate(net, cfg, runtime, data, step):
 
 
 def write_eval(losses, recon, cfg, runtime, step):
-    """Per-example losses in nats, pass after pass ({n: [(B,), ...]}, [(B,), ...]) -> the bound in the paper's unit:
-    its mean and standard error over examples (each example's passes averaged first), in eval.json and the log."""
+    """Losses in nats ({n: [(B,), ...]}, [(B,), ...], pass after pass) -> the bound's mean and standard error over
+    examples in the paper's unit (each example's passes averaged first), in eval.json and the log."""
     recon = in_paper_unit(torch.cat(recon).double().view(cfg.eval_repeats, -1).mean(0), cfg)
     result = {}
     for n, parts in losses.items():
@@ -534,8 +552,7 @@ SAMPLERS = {"paper": common.discrete_sample, "ode": common.discrete_sample_ode, 
 
 
 def prediction(net, cfg, runtime, labels=None):
-    """The network as the samplers take it, (theta, t) -> p_O(. | theta, t), given labels (B,) of a conditional
-    network (None: the null label)."""
+    """The network as the samplers take it, (theta, t) -> p_O(. | theta, t); labels (B,) or None (the null label)."""
 
     def probs(theta, t):
         return output_log_probs(net, theta, t, runtime, labels).exp()
@@ -545,8 +562,7 @@ def prediction(net, cfg, runtime, labels=None):
 
 @torch.no_grad()
 def generate(predict, n, cfg, runtime, generator):
-    """n images (n, H, W) of pixel classes from the --sampler at --sample-steps: Algorithm 9, or the ODE or SDE
-    solver. predict(theta, t) -> p_O, as prediction() makes it."""
+    """n images (n, H, W) of pixel classes by the --sampler (Algorithm 9, ODE, SDE) from predict (prediction())."""
     size = 64 if cfg.digits == 2 else 28
     sampler = SAMPLERS[cfg.sampler]
     return sampler(
@@ -577,8 +593,7 @@ def save_samples(x, labels, cfg, name):
 
 
 def save_gif(frames, nrow, path, max_frames=100):
-    """An animated GIF of image grids, at most max_frames of them evenly spaced (the last one kept, and held):
-    frames: a list of (N, C, H, W) in [0, 1]."""
+    """An animated GIF of grids of frames [(N, C, H, W) in [0, 1]], at most max_frames evenly spaced, the last held."""
     from PIL import Image
     from torchvision.utils import make_grid
 
@@ -595,9 +610,8 @@ def save_gif(frames, nrow, path, max_frames=100):
 
 @torch.no_grad()
 def write_samples(net, cfg, runtime):
-    """samples.png (a grid; for a conditional model a row per class), samples-SAMPLER-STEPS.pt, evolution.png (for 4
-    samples, two rows: theta of a black pixel, then p_O, at t = 0, 0.1, ..., 1) and evolution.gif (every network
-    call, 8 samples)."""
+    """samples.png (conditional: a row per class), samples-SAMPLER-STEPS.pt, evolution.png (4 samples: theta, then
+    p_O, of a black pixel at t = 0, 0.1, ..., 1) and evolution.gif (every network call, 8 samples)."""
     from torchvision.utils import save_image
 
     generator = torch.Generator(runtime.device).manual_seed(cfg.seed)
@@ -660,9 +674,7 @@ def prepare(argv=None):
                 change = f"--{name.replace('_', '-')} {saved[name]} in the checkpoint, {given[name]} now"
                 raise error(f"the checkpoint's model or data differ: {change}; leave it out")
     cfg = Config(**(defaults | saved | given))
-    problem = check(cfg)
-    if problem:
-        raise error(problem)
+    check(cfg)
     return cfg, runtime, ckpt
 
 
@@ -759,6 +771,7 @@ def train(cfg, runtime, data, model, ema, optimizer, step):
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
 
+    check_memory(cfg, runtime, model, data)
     previous_handlers = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     first = step
     logged = step
@@ -822,8 +835,7 @@ def main(argv=None):
         if runtime.rank == 0 and not cfg.eval_only:
             write_samples(ema, cfg, runtime)
     except torch.cuda.OutOfMemoryError:
-        advice = f"lower --batch-size {cfg.batch_size} and raise --grad-accum {cfg.grad_accum} to keep the global batch"
-        raise error(f"out of memory on {runtime.device}: {advice}") from None
+        raise error(f"out of memory on {runtime.device} at --batch-size {cfg.batch_size}: {MEMORY_ADVICE}") from None
     runtime.log(f"done: {cfg.out_dir}")
     if runtime.world > 1:
         dist.barrier()  # the other processes wait for rank 0's evaluation and samples

@@ -1,9 +1,8 @@
 """Bayesian Flow Network on text8 characters (§6 of Graves et al., arXiv:2308.07037): discrete data, K = 27.
 
-Trains the authors' transformer with the continuous-time loss L^inf (Algorithm 8), evaluates the test bound L^n + L^r
-in bits/char (the paper: 1.41 in continuous time) and samples with Algorithm 9, or the ODE or SDE solver of common.py;
-any UTF-8 text (--text-file), characters or K subword tokens (--vocab K). Writes log.txt, ckpt.pt, eval.json,
-samples.txt and .pt, and evolution.txt/.gif (theta and p_O over time) to --out-dir.
+Trains the authors' transformer with L^inf (Algorithm 8), evaluates the test bound L^n + L^r in bits/char (the paper:
+1.41, continuous time), samples with Algorithm 9 or common.py's ODE or SDE solver; any UTF-8 text (--text-file), as
+characters or K subword tokens (--vocab K). Writes log.txt, ckpt.pt, eval.json, samples.txt/.pt, evolution.txt/.gif.
 
     python bfn_text8.py --preset quick --text-file book.txt   # a small transformer on any text, minutes on a CPU
     python bfn_text8.py --steps 1000                          # the paper's model and optimiser (text8 downloaded)
@@ -39,6 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
@@ -56,8 +56,7 @@ def error(message):
 
 
 def setting(default, help=None, choices=None, low=None, fixed=False):
-    """A field of Config: its default, --help (None: only presets set it), choices or bound (an int at least low, a
-    float more than low); fixed: it shapes the model or the data, so a checkpoint keeps it."""
+    """A Config field: default, --help (None: presets only), choices, bound (int >= low, float > low), fixed (kept)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "fixed": fixed})
 
 
@@ -106,8 +105,9 @@ class Config:
             self.alphabet = ALPHABET if set(own) <= set(ALPHABET) else own
         if self.vocab > len(self.alphabet) and not self.merges:
             self.merges, self.chars = learn_tokens(self)
-        if self.beta_1 is None:
-            self.beta_1 = default_beta_1(len(self.alphabet) + len(self.merges), self.vocab)
+        if self.beta_1 is None:  # K beta(1): the true symbol's lead in y at t = 1 (§6.3); beyond the paper for K != 27
+            K = len(self.alphabet) + len(self.merges)  # characters: 0.5625 as text8, K beta(1) >= 15.19 (K = 2: 7.6)
+            self.beta_1 = 20.4054 / K if self.vocab else max(0.5625, 0.5625 * 27 / K)  # tokens: 20.4 / K, ChemBFN's
 
 
 QUICK_NETWORK = {"layers": 4, "heads": 4, "width": 128, "seq_len": 32}
@@ -117,27 +117,26 @@ PRESETS = {"paper": {}, "quick": QUICK_NETWORK | QUICK_TRAINING | QUICK_OUTPUTS}
 
 
 def check(cfg):
-    """The first problem with the settings, in one line, or None."""
+    """Stop with one line at the first problem with the settings."""
     for field in dataclasses.fields(Config):
         value = getattr(cfg, field.name)
         low = field.metadata["low"]
         if field.type is int and low is not None and value < low:
-            return f"--{field.name.replace('_', '-')} must be at least {low}, got {value}"
+            raise error(f"--{field.name.replace('_', '-')} must be at least {low}, got {value}")
         if field.type is float and low is not None and not value > low:
-            return f"--{field.name.replace('_', '-')} must be more than {low:g}, got {value}"
+            raise error(f"--{field.name.replace('_', '-')} must be more than {low:g}, got {value}")
     if any(n != "inf" and not (n.isdigit() and int(n) >= 1) for n in cfg.eval_n):
-        return f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}"
+        raise error(f"--eval-n takes inf or positive integers, got {' '.join(cfg.eval_n)}")
     if cfg.eval_only and cfg.sample_only:
-        return "--eval-only and --sample-only exclude each other"
+        raise error("--eval-only and --sample-only exclude each other")
     if cfg.resume and cfg.init_from:
-        return "--resume and --init-from exclude each other"
+        raise error("--resume and --init-from exclude each other")
     if len(set(cfg.alphabet)) != len(cfg.alphabet) or not 2 <= len(cfg.alphabet) <= 4096:
-        return f"the alphabet needs 2 to 4096 different symbols, got {len(cfg.alphabet)}"
+        raise error(f"the alphabet needs 2 to 4096 different symbols, got {len(cfg.alphabet)}")
     if cfg.vocab and cfg.vocab <= len(cfg.alphabet):
-        return f"--vocab must exceed the {len(cfg.alphabet)} characters of the alphabet, got {cfg.vocab}"
+        raise error(f"--vocab must exceed the {len(cfg.alphabet)} characters of the alphabet, got {cfg.vocab}")
     if cfg.width % (2 * cfg.heads):
-        return f"--width must be a multiple of 2 x --heads, got width {cfg.width} and heads {cfg.heads}"
-    return None
+        raise error(f"--width must be a multiple of 2 x --heads, got width {cfg.width} and heads {cfg.heads}")
 
 
 def parse_flags(argv=None):
@@ -191,9 +190,8 @@ def load_text8(data_dir):
             fix = f"Put text8.zip into {data_dir}/ by hand, or train on any text with --text-file FILE"
             raise error(f"downloading {TEXT8_URL} (31 MB) failed ({type(failure).__name__}). {fix}") from None
     fix = f"Delete {path} to download it afresh"
-    size = os.path.getsize(path)
-    if size != TEXT8_ZIP_BYTES:
-        raise error(f"{path} is {size:,} bytes, not {TEXT8_ZIP_BYTES:,}: truncated or corrupt. {fix}")
+    if os.path.getsize(path) != TEXT8_ZIP_BYTES:
+        raise error(f"{path} is {os.path.getsize(path):,} bytes, not {TEXT8_ZIP_BYTES:,}: truncated or corrupt. {fix}")
     try:
         with zipfile.ZipFile(path) as archive:
             raw = archive.read("text8")  # zipfile checks the member's CRC-32 as it reads
@@ -225,9 +223,8 @@ def encode(text, alphabet, source):
     table = torch.full((max(max(map(ord, alphabet)), codes.max().item()) + 1,), -1)  # code point -> symbol
     table[[ord(c) for c in alphabet]] = torch.arange(len(alphabet))
     x = table[codes]
-    outside = (x < 0).nonzero()
-    if len(outside):
-        at = outside[0].item()
+    if (x < 0).any():
+        at = (x < 0).nonzero()[0].item()
         raise error(f"{source} has the character {text[at]!r} at position {at:,}, not in the alphabet {alphabet!r}")
     return x.to(torch.uint8 if len(alphabet) <= 256 else torch.int16)
 
@@ -243,8 +240,7 @@ def load_data(cfg, device):
         data = {"train": text[:a], "val": text[a:b], "test": text[b:]}
         data = {split: tokenize(part, cfg.alphabet, cfg.merges) for split, part in data.items()}
     if len(data["test"]) < cfg.seq_len:
-        short = f"the text is too short ({len(text):,} characters) for its last 5 percent to hold a window"
-        raise error(f"{short} of --seq-len {cfg.seq_len}")
+        raise error(f"the text ({len(text):,} characters) is too short: its last 5% holds no --seq-len {cfg.seq_len}")
     return {split: part.to(device) for split, part in data.items()}
 
 
@@ -296,8 +292,7 @@ def merge(tokens, pair, new):
 
 
 def learn_merges(text, alphabet, n):
-    """n byte-pair merges of text: each time the most frequent pair of adjacent tokens within a word becomes the next
-    token, len(alphabet) + i for merges[i]."""
+    """n byte-pair merges of text: the commonest pair of adjacent tokens in a word becomes token len(alphabet) + i."""
     counts = collections.Counter(words(text))
     seqs = [[alphabet.index(c) for c in word] for word in counts]
     freq = list(counts.values())
@@ -391,8 +386,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Psi(theta, t): 2 theta - 1 (B, L, K) and t (B,) -> K logits per position (B, L, K), read from the last
-    LayerNorm's output beside the input embedding (linear maps of 2 theta - 1 and 2 t - 1, plus fixed positions)."""
+    """Psi(theta, t): 2 theta - 1 (B, L, K), t (B,) -> logits (B, L, K), from the last LayerNorm and the embedding."""
 
     def __init__(self, seq_len=256, layers=24, heads=12, width=768, K=27):
         super().__init__()
@@ -402,8 +396,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(width)
         self.lm_head = nn.Linear(2 * width, K)
-        # initialisation (GPT-2's, as the authors'): linear weights N(0, 0.02), the residual projections N(0, 0.02 /
-        # sqrt(2 layers)), zero biases
+        # GPT-2's initialisation, as the authors': weights N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 layers))
         for name, p in self.named_parameters():
             if p.dim() > 1:
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers) if name.endswith("c_proj.weight") else 0.02)
@@ -440,16 +433,6 @@ def from_authors(state):
 # BFN: the network as the output distribution of discrete data (§6.4), the loss, the test bound and the samplers.
 
 
-def default_beta_1(K, vocab):
-    """beta(1) for K symbols without --beta-1, beyond the paper for K other than 27. L^inf weighs the squared error by
-    K beta(1) t (§6.7), and at t = 1 the true symbol leads the others in y by K beta(1) with noise sqrt(K beta(1))
-    (§6.3). Characters: text8's 0.5625 for K >= 27, and below 27 text8's K beta(1) = 15.19 (K = 2: 7.6, near the
-    paper's 9 for MNIST). Subword tokens: K beta(1) = 20.4, ChemBFN's (N. A. Tao et al., arXiv:2407.20294)."""
-    if vocab:
-        return 20.4054 / K
-    return max(0.5625, 0.5625 * 27 / K)
-
-
 def output_log_probs(net, theta, t, runtime):
     """ln p_O(k | theta, t), a log-softmax over the K logits in float32: theta (B, L, K), t (B,) -> (B, L, K)."""
     with runtime.autocast:
@@ -475,8 +458,7 @@ def make_optimizer(model, lr):
 
 
 def optimizer_step(cfg, model, ema, optimizer, step, progress=None):
-    """The rest of the recipe: the learning rate (warm-up; cosine decay to 0.1 --lr as progress goes 0 to 1), the
-    gradient norm clipped at 5, AdamW, and the EMA with TensorFlow's warm-up (1 + n) / (10 + n) to 0.9999."""
+    """The learning rate (warm-up, cosine to 0.1 --lr), clipping at norm 5, AdamW, and the EMA (warm-up to 0.9999)."""
     if progress is None:
         progress = min(1.0, max(0, step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
     decay = 1.0
@@ -489,22 +471,51 @@ def optimizer_step(cfg, model, ema, optimizer, step, progress=None):
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         for ema_weight, weight in zip(ema.parameters(), model.parameters()):
-            ema_weight.lerp_(weight, 1 - min(0.9999, (2 + step) / (11 + step)))  # n = step + 1
+            ema_weight.lerp_(weight, 1 - min(0.9999, (2 + step) / (11 + step)))  # TensorFlow's (1 + n) / (10 + n)
     return grad_norm
+
+
+MEMORY_ADVICE = "lower --batch-size and raise --grad-accum as much (the same global batch), or use --preset quick"
+CGROUP = "/sys/fs/cgroup/"  # where Linux keeps a container's memory limit and usage
+CGROUP_FILES = [("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")]
+
+
+def check_memory(cfg, runtime, model, data):
+    """Stop before the first step unless the batch's activations, gradients and AdamW moments fit in free memory."""
+    kept = {}  # the bytes of each storage kept, counted once
+
+    def keep(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        train_loss(model, get_batch(data, dataclasses.replace(cfg, batch_size=1)), cfg, runtime)
+    weights = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    per_example = sum(size for pointer, size in kept.items() if pointer not in weights)  # its peak: 1.1-1.3 times this
+    need = 1.6 * per_example * cfg.batch_size + 3 * sum(weights.values())  # with a margin; gradients, AdamW's moments
+    free = [torch.cuda.mem_get_info(runtime.device)[0] if runtime.device.type == "cuda" else math.inf]
+    if runtime.device.type == "cpu":  # as Linux counts it, and within a container's limit (cgroup v2 or v1)
+        with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        for limit, usage in CGROUP_FILES:  # no such files, or no limit ("max"): nothing to add
+            with contextlib.suppress(OSError, ValueError), open(CGROUP + limit) as a, open(CGROUP + usage) as b:
+                free.append(int(a.read()) - int(b.read()))
+    usage = f"a step of --batch-size {cfg.batch_size} needs about {need / 2**30:.1f} GiB"
+    if need > min(free):
+        raise error(f"{usage}, and {runtime.device} has {min(free) / 2**30:.1f} GiB free: {MEMORY_ADVICE}")
+    runtime.log(f"{usage}, {min(free) / 2**30:.1f} GiB free")
 
 
 @torch.no_grad()
 def evaluate(net, cfg, runtime, data, step):
-    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9) for each n of --eval-n (inf: L^inf, §6.7) on --eval-examples
-    test windows, over --eval-repeats passes with fresh noise, the steps i of L^n stratified over the windows: in
-    bits/char, the bits of all windows over their characters, in eval.json and the log."""
+    """The test bound -ln p(x) <= L^n + L^r (§6.6, §6.9; inf: L^inf, §6.7) for each --eval-n on --eval-examples test
+    windows, --eval-repeats passes with fresh noise, the steps i of L^n stratified: in eval.json and the log."""
     generator = torch.Generator(runtime.device).manual_seed(cfg.seed)
     windows = test_windows(cfg, data)
     K = len(symbols(cfg))
 
     def log_probs(x, t):  # ln p_O at theta ~ p_F(. | x; t)
-        theta = common.discrete_flow(x, t, cfg.beta_1, K, generator)
-        return output_log_probs(net, theta, t, runtime)
+        return output_log_probs(net, common.discrete_flow(x, t, cfg.beta_1, K, generator), t, runtime)
 
     losses = {n: [] for n in cfg.eval_n}
     recon = []
@@ -526,9 +537,8 @@ def evaluate(net, cfg, runtime, data, step):
 
 
 def write_eval(losses, recon, chars, cfg, runtime, step):
-    """Per-window losses in nats, pass after pass ({n: [(B,), ...]}, [(B,), ...]), and each window's characters (N,)
-    -> the bound in bits/char: the bits of all windows over their characters, with the standard error of that ratio
-    over windows (each window's passes averaged first); with --vocab also in bits/token. In eval.json and the log."""
+    """Losses in nats ({n: [(B,), ...]}, [(B,), ...], pass after pass) and characters (N,) per window -> bits/char: all
+    windows' bits over their characters, the ratio's standard error over windows; --vocab: bits/token too."""
     recon = torch.cat(recon).double().view(cfg.eval_repeats, -1).mean(0) / math.log(2)  # (N,) bits
     result = {}
     for n, parts in losses.items():
@@ -539,8 +549,7 @@ def write_eval(losses, recon, chars, cfg, runtime, step):
         loss = (total - recon).sum().item() / chars.sum().item()
         result[n] = {"loss": loss, "recon": recon.sum().item() / chars.sum().item(), "total": ratio, "stderr": stderr}
         if cfg.vocab:
-            per_window = {"total": total.mean().item(), "recon": recon.mean().item()}
-            result[n]["bits_per_token"] = {part: bits / cfg.seq_len for part, bits in per_window.items()}
+            result[n]["bits_per_token"] = total.mean().item() / cfg.seq_len  # the bound per token of a window
     report = {"step": step, "split": "test", "unit": UNIT, "examples": len(recon), "repeats": cfg.eval_repeats}
     report["n"] = result
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
@@ -594,8 +603,6 @@ def save_samples(x, texts, cfg, name):
 
 def save_text_gif(frames, path, max_frames=100):
     """An animated GIF of frames (each a list of lines), at most max_frames evenly spaced, the last held."""
-    from PIL import Image, ImageDraw
-
     if len(frames) > max_frames:
         frames = [frames[round(k * (len(frames) - 1) / (max_frames - 1))] for k in range(max_frames)]
     texts = ["\n".join(lines) for lines in frames]
@@ -624,20 +631,17 @@ def write_samples(net, cfg, runtime):
     texts = [decode(row, symbols(cfg)) for row in x]
     name = f"samples-{cfg.sampler}-{cfg.sample_steps}.pt"
     save_samples(x, texts, cfg, name)
+    header = f"({cfg.sample_steps} steps, {cfg.sampler})"
     with open(os.path.join(cfg.out_dir, "samples.txt"), "w") as f:
-        f.writelines(
-            f"--- sample {b} ({cfg.sample_steps} steps, {cfg.sampler})\n{text}\n" for b, text in enumerate(texts)
-        )
-
-    def line(row):  # symbols -> one line of text, new lines shown as ¶
-        return decode(row, symbols(cfg)).replace("\n", "¶")
-
+        f.writelines(f"--- sample {b} {header}\n{text}\n" for b, text in enumerate(texts))
+    shown = [symbol.replace("\n", "¶") for symbol in symbols(cfg)]  # each sample on one line
     frames = []  # a frame per network call, then the samples: the likeliest symbols of 3 samples under theta and p_O
     calls = trajectory + [{"t": 1.0, "input": x, "output": x}]
     for call in calls:
         frames.append([f"t = {call['t']:.3f}"])
         for b in range(min(3, len(x))):
-            frames[-1] += [f"input  |{line(call['input'][b])}|", f"output |{line(call['output'][b])}|", ""]
+            theta_text, output_text = decode(call["input"][b], shown), decode(call["output"][b], shown)
+            frames[-1] += [f"input  |{theta_text}|", f"output |{output_text}|", ""]
     save_text_gif(frames, os.path.join(cfg.out_dir, "evolution.gif"))
     tenths = [min(range(len(calls)), key=lambda k: abs(calls[k]["t"] - j / 10)) for j in range(11)]
     with open(os.path.join(cfg.out_dir, "evolution.txt"), "w") as f:  # the frames at t = 0, 0.1, ..., 1
@@ -674,9 +678,7 @@ def prepare(argv=None):
                 change = f"--{name.replace('_', '-')} {saved[name]} in the checkpoint, {given[name]} now"
                 raise error(f"the checkpoint's model or data differ: {change}; leave it out")
     cfg = Config(**(defaults | saved | given))
-    problem = check(cfg)
-    if problem:
-        raise error(problem)
+    check(cfg)
     return cfg, runtime, ckpt
 
 
@@ -773,6 +775,7 @@ def train(cfg, runtime, data, model, ema, optimizer, step):
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
 
+    check_memory(cfg, runtime, model, data)
     previous_handlers = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     first = step
     logged = step
@@ -836,8 +839,7 @@ def main(argv=None):
         if runtime.rank == 0 and not cfg.eval_only:
             write_samples(ema, cfg, runtime)
     except torch.cuda.OutOfMemoryError:
-        advice = f"lower --batch-size {cfg.batch_size} and raise --grad-accum {cfg.grad_accum} to keep the global batch"
-        raise error(f"out of memory on {runtime.device}: {advice}") from None
+        raise error(f"out of memory on {runtime.device} at --batch-size {cfg.batch_size}: {MEMORY_ADVICE}") from None
     runtime.log(f"done: {cfg.out_dir}")
     if runtime.world > 1:
         dist.barrier()  # the other processes wait for rank 0's evaluation and samples

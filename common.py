@@ -261,10 +261,8 @@ def discretised_loss_inf(x, k_hat, t, sigma_1):
 
 
 def discretised_recon_loss(x, mu_x, sigma_x, K):
-    """§5.6, reconstruction loss: L^r(x) = -ln p_O(x | theta, 1), summed over dimensions; discretised_log_probs at the
-    bin of x alone, K times less work than all K. x, mu_x, sigma_x (B, ...) -> (B,)."""
+    """§5.6: L^r(x) = -ln p_O(x | theta, 1) summed over dimensions, p_O at the bin of x alone. (B, ...) -> (B,)."""
     mu_x = _full_precision(mu_x)
-    sigma_x = _full_precision(torch.as_tensor(sigma_x, device=mu_x.device))
     edges = torch.linspace(-1, 1, K + 1, device=mu_x.device, dtype=mu_x.dtype)
     k = bin_index(x, K)
     return -_sum_dims(_log_bin_prob(edges[k], edges[k + 1], mu_x, sigma_x))

@@ -4,6 +4,7 @@ every input mistake, readable logs and --help.
     python -m pytest -q tests/test_first_contact.py
 """
 
+import importlib
 import json
 import os
 import re
@@ -71,6 +72,24 @@ def test_a_first_signal_stops_after_the_step_and_a_second_at_once(tmp_path):
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGTERM and time.time() - start_time < 5  # ended at once by the default action
     assert "stopped by" not in log_of(out) and not os.path.exists(os.path.join(out, "ckpt.pt"))  # nothing written
+
+
+def test_where_the_platform_lacks_a_signal_the_scripts_train_without_it(tmp_path, monkeypatch):
+    """Windows has no SIGUSR1: the scripts stop on the signals the platform has and train as anywhere else (simulated
+    here by removing SIGUSR1 and importing the script afresh)."""
+    monkeypatch.delattr(signal, "SIGUSR1")
+    try:
+        module = importlib.reload(bfn_mnist)
+        assert module.STOP_SIGNALS == [signal.SIGTERM, signal.SIGINT]
+        out = str(tmp_path / "run")
+        before = signal.getsignal(signal.SIGINT)
+        flags = ["--data-dir", write_mnist(str(tmp_path / "data")), *NETS[module], *TINY, "--out-dir", out]
+        module.main([*flags, "--steps", "2"])
+        assert os.path.exists(os.path.join(out, "ckpt.pt")) and signal.getsignal(signal.SIGINT) is before
+    finally:
+        monkeypatch.undo()
+        importlib.reload(bfn_mnist)
+    assert signal.SIGUSR1 in bfn_mnist.STOP_SIGNALS
 
 
 # ---------------------------------------------------------------------------------------------------- devices

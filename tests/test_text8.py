@@ -139,7 +139,7 @@ def test_any_utf8_text_has_its_own_alphabet(tmp_path):
     bfn_text8.main(["--text-file", str(path), "--out-dir", out, *TINY, "--steps", "2"])
     cfg = bfn_text8.prepare(["--text-file", str(path)])[0]
     assert cfg.alphabet == "".join(sorted(set(line))) and len(cfg.alphabet) == 29
-    assert cfg.beta_1 == bfn_text8.default_beta_1(29, 0) == 0.5625  # more classes than text8: text8's beta(1)
+    assert cfg.beta_1 == 0.5625  # more classes than text8: text8's beta(1)
     small = tmp_path / "dna.txt"  # 5 classes: a larger beta(1), text8's K beta(1)
     small.write_text("GATTACA\n" * 10, encoding="ascii")
     assert bfn_text8.prepare(["--text-file", str(small)])[0].beta_1 == pytest.approx(0.5625 * 27 / 5)
@@ -272,7 +272,7 @@ def test_bits_per_char_by_hand(tmp_path):
     assert r["total"] == pytest.approx(12 / 11) and r["recon"] == pytest.approx(4 / 11)
     spread = (torch.tensor([4.0, 8.0], dtype=torch.float64) - 12 / 11 * chars).std() / chars.mean()
     assert r["stderr"] == pytest.approx(spread.item() / math.sqrt(2))
-    assert r["bits_per_token"]["total"] == pytest.approx(6 / 2)
+    assert r["bits_per_token"] == pytest.approx(6 / 2)
 
 
 def test_vocab_end_to_end(tmp_path, monkeypatch):
@@ -291,11 +291,11 @@ def test_vocab_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(bfn_text8, "write_eval", seeing)
     bfn_text8.main(["--text-file", text, "--out-dir", out, *TINY, "--vocab", "48", "--steps", "2"])
     cfg = bfn_text8.prepare(["--out-dir", out, "--eval-only"])[0]
-    assert cfg.beta_1 == 20.4054 / 48  # default_beta_1: K beta(1) held at 20.4
+    assert cfg.beta_1 == 20.4054 / 48  # subword tokens by default: K beta(1) held at 20.4
     windows = bfn_text8.test_windows(cfg, bfn_text8.load_data(cfg, torch.device("cpu")))
     assert seen["chars"].tolist() == [len(bfn_text8.decode(w, bfn_text8.symbols(cfg))) for w in windows]
     ev = json.load(open(os.path.join(out, "eval.json")))
-    assert ev["unit"] == "bits/char" and all(math.isfinite(r["bits_per_token"]["total"]) for r in ev["n"].values())
+    assert ev["unit"] == "bits/char" and all(math.isfinite(r["bits_per_token"]) for r in ev["n"].values())
     texts = torch.load(os.path.join(out, "samples-paper-3.pt"))["texts"]
     assert all(len(t) >= 32 and set(t) <= set(cfg.alphabet) for t in texts)  # 32 tokens of one or more characters
     with pytest.raises(SystemExit, match="--vocab 48 in the checkpoint, 50 now"):

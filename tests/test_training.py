@@ -6,6 +6,7 @@ refusal of other model settings, redundant checkpoints, out-of-memory messages, 
 """
 
 import ast
+import dataclasses
 import os
 import re
 import signal
@@ -105,7 +106,7 @@ def test_the_scripts_keep_their_budgets_and_share_their_machinery():
     and the same in the three, as are the settings' helpers, the flags, the recipe and the shared writers; common.py
     <= 650 lines, its paper's samplers <= 15 lines each; each file of beyond/ <= 350 lines."""
     first = machinery(formatted(SCRIPTS[0]))
-    shared = ["error", "setting", "parse_flags", "make_optimizer", "optimizer_step"]
+    shared = ["error", "setting", "parse_flags", "make_optimizer", "optimizer_step", "check_memory"]
     for name, module in zip(SCRIPTS, (bfn_mnist, bfn_cifar, bfn_text8)):
         lines = formatted(name)
         assert len(lines) <= 850 and len(machinery(lines)) <= 200, (name, len(lines), len(machinery(lines)))
@@ -196,9 +197,51 @@ def test_out_of_memory_names_the_batch_flags(tmp_path, monkeypatch):
             ]
         )
     assert str(e.value) == (
-        "bfn_mnist.py: error: out of memory on cpu: lower --batch-size 4 and raise --grad-accum 2 to keep the global "
-        "batch"
+        "bfn_mnist.py: error: out of memory on cpu at --batch-size 4: lower --batch-size and raise --grad-accum as "
+        "much (the same global batch), or use --preset quick"
     )
+
+
+def test_a_step_that_cannot_fit_stops_before_it_in_one_line(tmp_path, monkeypatch):
+    """Before the first step the batch's need is set against the memory free, here a container's limit less its
+    usage (cgroup v2's files, then v1's): too little stops the run in one line that says what to type, with only the
+    log written; no limit ("max") lets it train, and the log says what a step needs."""
+    cgroup = tmp_path / "cgroup"
+    (cgroup / "memory").mkdir(parents=True)
+    monkeypatch.setattr(bfn_mnist, "CGROUP", str(cgroup) + "/")
+    (cgroup / "memory.max").write_text(f"{10 * 2**20}\n")
+    (cgroup / "memory.current").write_text(f"{9 * 2**20}\n")  # 1 MiB free
+    out = tmp_path / "run"
+    flags = ["--data-dir", write_mnist(str(tmp_path / "data")), *NETS[bfn_mnist], *TINY, "--out-dir", str(out)]
+    expected = r"a step of --batch-size 4 needs about \d+\.\d GiB, and cpu has 0\.0 GiB free: lower --batch-size and"
+    with pytest.raises(SystemExit, match=expected):
+        bfn_mnist.main([*flags, "--steps", "2"])
+    assert os.listdir(out) == ["log.txt"]
+    (cgroup / "memory.max").write_text("max\n")  # no limit here; v1's files say 1 MiB
+    (cgroup / "memory" / "memory.limit_in_bytes").write_text(f"{2**20}\n")
+    (cgroup / "memory" / "memory.usage_in_bytes").write_text("0\n")
+    with pytest.raises(SystemExit, match=expected):
+        bfn_mnist.main([*flags, "--steps", "2"])
+    os.remove(cgroup / "memory" / "memory.limit_in_bytes")
+    bfn_mnist.main([*flags, "--steps", "1"])
+    log = open(out / "log.txt").read()
+    small = re.search(r"a step of --batch-size 4 needs about (\d+\.\d) GiB, (\d+\.\d) GiB free", log)
+    assert small and float(small[2]) > 0 and os.path.exists(out / "ckpt.pt")
+
+
+def test_each_numeric_flag_refuses_a_value_past_its_bound():
+    """--steps 0 or -1, and every other int or float flag below its bound, stop in one line before anything runs."""
+    for module in (bfn_mnist, bfn_cifar, bfn_text8):
+        for field in dataclasses.fields(module.Config):
+            low = field.metadata["low"]
+            if field.metadata["help"] is None or field.type not in (int, float) or low is None:
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            bad = low - 1 if field.type is int else low
+            with pytest.raises(SystemExit, match=f"error: {flag} must be (at least|more than) {low:g}, got"):
+                module.prepare([flag, str(bad)])
+        with pytest.raises(SystemExit, match="error: --steps must be at least 1, got -1"):
+            module.prepare(["--steps", "-1"])
 
 
 FAILING = """
@@ -321,7 +364,7 @@ def test_a_paper_size_model_on_a_cpu_says_it_is_meant_for_gpus(tmp_path):
     assert log[1].endswith(
         "24.81M parameters: the paper's size, meant for GPUs; --preset quick trains a small one"
     )  # the line after the header, before the first step
-    assert "step 1 | loss" in log[2] and "ETA" in log[2]
+    assert "a step of --batch-size 2 needs about" in log[2] and "step 1 | loss" in log[3] and "ETA" in log[3]
     quick = str(tmp_path / "quick")
     bfn_mnist.main(
         ["--preset", "quick", "--data-dir", str(tmp_path / "data"), "--out-dir", quick, *TINY, "--steps", "1"]
