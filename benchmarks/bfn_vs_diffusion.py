@@ -18,7 +18,7 @@ a process of its own, so that its peak memory is its own, and writes
 
     python benchmarks/bfn_vs_diffusion.py mnist --data-dir data --minutes 1 --num-samples 100   # a quick check
     python benchmarks/bfn_vs_diffusion.py text8 --text-file text8_head.txt --minutes 32 --lr 3e-4 1e-3 3e-3
-    python benchmarks/bfn_vs_diffusion.py cifar --data-dir cifar_digits --minutes 16
+    python benchmarks/bfn_vs_diffusion.py cifar --data-dir data --minutes 32 --eval-at 4 16 32 --num-samples 100
 
 Shapes: B batch, D data dimensions (positions or pixels), K classes (+ 1: the mask symbol, index K).
 """
@@ -257,10 +257,10 @@ def diffusion_samples(net, kind, cfg, script, ctx, calls, n, generator):
 
 
 def config(args, script, lr, out_dir):
-    """The script's quick preset with this run's data, learning rate and run directory; CIFAR at 256 bins. Returns
-    (cfg, runtime) of the script's prepare()."""
+    """The script's quick preset with this run's data, learning rate and run directory; CIFAR discretised at 256
+    bins. Returns (cfg, runtime) of the script's prepare()."""
     data = ["--text-file", args.text_file] if args.text_file else ["--data-dir", args.data_dir]
-    extra = ["--bins", "256"] if args.data == "cifar" else []
+    extra = ["--bins", "256", "--output", "discretised"] if args.data == "cifar" else []
     if args.eval_examples:
         extra += ["--eval-examples", str(args.eval_examples)]
     if args.t_draw:
