@@ -106,8 +106,8 @@ class Config:
             self.sigma_1 = 0.001 if self.bins == 256 else math.sqrt(0.001)
 
 
-QUICK_NETWORK = {"bins": 16, "channels": 32, "res_blocks": 2, "dropout": 0.0}
-QUICK_TRAINING = {"lr": 1e-3, "batch_size": 16, "steps": 2400}
+QUICK_NETWORK = {"output": "continuous", "channels": 32, "res_blocks": 2, "dropout": 0.0}  # tuned on CIFAR-10
+QUICK_TRAINING = {"lr": 1e-3, "batch_size": 16, "steps": 5450}  # about 15 minutes on 2 Xeon cores
 PRESETS = {"paper": {}, "quick": QUICK_NETWORK | QUICK_TRAINING | {"eval_examples": 500, "sample_steps": 100}}
 GROUPS = 32  # GroupNorm groups at most (the authors')
 
