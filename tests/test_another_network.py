@@ -23,7 +23,9 @@ import another_network as A
 def test_sized_to_the_quick_u_nets():
     """Within 10% of the parameters of the scripts' quick U-Nets."""
     for kind, module in (("mnist", bfn_mnist), ("cifar", bfn_cifar)):
-        cfg = module.prepare(["--preset", "quick", "--bins", "256"] if kind == "cifar" else ["--preset", "quick"])[0]
+        cfg = module.prepare(
+            ["--preset", "quick", "--output", "discretised"] if kind == "cifar" else ["--preset", "quick"]
+        )[0]
         u_net = sum(p.numel() for p in module.make_network(cfg).parameters())
         transformer = sum(p.numel() for p in A.make_network(kind).parameters())
         assert abs(transformer / u_net - 1) < 0.1, (kind, transformer, u_net)

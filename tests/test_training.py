@@ -309,12 +309,7 @@ QUICK = {  # the measured recipes (RESULTS.md, "The quick presets"), setting for
 def test_the_quick_preset_is_the_measured_recipe_and_flags_win(module):
     quick = module.prepare(["--preset", "quick"])[0]
     paper = module.prepare([])[0]
-    derived = {"sigma_1": pytest.approx(0.001**0.5)} if module is bfn_cifar else {}  # 16 bins: sqrt(0.001)
-    assert {k: v for k, v in quick.__dict__.items() if v != paper.__dict__[k]} == {
-        "preset": "quick",
-        **QUICK[module],
-        **derived,
-    }
+    assert {k: v for k, v in quick.__dict__.items() if v != paper.__dict__[k]} == {"preset": "quick", **QUICK[module]}
     assert module.prepare(["--preset", "paper"])[0] == paper
     mine = module.prepare(["--preset", "quick", "--steps", "7", "--lr", "3e-4"])[0]
     assert (mine.steps, mine.lr, mine.batch_size) == (7, 3e-4, quick.batch_size)
